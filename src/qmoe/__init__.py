@@ -1,0 +1,36 @@
+"""qmoe: compress Mixture-of-Experts language models below one bit per parameter and run them compressed.
+
+``import qmoe`` is light: it imports no torch, transformers, numba or triton. The public functions below
+import what they need on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmoe.errors import FormatError, QMoEError
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "QMoEError", "FormatError", "compress", "load", "evaluate"]
+
+
+def compress(source: str, out: str, config: Any = None, **kwargs: Any) -> Any:
+    """Compress ``source`` (built-in name or HF directory) into ``out``. See ``qmoe.pipeline``."""
+    from qmoe.pipeline import compress as _compress
+
+    return _compress(source, out, config=config, **kwargs)
+
+
+def load(path: str, **kwargs: Any) -> Any:
+    """Load a compressed checkpoint as a transformers model with compressed experts."""
+    from qmoe.runtime.load import load as _load
+
+    return _load(path, **kwargs)
+
+
+def evaluate(source: str, **kwargs: Any) -> Any:
+    """Span-corruption (or LM) loss of a model on a text split. See ``qmoe.evaluation``."""
+    from qmoe.evaluation import evaluate as _evaluate
+
+    return _evaluate(source, **kwargs)
