@@ -1,0 +1,368 @@
+"""Per-expert Hessian accumulation and batched GPTQ over a stack of experts ``[E, rows, cols]``.
+
+GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", 2022) quantizes a weight matrix column by column and spreads each column's rounding
+error over the columns not yet quantized, through the upper Cholesky factor of ``H^-1``, with lazy block
+updates. QMoE (Frantar & Alistarh, "QMoE: Practical Sub-1-Bit Compression of Trillion-Parameter Models", 2023)
+runs it over thousands of experts at once. Here every step is batched over an expert dimension, with one
+batched Cholesky per batch of experts, and an expert that saw too few tokens or whose Hessian is not
+positive definite falls back to round-to-nearest (flagged) instead of stopping the run.
+
+Hessian convention: ``H = 2/n * sum x x^T`` over the ``n`` tokens routed to the expert (GPTQ's running mean).
+The scale does not change GPTQ's result (damping is relative to the mean diagonal), only the objective's
+units.
+
+Rows are output features, columns are input features (``nn.Linear.weight`` layout): ``H`` is ``[cols, cols]``.
+No model knowledge here; the pipeline captures inputs and calls ``HessianAccumulator.add``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qmoe.errors import ConfigError, QuantizationError
+from qmoe.grids import Grid, get_grid
+
+__all__ = ["HessianAccumulator", "QuantizedExperts", "gptq_quantize", "rtn_quantize"]
+
+log = logging.getLogger(__name__)
+
+_MIN_DAMP = 1e-6  # damping floor, relative to the mean diagonal: damp=0 must still be positive definite
+_RETRY_FACTOR = 10.0  # damping growth per Cholesky retry
+_RETRIES = 3
+_BATCH_BYTES = 4 << 30  # working-memory budget that sizes the default expert batch
+_PAD_ELEMS = 1 << 26  # cap on the padded [experts, tokens, cols] buffer in HessianAccumulator.add
+
+
+class HessianAccumulator:
+    """Streams ``sum x x^T`` per expert over token batches: ``[E, cols, cols]`` plus a token count per expert.
+
+    ``add`` takes the tokens of many experts at once; they are grouped by expert and multiplied as one padded,
+    batched GEMM (experts sorted by token count, so padding stays small), never token by token.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        cols: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self._sum = torch.zeros(n_experts, cols, cols, device=device, dtype=dtype)  # [E, cols, cols]
+        self.counts = torch.zeros(n_experts, dtype=torch.int64, device=self._sum.device)  # [E]
+
+    @property
+    def H(self) -> Tensor:
+        """``2/n * sum x x^T`` per expert ``[E, cols, cols]``; all zeros for an expert with no tokens."""
+        scale = 2.0 / self.counts.clamp(min=1).to(self._sum.dtype)  # [E]
+        return self._sum * scale[:, None, None]
+
+    def add(self, expert_idx: Tensor, x: Tensor) -> None:
+        """Add tokens ``x [T, cols]``, token ``t`` routed to expert ``expert_idx[t]`` (``[T]`` integer)."""
+        E, cols = self._sum.shape[0], self._sum.shape[-1]
+        if x.dim() != 2 or x.shape[1] != cols or expert_idx.shape != (x.shape[0],):
+            raise ConfigError(
+                f"HessianAccumulator.add expects expert_idx [T] and x [T, {cols}], "
+                f"got {tuple(expert_idx.shape)} and {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            return
+        idx = expert_idx.to(self._sum.device, torch.int64)
+        if int(idx.min()) < 0 or int(idx.max()) >= E:
+            lo, hi = int(idx.min()), int(idx.max())
+            raise ConfigError(f"expert indices must lie in [0, {E}), got values in [{lo}, {hi}]")
+        x = x.to(self._sum.device, self._sum.dtype)
+        counts = torch.bincount(idx, minlength=E)  # [E]
+        self.counts += counts
+
+        # Rank experts by token count (descending) and sort tokens by that rank: each chunk of consecutive
+        # ranks is a contiguous token range whose padded [m, c_max, cols] buffer wastes at most half its rows.
+        by_count = torch.argsort(counts, descending=True, stable=True)  # [E] expert at each rank
+        rank = torch.empty_like(by_count)
+        rank[by_count] = torch.arange(E, device=idx.device)
+        key = rank[idx]  # [T]
+        order = torch.argsort(key, stable=True)
+        xs, key = x[order], key[order]  # [T, cols], [T] (ascending rank)
+        sorted_counts = counts[by_count].tolist()
+        starts = [0]
+        for c in sorted_counts:
+            starts.append(starts[-1] + c)
+        n_present = sum(1 for c in sorted_counts if c > 0)
+        r0 = 0
+        while r0 < n_present:
+            c_max, r1, total = sorted_counts[r0], r0 + 1, sorted_counts[r0]
+            while r1 < n_present:
+                m, total_next = r1 - r0 + 1, total + sorted_counts[r1]
+                if m * c_max > 2 * total_next or m * c_max * cols > _PAD_ELEMS:
+                    break
+                r1, total = r1 + 1, total_next
+            t0, t1 = starts[r0], starts[r1]
+            slot = key[t0:t1] - r0  # [t] chunk slot of each token
+            first_token = torch.tensor(starts, device=idx.device)[key[t0:t1]]
+            pos = torch.arange(t0, t1, device=idx.device) - first_token  # [t] row within its expert
+            padded = xs.new_zeros(r1 - r0, c_max, cols)  # [m, c_max, cols]
+            padded[slot, pos] = xs[t0:t1]
+            self._sum.index_add_(0, by_count[r0:r1], padded.transpose(1, 2) @ padded)  # [m, cols, cols]
+            r0 = r1
+
+
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """Quantized stack of experts; ``dequantized == grid.dequantize(codes, levels)`` exactly.
+
+    - ``dequantized``: ``[E, rows, cols]`` float32, values exactly representable through fp16 levels.
+    - ``codes``: ``[E, rows, cols]`` int8; ternary ``{-1, 0, 1}`` (``levels[code + 1]``),
+      k-bit ``{0..2^k-1}`` (``levels[code]``).
+    - ``levels``: ``[E, rows, n_levels]`` float32, fp16-exact, ascending; ternary ``[lo, 0, hi]``.
+    - ``objective``: ``[E]`` float64 ``tr((W - Q) H (W - Q)^T)`` with the undamped ``H``;
+      ``None`` without ``H``.
+    - ``fallback``: ``[E]`` bool, True where the expert was rounded to nearest instead of GPTQ-quantized.
+    """
+
+    grid: str
+    dequantized: Tensor
+    codes: Tensor
+    levels: Tensor
+    objective: Tensor | None
+    fallback: Tensor
+
+    @property
+    def lo(self) -> Tensor:
+        """Ternary negative level ``[E, rows]``."""
+        return self._ternary_level(0)
+
+    @property
+    def hi(self) -> Tensor:
+        """Ternary positive level ``[E, rows]``."""
+        return self._ternary_level(2)
+
+    def _ternary_level(self, i: int) -> Tensor:
+        if get_grid(self.grid).code_offset != 1:
+            raise AttributeError(f"lo/hi exist only for ternary grids, not {self.grid!r}; use .levels")
+        return self.levels[..., i]
+
+
+def _check_finite(t: Tensor, what: str, first: int) -> None:
+    bad = ~torch.isfinite(t).flatten(1).all(1)  # [B]
+    if bad.any():
+        experts = (bad.nonzero().flatten() + first).tolist()
+        raise QuantizationError(
+            f"{what} of expert {experts[0]} contain NaN or Inf (experts with non-finite values: {experts}); "
+            "check the model weights and the calibration forward pass (fp16 overflow?)"
+        )
+
+
+def _objective(W: Tensor, Q: Tensor, H: Tensor) -> Tensor:
+    """``tr((W - Q) H (W - Q)^T)`` per expert ``[E]``, in fp64: GPTQ leaves W - Q in H's weak directions."""
+    out = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+    for s in range(0, W.shape[0], 8):  # bound the fp64 temporaries to 8 experts
+        D = W[s : s + 8].double() - Q[s : s + 8].double()  # [b, rows, cols]
+        out[s : s + 8] = ((D @ H[s : s + 8].to(W.device, torch.float64)) * D).sum((1, 2))
+    return out
+
+
+def _upper_cholesky_of_inverse(H: Tensor, lam: Tensor, todo: Tensor, first: int) -> tuple[Tensor, Tensor]:
+    """``U`` with ``(H + lam I)^-1 = U^T U`` (upper), for the experts in ``todo`` ``[B]`` bool.
+
+    Failures are read from ``cholesky_ex``'s ``info`` per expert; those experts are retried with damping
+    multiplied by ``_RETRY_FACTOR`` up to ``_RETRIES`` times. Returns ``U [B, cols, cols]`` and ``ok [B]``.
+    """
+    B = H.shape[0]
+    U = torch.zeros_like(H)
+    ok = torch.zeros(B, dtype=torch.bool, device=H.device)
+    lam = lam.clone()
+    idx = todo.nonzero().flatten()  # experts still to factor
+    for attempt in range(_RETRIES + 1):
+        if idx.numel() == 0:
+            break
+        Hd = H[idx]  # [b, n, n] copy
+        Hd.diagonal(dim1=-2, dim2=-1).add_(lam[idx, None])
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
+        good = info == 0
+        if good.any():
+            Hinv = torch.cholesky_inverse(L[good])  # [g, n, n]
+            del L
+            Ug, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
+            good2 = (info2 == 0) & torch.isfinite(Ug).flatten(1).all(1)
+            done = idx[good][good2]
+            U[done] = Ug[good2]
+            ok[done] = True
+        idx = idx[~ok[idx]]
+        if idx.numel():
+            verb = (
+                f"retrying with x{_RETRY_FACTOR:g} damping" if attempt < _RETRIES else "rounding to nearest"
+            )
+            log.warning("Cholesky failed for experts %s; %s", (idx + first).tolist(), verb)
+            lam[idx] *= _RETRY_FACTOR
+    return U, ok
+
+
+def _gptq_columns(
+    WT: Tensor, U: Tensor, grid: Grid, levels: Tensor, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """GPTQ's blocked column loop on transposed weights ``WT [B, cols, rows]`` (modified in place).
+
+    Transposed so that a column is a contiguous ``[B, rows]`` slice. Returns codes ``[B, cols, rows]`` int8
+    and dequantized ``[B, cols, rows]``. ``U = I`` for an expert makes this round-to-nearest for it.
+    """
+    B, cols, rows = WT.shape
+    thr = grid.thresholds(levels)  # [B, rows, L-1]
+    codes = torch.empty(B, cols, rows, dtype=torch.int8, device=WT.device)
+    Q = torch.empty_like(WT)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = WT[:, i1:i2].clone()  # [B, c, rows] the block, updated column by column
+        Err1 = torch.empty_like(W1)
+        U1 = U[:, i1:i2, i1:i2]  # [B, c, c]
+        for i in range(i2 - i1):
+            w = W1[:, i].unsqueeze(-1)  # [B, rows, 1]
+            code = grid.quantize(w, levels, thr)  # [B, rows, 1]
+            q = grid.dequantize(code, levels)
+            err = (w - q) / U1[:, i, i, None, None]  # [B, rows, 1]
+            # Spread the error over the rest of the block: W1[:, j] -= err * U[i, j] for j > i.
+            W1[:, i + 1 :].addcmul_(U1[:, i, i + 1 :, None], err.transpose(1, 2), value=-1)
+            codes[:, i1 + i] = code[..., 0]
+            Q[:, i1 + i] = q[..., 0]
+            Err1[:, i] = err[..., 0]
+        # Lazy update of all later columns at once: [B, cols - i2, c] @ [B, c, rows].
+        WT[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1)
+    return codes, Q
+
+
+def _gptq_batch(
+    W: Tensor,
+    H: Tensor,
+    grid: Grid,
+    damp: float,
+    block_size: int,
+    act_order: bool,
+    fallback: Tensor,
+    first: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ for one batch of experts ``W [B, rows, cols]`` float32, ``H [B, cols, cols]`` on W's device."""
+    B, rows, cols = W.shape
+    hdiag = H.diagonal(dim1=-2, dim2=-1)  # [B, cols]
+    fallback = fallback | (H == 0).flatten(1).all(1)
+    levels = grid.fit(W, hdiag)  # [B, rows, L] from the original rows, before any error feedback
+
+    # Dead inputs (H_ii == 0, the feature was always zero): weight irrelevant, set to zero as in GPTQ.
+    # Not for experts without data, whose every column would look dead.
+    dead = (hdiag == 0) & ~fallback[:, None]  # [B, cols]
+    Hw = H.clone()
+    Hw.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+    WT = W.transpose(1, 2).masked_fill(dead[:, :, None], 0.0)  # [B, cols, rows] copy
+
+    if act_order:  # quantize the columns with the largest H_ii first
+        perm = torch.argsort(Hw.diagonal(dim1=-2, dim2=-1), dim=1, descending=True, stable=True)  # [B, cols]
+        WT = WT.gather(1, perm[:, :, None].expand(B, cols, rows))
+        Hw = Hw.gather(1, perm[:, :, None].expand(B, cols, cols))
+        Hw = Hw.gather(2, perm[:, None, :].expand(B, cols, cols))
+
+    mean_diag = Hw.diagonal(dim1=-2, dim2=-1).mean(-1)  # [B]
+    lam = mean_diag * max(damp, _MIN_DAMP)
+    lam = lam.clamp(min=torch.finfo(Hw.dtype).tiny)
+    U, ok = _upper_cholesky_of_inverse(Hw, lam, ~fallback, first)
+    del Hw
+    fallback = fallback | ~ok
+    U[fallback] = torch.eye(cols, dtype=U.dtype, device=U.device)  # U = I: round to nearest
+    codes, Q = _gptq_columns(WT, U.to(torch.float32), grid, levels, block_size)
+    del U, WT
+
+    if act_order:  # back to storage order
+        inv = torch.argsort(perm, dim=1)[:, :, None].expand(B, cols, rows)
+        codes, Q = codes.gather(1, inv), Q.gather(1, inv)
+    codes = codes.transpose(1, 2).contiguous()  # [B, rows, cols]
+    Q = Q.transpose(1, 2).contiguous()
+    return Q, codes, levels, _objective(W, Q, H), fallback
+
+
+def _check_stack(W: Tensor, H: Tensor | None) -> None:
+    if W.dim() != 3 or not W.is_floating_point():
+        raise ConfigError(f"W must be a float tensor [E, rows, cols], got {W.dtype} {tuple(W.shape)}")
+    E, _, cols = W.shape
+    if H is not None and (H.shape != (E, cols, cols) or not H.is_floating_point()):
+        raise ConfigError(
+            f"H must be a float tensor [{E}, {cols}, {cols}] for W {tuple(W.shape)}, got {tuple(H.shape)}"
+        )
+
+
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    grid: str | Grid = "ternary",
+    damp: float = 0.1,
+    block_size: int = 128,
+    act_order: bool = False,
+    counts: Tensor | None = None,
+    min_tokens: int = 1,
+    expert_batch: int | None = None,
+) -> QuantizedExperts:
+    """GPTQ-quantize every expert of ``W [E, rows, cols]`` against its Hessian ``H [E, cols, cols]``.
+
+    - ``damp``: ``H + damp * mean(diag H) * I`` before inverting (floored at a tiny relative value).
+    - ``block_size``: columns per lazy-update block. ``act_order``: quantize columns by descending ``H_ii``;
+      codes and levels are returned in storage order regardless.
+    - ``counts [E]`` / ``min_tokens``: experts with fewer tokens (or an all-zero ``H``) are rounded to
+      nearest; so are experts whose damped Hessian stays non-positive-definite after retries. Both set
+      ``fallback``.
+    - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working memory.
+
+    Runs on ``W``'s device (``H`` is moved there one batch at a time). NaN/Inf in ``W`` or ``H`` raises
+    ``QuantizationError`` naming the expert.
+    """
+    _check_stack(W, H)
+    g = get_grid(grid)
+    if damp < 0 or block_size < 1 or min_tokens < 0 or (expert_batch is not None and expert_batch < 1):
+        raise ConfigError(
+            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1; got {damp}, {block_size}, "
+            f"{min_tokens}, {expert_batch}"
+        )
+    E, rows, cols = W.shape
+    if counts is not None and counts.shape != (E,):
+        raise ConfigError(f"counts must be [{E}], got {tuple(counts.shape)}")
+    _check_finite(W, "weights", 0)
+    starved = torch.zeros(E, dtype=torch.bool) if counts is None else counts.cpu() < min_tokens  # [E]
+    if expert_batch is None:  # H, damped copy, L, H^-1, U + W's copies and the fp64 objective temporaries
+        per_expert = 4 * (5 * cols * cols + 6 * rows * cols)
+        expert_batch = max(1, min(E, _BATCH_BYTES // per_expert))
+
+    parts = []
+    for s in range(0, E, expert_batch):
+        e = min(s + expert_batch, E)
+        Hb = H[s:e].to(W.device)
+        _check_finite(Hb, "Hessian entries", s)
+        Hb = Hb if Hb.dtype == torch.float64 else Hb.float()
+        parts.append(
+            _gptq_batch(W[s:e].float(), Hb, g, damp, block_size, act_order, starved[s:e].to(W.device), s)
+        )
+    Q, codes, levels, objective, fallback = (torch.cat(p) for p in zip(*parts, strict=True))
+    if fallback.any():
+        fell = fallback.nonzero().flatten().tolist()
+        log.info("%d of %d experts rounded to nearest: %s", len(fell), E, fell)
+    return QuantizedExperts(g.name, Q, codes, levels, objective, fallback)
+
+
+def rtn_quantize(W: Tensor, grid: str | Grid = "ternary", H: Tensor | None = None) -> QuantizedExperts:
+    """Round every weight of ``W [E, rows, cols]`` to its row's nearest level (``fallback`` all False).
+
+    With ``H [E, cols, cols]`` the objective is computed, and ``H``'s diagonal weights grids that use it.
+    """
+    _check_stack(W, H)
+    g = get_grid(grid)
+    _check_finite(W, "weights", 0)
+    if H is not None:
+        _check_finite(H, "Hessian entries", 0)
+    Wf = W.float()
+    hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device)
+    levels = g.fit(Wf, hdiag)
+    codes = g.quantize(Wf, levels)
+    Q = g.dequantize(codes, levels)
+    objective = None if H is None else _objective(Wf, Q, H)
+    fallback = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
+    return QuantizedExperts(g.name, Q, codes, levels, objective, fallback)
