@@ -1,0 +1,100 @@
+"""Model sources: built-in names (shipped inside the package) and local Hugging Face directories.
+
+Checks here run before any compute is spent and raise :class:`SourceError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qmoe.errors import SourceError
+
+BUILTIN_DIR = Path(__file__).parent / "models"
+BUILTINS = ("tiny-switch",)
+
+# Config fields under which the families we know store their expert count.
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The directory of a built-in model name or a local HF model directory (validated)."""
+    s = str(source)
+    if s in BUILTINS:
+        path = BUILTIN_DIR / s
+        if not (path / "config.json").is_file():
+            raise SourceError(f"the built-in model {s!r} is missing from this installation ({path}); reinstall qmoe")
+        return path
+    path = Path(s).expanduser()
+    if not path.exists():
+        hint = f"built-in models: {', '.join(BUILTINS)}"
+        if "/" not in s and not s.startswith("."):
+            raise SourceError(f"unknown built-in model {s!r} and no such directory; {hint}")
+        raise SourceError(f"{s} does not exist; pass a local Hugging Face model directory or one of: "
+                          f"{', '.join(BUILTINS)}")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise SourceError(f"{s} is not a model directory (no config.json); pass a local Hugging Face model "
+                          "directory (config.json + *.safetensors) or a built-in name")
+    return path
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path / 'config.json'} is not readable JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{path / 'config.json'} does not hold a JSON object")
+    return cfg
+
+
+def num_experts(cfg: dict[str, Any]) -> int:
+    """Experts per MoE layer according to the config, 0 for a dense model."""
+    for field in _EXPERT_COUNT_FIELDS:
+        value = cfg.get(field)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def require_moe(path: Path, cfg: dict[str, Any]) -> None:
+    if num_experts(cfg) <= 1:
+        raise SourceError(f"{path} is a model without MoE layers (model_type={cfg.get('model_type')!r}); qmoe "
+                          "compresses Mixture-of-Experts models only")
+
+
+def is_compressed(cfg: dict[str, Any]) -> bool:
+    qc = cfg.get("quantization_config") or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "qmoe"
+
+
+def load_model(source: str | Path, dtype: Any = None) -> tuple[Any, Any, Path]:
+    """(model, tokenizer, dir) for a built-in name, a dense HF directory or a qmoe-compressed directory.
+
+    Dense models load in float32 (CPU paths stay in fp32; this machine has no native bf16).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = resolve_source(source)
+    cfg = read_config(path)
+    require_moe(path, cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
+        raise SourceError(f"{path} has no usable tokenizer ({type(exc).__name__}); copy the tokenizer files "
+                          "(tokenizer.json, tokenizer_config.json) into it") from exc
+    if is_compressed(cfg):
+        from qmoe.runtime.load import load
+
+        return load(path), tokenizer, path
+    config = AutoConfig.from_pretrained(str(path))
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(str(path), dtype=dtype or torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SourceError(f"cannot load the weights of {path} ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "check that its shards are complete") from exc
+    model.eval()
+    return model, tokenizer, path
