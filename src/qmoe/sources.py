@@ -76,6 +76,9 @@ def load_model(source: str | Path, dtype: Any = None) -> tuple[Any, Any, Path]:
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough
 
     path = resolve_source(source)
     cfg = read_config(path)

@@ -1,0 +1,95 @@
+"""Model quality as QMoE reports it: mean token cross-entropy of span-corruption decoder targets
+(encoder-decoder models, QMoE's "C4 validation loss") or of next-token prediction (decoder-only models),
+on a deterministic sample of a text split, a user's file, or Python's pydoc topics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from qmoe.errors import DataError
+
+DEFAULT_SAMPLES = 256
+DEFAULT_SEED = 1234  # evaluation samples stay fixed across runs and independent of calibration seeds
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # nats per target token
+    tokens: int
+    samples: int
+    split: str
+    objective: str  # "span-corruption" or "causal-lm"
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "perplexity": self.perplexity}
+
+
+def eval_texts(split: str | None, data: str | None) -> tuple[str, tuple[str, ...]]:
+    """(name, documents) for ``--split`` or ``--data``."""
+    from qmoe.calib import EVAL_SETS, load_texts, read_text_file
+
+    if data is not None:
+        return str(data), read_text_file(data)
+    split = split or "validation"
+    if split not in EVAL_SETS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(EVAL_SETS)} or pass --data FILE")
+    return split, load_texts(split)
+
+
+def eval_samples(model: Any, tokenizer: Any, texts: tuple[str, ...], samples: int | None, seed: int):
+    """Token arrays for the model's objective: (input_ids [N, S_in], labels [N, S_out]) or (windows [N, L],)."""
+    from qmoe.calib import lm_samples, span_corruption_samples
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        batch = span_corruption_samples(tokenizer, texts, samples, seed)
+        return "span-corruption", (batch.input_ids, batch.labels)
+    return "causal-lm", (lm_samples(tokenizer, texts, samples, seed),)
+
+
+def model_loss(model: Any, arrays: tuple, batch_size: int = 32, progress: bool = False) -> tuple[float, int]:
+    """(mean token loss, tokens) of ``model`` on pre-built sample arrays."""
+    import torch
+    from tqdm.auto import tqdm
+
+    n = len(arrays[0])
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
+            chunk = [torch.from_numpy(a[i : i + batch_size]).to(device) for a in arrays]
+            if len(chunk) == 2:
+                logits = model(input_ids=chunk[0], labels=chunk[1]).logits  # [B, S_out, V]
+                target = chunk[1]
+            else:
+                logits = model(input_ids=chunk[0]).logits[:, :-1]  # [B, L-1, V]
+                target = chunk[0][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+            total += float(loss)
+            tokens += target.numel()
+    return total / tokens, tokens
+
+
+def evaluate(source: Any, split: str | None = "validation", data: str | None = None,
+             samples: int | None = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, batch_size: int = 32,
+             progress: bool = False) -> EvalResult:
+    """Loss of ``source`` (built-in name, model directory, or a loaded (model, tokenizer) pair)."""
+    from qmoe.sources import load_model
+
+    name, texts = eval_texts(split, data)  # cheap input checks before the model is loaded
+    if isinstance(source, tuple):
+        model, tokenizer = source
+    else:
+        model, tokenizer, _ = load_model(source)
+    objective, arrays = eval_samples(model, tokenizer, texts, samples, seed)
+    loss, tokens = model_loss(model, arrays, batch_size, progress)
+    if not math.isfinite(loss):
+        raise DataError(f"the loss on {name} is not finite ({loss}); the model's weights may be corrupt")
+    return EvalResult(loss=loss, tokens=tokens, samples=len(arrays[0]), split=name, objective=objective)

@@ -1,0 +1,41 @@
+"""Shared fixtures: a small tokenizer and tiny random MoE model directories (no hub access needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qmoe.calib import bible_split
+    from qmoe.calib.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    # A few books are enough for a 1k vocabulary and keep this under a second.
+    train_tokenizer(bible_split("train")[:200], vocab_size=1024).save_pretrained(path)
+    return path
+
+
+def save_tiny_switch(path: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    import shutil
+
+    import torch
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=2,
+               num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, expert_capacity=64,
+               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg.update(overrides)
+    model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**cfg))
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_switch_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return save_tiny_switch(tmp_path_factory.mktemp("tiny-switch"), tokenizer_dir)
