@@ -1,0 +1,152 @@
+"""Checkpoint shards: ordinary tensors and encoded matrices in one safetensors file (no pickle).
+
+The safetensors metadata key ``"qmoe"`` holds a JSON header::
+
+    {"format": "qmoe-shard", "format_version": 1,
+     "encoded": {"<name>": "ternary" | "int2", ...},
+     "checksums": {"<tensor name>": "<crc32, 8 hex digits>", ...}}   # every tensor in the file
+
+Encoded matrix ``<name>`` is stored as the tensors ``<name>#header``, ``<name>#stream``, ... (the arrays of
+``EncodedMatrix.to_arrays``). Other metadata keys are the caller's strings. Spec: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qmoe.codec.format import ARRAY_NAMES, FORMAT_VERSION, EncodedMatrix
+from qmoe.errors import FormatError
+
+SHARD_FORMAT = "qmoe-shard"
+HEADER_KEY = "qmoe"
+SEP = "#"
+
+
+@dataclass
+class Shard:
+    tensors: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor
+    encoded: dict[str, EncodedMatrix] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _crc(t: Any) -> str:
+    import torch
+
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(raw):08x}"
+
+
+def save_shard(path: str | os.PathLike, tensors: dict[str, Any], encoded: dict[str, EncodedMatrix],
+               metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file atomically (temporary name, then rename); same inputs, same bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    metadata = dict(metadata or {})
+    if HEADER_KEY in metadata:
+        raise ValueError(f"metadata key {HEADER_KEY!r} is reserved for the qmoe header")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map str to str")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if SEP in name:
+            raise ValueError(f"tensor name {name!r} contains {SEP!r}, which is reserved for encoded matrices")
+        out[name] = t.detach().contiguous()
+    for name, enc in encoded.items():
+        if name in tensors or SEP in name:
+            raise ValueError(f"encoded matrix name {name!r} clashes with a tensor or contains {SEP!r}")
+        for field_name, arr in enc.to_arrays().items():
+            out[f"{name}{SEP}{field_name}"] = torch.from_numpy(np.ascontiguousarray(arr).copy())
+    header = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
+              "encoded": {n: e.kind for n, e in sorted(encoded.items())},
+              "checksums": {n: _crc(t) for n, t in sorted(out.items())}}
+    metadata[HEADER_KEY] = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        save_file(out, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _header(path: str, meta: dict[str, str] | None) -> dict:
+    if not meta or HEADER_KEY not in meta:
+        raise FormatError(f"{path}: no qmoe header; not a qmoe shard (or written by another tool)")
+    try:
+        header = json.loads(meta[HEADER_KEY])
+        version = header["format_version"]
+        ok = (header["format"] == SHARD_FORMAT and isinstance(version, int)
+              and isinstance(header["encoded"], dict) and isinstance(header["checksums"], dict))
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: qmoe header is corrupt ({e})") from None
+    if not ok:
+        raise FormatError(f"{path}: qmoe header is corrupt")
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{path}: shard format version {version} is newer than this qmoe reads "
+                          f"({FORMAT_VERSION}); upgrade qmoe")
+    if version < 1:
+        raise FormatError(f"{path}: shard format version {version} is invalid")
+    return header
+
+
+def load_shard(path: str | os.PathLike, verify: bool = True) -> Shard:
+    """Read a shard written by ``save_shard``. ``verify`` checks every tensor's crc32 (and each matrix's).
+
+    Raises FormatError naming the file or the tensor on any corruption, truncation or newer version.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+            header = _header(path, meta)
+            names = list(f.keys())
+            raw = {}
+            for n in names:
+                try:
+                    raw[n] = f.get_tensor(n)
+                except Exception as e:  # safetensors raises several types on corrupt data
+                    raise FormatError(f"{path}: tensor {n!r} cannot be read ({e})") from None
+    except FormatError:
+        raise
+    except Exception as e:  # a truncated or garbled file fails inside safetensors with varied types
+        raise FormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    checksums = header["checksums"]
+    if set(checksums) != set(names):
+        odd = sorted(set(checksums) ^ set(names))[:5]
+        raise FormatError(f"{path}: tensors and checksum list disagree (e.g. {odd}); the file is corrupt")
+    if verify:
+        for n in names:
+            if _crc(raw[n]) != checksums[n]:
+                raise FormatError(f"{path}: tensor {n!r} fails its crc32 check; the file is corrupt")
+    shard = Shard(metadata={k: v for k, v in meta.items() if k != HEADER_KEY})
+    for name, kind in header["encoded"].items():
+        arrays = {}
+        for a in ARRAY_NAMES:
+            t = raw.pop(f"{name}{SEP}{a}", None)
+            if t is None:
+                raise FormatError(f"{path}: encoded matrix {name!r} lacks its {a!r} tensor")
+            arrays[a] = t.numpy()
+        try:
+            enc = EncodedMatrix.from_arrays(arrays, verify=verify)
+        except FormatError as e:
+            raise FormatError(f"{path}: encoded matrix {name!r}: {e}") from None
+        if enc.kind != kind:
+            raise FormatError(f"{path}: encoded matrix {name!r} is {enc.kind}, header says {kind}")
+        shard.encoded[name] = enc
+    stray = [n for n in raw if SEP in n]
+    if stray:
+        raise FormatError(f"{path}: tensors {stray[:5]} look like parts of an unlisted encoded matrix")
+    shard.tensors = raw
+    return shard

@@ -1,0 +1,189 @@
+"""Encoder: fit a code to a matrix's (run, value) statistics and write the row streams.
+
+Steps, for codes ``[rows, cols]``: one parallel pass histograms (value, preceding background run); the run
+limit R (escape every R background codes) is picked by the ideal coded size of each candidate; the code is
+package-merge Huffman limited to 12 bits; a second pass sizes each row, a third writes the rows in parallel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qmoe.codec import huffman
+from qmoe.codec.format import MAX_BLOCK_LOG2, MAX_CODE_LEN, MAX_COLS, N_VALUES, CodeTable, EncodedMatrix
+
+RUN_LIMITS = (4, 8, 16, 32, 64, 128, 256)  # candidates for R; each costs K*R+2 table bytes
+
+
+def _vmap(kind: str, background: int) -> np.ndarray:
+    """``[256] uint8``: code byte -> symbol value (0 background, 255 illegal)."""
+    vmap = np.full(256, 255, dtype=np.uint8)
+    if kind == "ternary":
+        vmap[0], vmap[255], vmap[1] = 0, 1, 2  # int8 0, -1, +1 viewed as uint8
+    else:
+        for c in range(4):
+            vmap[c] = (c - background) & 3
+    return vmap
+
+
+def _symbol_counts(hist: np.ndarray, trailing: int, k: int, run_limit: int) -> np.ndarray:
+    """Symbol counts ``[K*R+2]`` implied by the run histogram ``hist [cols+1, K]`` for run limit R."""
+    hist = hist.T
+    runs = np.arange(hist.shape[1])
+    counts = np.zeros(k * run_limit + 2, dtype=np.int64)
+    q, m = runs // run_limit, runs % run_limit
+    for v in range(k):
+        counts[: k * run_limit][v::k] = np.bincount(m, weights=hist[v], minlength=run_limit).astype(np.int64)
+    counts[-2] = int((hist * q).sum())
+    counts[-1] = trailing
+    return counts
+
+
+def _ideal_bits(counts: np.ndarray) -> float:
+    c = counts[counts > 0].astype(np.float64)
+    return float(-(c * np.log2(c / c.sum())).sum())
+
+
+def fit_table(hist: np.ndarray, trailing: int, kind: str, background: int, smooth: bool = False) -> CodeTable:
+    """Choose R and the code for a run histogram. ``smooth`` gives every symbol a codeword (shared tables)."""
+    k = N_VALUES[kind]
+    best = None
+    for r in RUN_LIMITS:
+        counts = _symbol_counts(hist, trailing, k, r)
+        cost = _ideal_bits(counts) + 8 * len(counts)
+        if best is None or cost < best[0]:
+            best = (cost, r, counts)
+    _, run_limit, counts = best
+    if smooth:
+        counts = counts + 1
+    return CodeTable(kind, run_limit, background, huffman.code_lengths(counts, MAX_CODE_LEN))
+
+
+def _check_levels(levels: np.ndarray) -> np.ndarray:
+    """fp16 if every level survives the fp16 round trip bit-exactly (after fp32), else fp32."""
+    l32 = np.ascontiguousarray(levels, dtype=np.float32)
+    l16 = l32.astype(np.float16)
+    if np.array_equal(l16.astype(np.float32).view(np.uint32), l32.view(np.uint32)):
+        return l16.astype("<f2")
+    return l32.astype("<f4")
+
+
+def _histogram(codes_u8: np.ndarray, vmap: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    from qmoe.codec import _numba
+
+    with _numba.threads_for(codes_u8.size):
+        hist, trailing, illegal = _numba.run_histogram(codes_u8, vmap, k, _numba._chunks(codes_u8.shape[0]))
+    if illegal:
+        grid = "{-1, 0, 1}" if k == 2 else "0..3"
+        raise ValueError(f"codes hold {illegal} values outside the grid {grid}")
+    return hist, int(trailing)
+
+
+def _encode(codes_u8: np.ndarray, kind: str, levels: np.ndarray, table: CodeTable | None,
+            background: int) -> EncodedMatrix:
+    from qmoe.codec import _numba
+
+    rows, cols = codes_u8.shape
+    if not (rows >= 1 and 1 <= cols <= MAX_COLS):
+        raise ValueError(f"shape {codes_u8.shape} unsupported: need rows >= 1 and 1 <= cols <= {MAX_COLS}")
+    k = N_VALUES[kind]
+    shared = table is not None
+    if shared:
+        if table.kind != kind:
+            raise ValueError(f"table is for {table.kind} matrices, not {kind}")
+        background = table.background
+    vmap = _vmap(kind, background)
+    if not shared:
+        hist, trailing = _histogram(codes_u8, vmap, k)
+        table = fit_table(hist, trailing, kind, background)
+    rev, lengths = table.encoder_codes()
+    with _numba.threads_for(codes_u8.size):
+        nbits, missing = _numba.row_bits(codes_u8, vmap, k, table.run_limit, lengths)
+    if missing:
+        if not shared:
+            raise ValueError("codes hold values outside the grid")
+        raise ValueError("the shared table has no codeword for some symbol of this matrix; build it with "
+                         "qmoe.codec.build_table over all matrices that share it")
+    starts = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(nbits, out=starts[1:])
+    total = int(starts[-1])
+    if total >= 1 << 32:
+        raise ValueError(f"matrix needs {total} bits; split it (a stream holds at most 2**32 - 1 bits)")
+    block_log2 = _block_log2(starts)
+    words = np.zeros((total + 31) // 32 + 1, dtype="<u4")
+    with _numba.threads_for(codes_u8.size):
+        _numba.write_stream(codes_u8, vmap, k, table.run_limit, rev, lengths, starts, _numba._chunks(rows),
+                            words)
+    block_starts = starts[:-1][:: 1 << block_log2]
+    block_offsets = np.concatenate([block_starts, [total]]).astype("<u4")
+    row_deltas = (starts[:-1] - np.repeat(block_starts, 1 << block_log2)[:rows]).astype("<u2")
+    return EncodedMatrix(kind, (rows, cols), table, words, block_log2, block_offsets, row_deltas, levels,
+                         total, table_shared=shared)
+
+
+def _block_log2(starts: np.ndarray) -> int:
+    """Largest block of 2**g rows (g <= 8) whose rows all start within 65535 bits of the block's start."""
+    rows = len(starts) - 1
+    for g in range(MAX_BLOCK_LOG2, 0, -1):
+        s = starts[:rows]
+        block = s[:: 1 << g]
+        if int((s - np.repeat(block, 1 << g)[:rows]).max()) < 1 << 16:
+            return g
+    return 0
+
+
+def encode_ternary(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                   table: CodeTable | None = None) -> EncodedMatrix:
+    """Encode ternary ``codes [rows, cols]`` int8 in {-1, 0, 1} with per-row levels ``lo``/``hi [rows]``.
+
+    Weight = lo[r] for -1, 0 for 0, hi[r] for +1. Levels are stored as fp16 when that is exact, else fp32.
+    ``table`` (from ``build_table``) is a code shared by several matrices; it is then not counted in
+    ``nbytes``. Deterministic: equal inputs give byte-identical arrays.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.dtype != np.int8:
+        raise ValueError(f"codes must be an int8 [rows, cols] array, got {codes.dtype}{codes.shape}")
+    lo, hi = np.asarray(lo).reshape(-1), np.asarray(hi).reshape(-1)
+    if lo.shape != (codes.shape[0],) or hi.shape != (codes.shape[0],):
+        raise ValueError(f"lo and hi must have shape [{codes.shape[0]}], got {lo.shape} and {hi.shape}")
+    levels = _check_levels(np.stack([lo, hi], axis=1))
+    return _encode(np.ascontiguousarray(codes).view(np.uint8), "ternary", levels, table, 0)
+
+
+def encode_int2(codes: np.ndarray, levels: np.ndarray, table: CodeTable | None = None) -> EncodedMatrix:
+    """Encode 2-bit ``codes [rows, cols]`` uint8 in {0, 1, 2, 3} with ``levels [rows, 4]``.
+
+    Weight = levels[r, codes[r, c]]. The most frequent code is the run-length background. Levels are stored
+    as fp16 when exact, else fp32.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise ValueError(f"codes must be a uint8 [rows, cols] array, got {codes.dtype}{codes.shape}")
+    levels = np.asarray(levels)
+    if levels.shape != (codes.shape[0], 4):
+        raise ValueError(f"levels must have shape [{codes.shape[0]}, 4], got {levels.shape}")
+    codes = np.ascontiguousarray(codes)
+    background = 0
+    if table is None:
+        freq = np.bincount(codes.reshape(-1)[:: max(1, codes.size // 1_000_000)], minlength=256)
+        background = int(np.argmax(freq[:4]))
+    return _encode(codes, "int2", _check_levels(levels), table, background)
+
+
+def build_table(matrices: list[np.ndarray], kind: str = "ternary") -> CodeTable:
+    """A code shared by ``matrices`` (same kind), with a codeword for every symbol so any matrix encodes."""
+    if kind not in N_VALUES:
+        raise ValueError(f"kind must be 'ternary' or 'int2', got {kind!r}")
+    k = N_VALUES[kind]
+    mats = [np.ascontiguousarray(m) for m in matrices]
+    background = 0
+    if kind == "int2":
+        background = int(np.argmax(sum(np.bincount(m.reshape(-1), minlength=4)[:4] for m in mats)))
+    vmap = _vmap(kind, background)
+    width = max(m.shape[1] for m in mats)
+    total, trailing = np.zeros((width + 1, k), dtype=np.int64), 0
+    for m in mats:
+        hist, t = _histogram(m.view(np.uint8), vmap, k)
+        total[: hist.shape[0]] += hist
+        trailing += t
+    return fit_table(total, trailing, kind, background, smooth=True)

@@ -1,0 +1,227 @@
+"""The encoded-matrix format (version 1): alphabet, code table, arrays, validation. Spec: docs/format.md.
+
+A matrix ``[rows, cols]`` of small codes is written row by row as symbols (run of background codes, value),
+each symbol a canonical prefix codeword of a code fitted to the matrix. Arrays (all little-endian):
+
+    header        uint32 [16]                   fields below, with a crc32 over everything
+    stream        uint32 [ceil(bits/32) + 1]    codewords, LSB-first; one zero guard word at the end
+    lengths       uint8  [K * run_limit + 2]    code length of each symbol (the code table)
+    block_offsets uint32 [ceil(rows/G) + 1]     stream bit where each block of G rows starts; last = bits
+    row_deltas    uint16 [rows]                 row start minus its block start, in bits
+    levels        float16|float32 [rows, 2|4]   ternary: (lo, hi); int2: the 4 levels
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qmoe.codec import huffman
+from qmoe.errors import FormatError
+
+FORMAT_VERSION = 1
+MAGIC = 0x31434D51  # b"QMC1" read as a little-endian uint32
+HEADER_WORDS = 16
+MAX_CODE_LEN = 12  # decode table = 4096 int32 = 16 KiB: fits L1 and GPU shared memory
+MAX_COLS = 1 << 22  # keeps every legal `pos + skip` below huffman.EOR_SKIP
+MAX_BLOCK_LOG2 = 8
+
+KINDS = ("ternary", "int2")
+N_VALUES = {"ternary": 2, "int2": 3}  # nonzero values per kind (K)
+N_LEVELS = {"ternary": 2, "int2": 4}
+LEVEL_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))
+
+# header field -> index into the uint32 [16] header
+H_MAGIC, H_VERSION, H_KIND, H_ROWS, H_COLS, H_RUN_LIMIT, H_BACKGROUND, H_MAX_LEN = range(8)
+H_LEVEL_DTYPE, H_BLOCK_LOG2, H_BITS, H_NSYM, H_CRC = range(8, 13)
+
+ARRAY_NAMES = ("header", "stream", "lengths", "block_offsets", "row_deltas", "levels")
+
+
+@dataclass(frozen=True, eq=False)
+class CodeTable:
+    """The alphabet and code of one matrix (or of several, when shared).
+
+    Symbol ``s < K * run_limit``: ``s // K`` background codes, then nonzero value ``s % K + 1``.
+    Symbol ``K * run_limit`` (escape): ``run_limit`` background codes, nothing written.
+    Symbol ``K * run_limit + 1`` (end of row): the rest of the row is background.
+    Value ``v`` means code ``(background + v) & 3`` for int2, and -1 (v=1) / +1 (v=2) for ternary.
+    """
+
+    kind: str
+    run_limit: int
+    background: int
+    lengths: np.ndarray  # [nsym] uint8
+
+    @property
+    def n_values(self) -> int:
+        return N_VALUES[self.kind]
+
+    @property
+    def nsym(self) -> int:
+        return self.n_values * self.run_limit + 2
+
+    def symbol_meaning(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(skip, value, end_of_row) per symbol, each ``[nsym]``."""
+        k, r = self.n_values, self.run_limit
+        s = np.arange(k * r)
+        skips = np.concatenate([s // k, [r, huffman.EOR_SKIP]])
+        vals = np.concatenate([s % k + 1, [0, 0]])
+        eor = np.zeros(self.nsym, dtype=bool)
+        eor[-1] = True
+        return skips, vals, eor
+
+    def decode_lut(self) -> np.ndarray:
+        """``[2**MAX_CODE_LEN] int32`` single-lookup decode table (layout in qmoe.codec.huffman)."""
+        return huffman.decode_lut(self.lengths, *self.symbol_meaning(), MAX_CODE_LEN)
+
+    def encoder_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bit-reversed codewords ``[nsym] uint32``, lengths ``[nsym] uint8``) for the LSB-first writer."""
+        return huffman.reverse_bits(huffman.canonical_codes(self.lengths), self.lengths), self.lengths
+
+
+@dataclass(eq=False)
+class EncodedMatrix:
+    """An entropy-coded ``[rows, cols]`` ternary or 2-bit matrix with its levels. See docs/format.md."""
+
+    kind: str
+    shape: tuple[int, int]
+    table: CodeTable
+    stream: np.ndarray  # [nwords] uint32
+    block_log2: int
+    block_offsets: np.ndarray  # [nblocks + 1] uint32
+    row_deltas: np.ndarray  # [rows] uint16
+    levels: np.ndarray  # [rows, 2|4] float16 or float32
+    total_bits: int
+    table_shared: bool = False
+    _lut: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Serialized bytes needed to reconstruct the matrix; a shared table is not counted."""
+        arrays = self.to_arrays()
+        if self.table_shared:
+            arrays.pop("lengths")
+        return sum(a.nbytes for a in arrays.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    @property
+    def lut(self) -> np.ndarray:
+        if self._lut is None:
+            self._lut = self.table.decode_lut()
+        return self._lut
+
+    def row_starts(self) -> np.ndarray:
+        """``[rows + 1] int64`` stream bit where each row starts; the last entry is the total bit count."""
+        rows = self.shape[0]
+        starts = np.empty(rows + 1, dtype=np.int64)
+        starts[:rows] = self.block_offsets[np.arange(rows) >> self.block_log2].astype(np.int64)
+        starts[:rows] += self.row_deltas
+        starts[rows] = self.total_bits
+        return starts
+
+    def _header(self, crc: int) -> np.ndarray:
+        h = np.zeros(HEADER_WORDS, dtype="<u4")
+        h[H_MAGIC], h[H_VERSION], h[H_KIND] = MAGIC, FORMAT_VERSION, KINDS.index(self.kind)
+        h[H_ROWS], h[H_COLS] = self.shape
+        h[H_RUN_LIMIT], h[H_BACKGROUND] = self.table.run_limit, self.table.background
+        h[H_MAX_LEN], h[H_LEVEL_DTYPE] = MAX_CODE_LEN, LEVEL_DTYPES.index(self.levels.dtype)
+        h[H_BLOCK_LOG2], h[H_BITS], h[H_NSYM] = self.block_log2, self.total_bits, self.table.nsym
+        h[H_CRC] = crc
+        return h
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The matrix as flat little-endian arrays (names in ARRAY_NAMES); ``from_arrays`` inverts it."""
+        body = {"stream": self.stream, "lengths": self.table.lengths, "block_offsets": self.block_offsets,
+                "row_deltas": self.row_deltas, "levels": self.levels}
+        return {"header": self._header(_crc(self._header(0), body)), **body}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], verify: bool = True) -> EncodedMatrix:
+        """Rebuild and validate; FormatError on any inconsistency (and on a crc mismatch if ``verify``).
+
+        Validation makes decoding safe: every offset, length and table is checked here, so decoders only
+        have to guard the stream contents (bounds of each row's bits and of its width).
+        """
+        missing = [n for n in ARRAY_NAMES if n not in arrays]
+        if missing:
+            raise FormatError(f"encoded matrix lacks arrays {missing}; it was not written by qmoe.codec")
+        a = {n: np.ascontiguousarray(np.asarray(arrays[n])) for n in ARRAY_NAMES}
+        h = a["header"]
+        if h.dtype != np.dtype("<u4") or h.shape != (HEADER_WORDS,):
+            raise FormatError(f"encoded-matrix header must be uint32[{HEADER_WORDS}], got {h.dtype}{h.shape}")
+        if int(h[H_MAGIC]) != MAGIC:
+            raise FormatError("encoded-matrix header has a wrong magic number: not a qmoe matrix, or corrupt")
+        if int(h[H_VERSION]) != FORMAT_VERSION:
+            raise FormatError(f"encoded matrix has format version {int(h[H_VERSION])}; this qmoe reads "
+                              f"version {FORMAT_VERSION}. Upgrade qmoe (or re-encode).")
+        if verify:
+            want = int(h[H_CRC])
+            h0 = h.copy()
+            h0[H_CRC] = 0
+            if _crc(h0, {n: a[n] for n in ARRAY_NAMES[1:]}) != want:
+                raise FormatError("encoded matrix fails its crc32 check: the data is corrupt")
+        enc = _validate(h, a)
+        return enc
+
+
+def _crc(header: np.ndarray, body: dict[str, np.ndarray]) -> int:
+    crc = zlib.crc32(header.tobytes())
+    for n in ARRAY_NAMES[1:]:
+        arr = body[n]
+        crc = zlib.crc32(str(arr.dtype.str).encode() + str(arr.shape).encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).reshape(-1), crc)
+    return crc
+
+
+def _bad(msg: str) -> FormatError:
+    return FormatError(f"encoded matrix is corrupt: {msg}")
+
+
+def _validate(h: np.ndarray, a: dict[str, np.ndarray]) -> EncodedMatrix:
+    kind_id, rows, cols = int(h[H_KIND]), int(h[H_ROWS]), int(h[H_COLS])
+    run_limit, background, max_len = int(h[H_RUN_LIMIT]), int(h[H_BACKGROUND]), int(h[H_MAX_LEN])
+    level_dt, g, bits, nsym = int(h[H_LEVEL_DTYPE]), int(h[H_BLOCK_LOG2]), int(h[H_BITS]), int(h[H_NSYM])
+    if kind_id >= len(KINDS):
+        raise _bad(f"unknown kind id {kind_id}")
+    kind = KINDS[kind_id]
+    if not (1 <= rows and 1 <= cols <= MAX_COLS):
+        raise _bad(f"shape ({rows}, {cols}) out of range")
+    if not 1 <= run_limit <= 4096 or max_len != MAX_CODE_LEN or g > MAX_BLOCK_LOG2 or level_dt > 1:
+        raise _bad("header field out of range (run limit, code length, block size or level dtype)")
+    if background > (3 if kind == "int2" else 0):
+        raise _bad(f"background code {background} invalid for {kind}")
+    table = CodeTable(kind, run_limit, background, a["lengths"])
+    nblocks = (rows + (1 << g) - 1) >> g
+    expect = {
+        "stream": (np.dtype("<u4"), ((bits + 31) // 32 + 1,)),
+        "lengths": (np.dtype("u1"), (table.nsym,)),
+        "block_offsets": (np.dtype("<u4"), (nblocks + 1,)),
+        "row_deltas": (np.dtype("<u2"), (rows,)),
+        "levels": (LEVEL_DTYPES[level_dt], (rows, N_LEVELS[kind])),
+    }
+    if nsym != table.nsym:
+        raise _bad(f"header says {nsym} symbols, the alphabet has {table.nsym}")
+    for name, (dt, shape) in expect.items():
+        if a[name].dtype != dt or a[name].shape != shape:
+            raise _bad(f"array '{name}' is {a[name].dtype}{a[name].shape}, expected {dt}{shape}")
+    if not huffman.kraft_ok(a["lengths"], MAX_CODE_LEN):
+        raise _bad("code lengths do not form a prefix code of at most 12 bits")
+    bo = a["block_offsets"].astype(np.int64)
+    if bo[0] != 0 or bo[-1] != bits:
+        raise _bad("block offsets must start at 0 and end at the stream's bit count")
+    enc = EncodedMatrix(kind, (rows, cols), table, a["stream"], g, a["block_offsets"], a["row_deltas"],
+                        a["levels"], bits)
+    starts = enc.row_starts()
+    # Each row holds at least one codeword (>= 1 bit), so starts must strictly increase.
+    if np.any(np.diff(starts) < 1) or np.any(a["row_deltas"][:: 1 << g] != 0):
+        raise _bad("row offsets are not strictly increasing within the stream")
+    tail = bits % 32
+    if int(a["stream"][-1]) != 0 or (tail and int(a["stream"][-2]) >> tail):
+        raise _bad("stream padding bits are not zero")
+    return enc
