@@ -86,8 +86,14 @@ class Grid(ABC):
         """Codes (int8) of ``x [E, rows, c]`` on ``levels [E, rows, L]``: nearest level, ties to the lower."""
         if thresholds is None:
             thresholds = self.thresholds(levels)
-        # Number of thresholds strictly below x = level index; searchsorted avoids an [E, rows, c, L-1] mask.
-        idx = torch.searchsorted(thresholds.contiguous(), x.contiguous())  # [E, rows, c]
+        # Level index = number of thresholds strictly below x. (torch.searchsorted is far slower on CPU here.)
+        n_thr = thresholds.shape[-1]
+        if x.shape[-1] * n_thr <= 64:  # GPTQ's one column at a time: one fused [E, rows, c, L-1] mask
+            idx = (x.unsqueeze(-1) > thresholds.unsqueeze(-2)).sum(-1)  # [E, rows, c]
+        else:  # whole matrices: one threshold at a time, no [E, rows, cols, L-1] temporary
+            idx = torch.zeros(x.shape, dtype=torch.int8, device=x.device)
+            for k in range(n_thr):
+                idx += x > thresholds[..., k : k + 1]
         return (idx - self.code_offset).to(torch.int8)
 
     def dequantize(self, codes: Tensor, levels: Tensor) -> Tensor:
