@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from qmoe.codec.huffman import EOR_FLAG, LEN_MASK, SKIP_SHIFT, VAL_SHIFT
+from qmoe.codec.huffman import LEN_MASK, SKIP_SHIFT, VAL_SHIFT
 
 # Row-decode status codes (0 = ok); `decode_rows` reports the first failing row and its status.
 ERR_BITS = 1  # ran past the row's bits
@@ -51,7 +51,7 @@ def _chunks(rows: int, per: int = 64) -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def _row_histogram(row, vmap, k, hist):  # pragma: no cover - compiled
-    """Add one row's symbols to ``hist [(cols+1) * K]``; return (ends in background, illegal bytes)."""
+    """Add one row's symbols to ``hist [(cols+1) * K]``; return (trailing background run, illegal bytes)."""
     run = 0
     illegal = 0
     for j in range(len(row)):
@@ -64,22 +64,35 @@ def _row_histogram(row, vmap, k, hist):  # pragma: no cover - compiled
                 v = 1
             hist[run * k + v - 1] += 1
             run = 0
-    return run > 0, illegal
+    return run, illegal
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def run_histogram(codes_u8, vmap, k, chunks):  # pragma: no cover - compiled
-    """Counts of (run before it, value) ``[cols+1, K] int64``, rows ending in background, illegal bytes."""
+    """Counts of (run before it, value) ``[cols+1, K]``, of trailing runs ``[cols+1]``, illegal bytes."""
     rows, cols = codes_u8.shape
     nch = len(chunks) - 1
     hist = np.zeros((nch, (cols + 1) * k), dtype=np.int64)  # one per row chunk: no races
-    stats = np.zeros((nch, 2), dtype=np.int64)
+    trail = np.zeros((nch, cols + 1), dtype=np.int64)
+    illegal = np.zeros(nch, dtype=np.int64)
     for c in prange(nch):
         for r in range(chunks[c], chunks[c + 1]):
             t, bad = _row_histogram(codes_u8[r], vmap, k, hist[c])
-            stats[c, 0] += t
-            stats[c, 1] += bad
-    return hist.sum(axis=0).reshape(cols + 1, k), stats[:, 0].sum(), stats[:, 1].sum()
+            trail[c, t] += 1
+            illegal[c] += bad
+    return hist.sum(axis=0).reshape(cols + 1, k), trail.sum(axis=0), illegal.sum()
+
+
+@njit(cache=True, nogil=True, inline="always")
+def tail_escapes(run, run_limit, lengths, esc, eor):  # pragma: no cover - compiled
+    """Escapes that end a row after ``run`` > 0 trailing background codes; 0 = use end-of-row instead.
+
+    Escapes may run past the row's end, which ends the row too; the encoder takes the cheaper option.
+    """
+    n = (run + run_limit - 1) // run_limit
+    if lengths[esc] == 0 or (lengths[eor] != 0 and lengths[eor] <= n * lengths[esc]):
+        return 0
+    return n
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -107,8 +120,12 @@ def row_bits(codes_u8, vmap, k, run_limit, lengths):  # pragma: no cover - compi
                 miss += lengths[s] == 0
                 run = 0
         if run > 0:
-            n += lengths[eor]
-            miss += lengths[eor] == 0
+            t = tail_escapes(run, run_limit, lengths, esc, eor)
+            if t > 0:
+                n += t * lengths[esc]
+            else:
+                n += lengths[eor]
+                miss += lengths[eor] == 0
         out[r] = n
         missing[r] = miss
     return out, missing.sum()
@@ -161,6 +178,22 @@ def write_stream(codes_u8, vmap, k, run_limit, rev_codes, lengths, row_start, ch
                     run = 0
                 elif run > 0:
                     s = eor
+                    t = tail_escapes(run, run_limit, lengths, esc, eor)
+                    if t > 0:
+                        s = esc
+                        for _ in range(t - 1):
+                            acc |= np.int64(rev_codes[esc]) << nacc
+                            nacc += lengths[esc]
+                            if nacc >= 32:
+                                if flushed:
+                                    words[w] = acc & 0xFFFFFFFF
+                                else:
+                                    first[c] = acc & 0xFFFFFFFF
+                                    first_idx[c] = w
+                                    flushed = True
+                                w += 1
+                                acc >>= 32
+                                nacc -= 32
                 else:
                     break
                 acc |= np.int64(rev_codes[s]) << nacc
@@ -216,17 +249,13 @@ def decode_row(words, bit, end, lut, cols, out_row, rowtab):  # pragma: no cover
         if n == 0:
             return ERR_CODE
         bit += n
-        if e & EOR_FLAG:
-            break
-        pos += e >> SKIP_SHIFT
+        pos += e >> SKIP_SHIFT  # end of row: a skip past any width; an escape may also run past the end
         v = (e >> VAL_SHIFT) & 3
         if v != 0:
             if pos >= cols:
                 return ERR_WIDTH
             out_row[pos] = rowtab[v]
             pos += 1
-        elif pos > cols:
-            return ERR_WIDTH
     if bit != end:
         return ERR_LENGTH
     return 0

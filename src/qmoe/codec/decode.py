@@ -56,10 +56,8 @@ def decode_reference(enc: EncodedMatrix) -> np.ndarray:
             sym = book[(length, code)]
             if sym == k * run_limit + 1:  # end of row: the rest is background
                 break
-            if sym == k * run_limit:  # escape: run_limit background codes, nothing written
+            if sym == k * run_limit:  # escape: run_limit background codes; past the row's end it ends the row
                 pos += run_limit
-                if pos > cols:
-                    raise _row_error(enc, r, "runs past the row width")
                 continue
             pos += sym // k
             if pos >= cols:

@@ -12,7 +12,9 @@ import numpy as np
 from qmoe.codec import huffman
 from qmoe.codec.format import MAX_BLOCK_LOG2, MAX_CODE_LEN, MAX_COLS, N_VALUES, CodeTable, EncodedMatrix
 
-RUN_LIMITS = (4, 8, 16, 32, 64, 128, 256)  # candidates for R; each costs K*R+2 table bytes
+# Candidates for R (each costs K*R+2 table bytes). Runs are coded as escapes (a unary quotient) + run % R,
+# a Golomb code: best near R = ln 2 / -ln P(background), e.g. 23 at P = 0.97, hence the 1.5x steps.
+RUN_LIMITS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def _vmap(kind: str, background: int) -> np.ndarray:
@@ -26,8 +28,10 @@ def _vmap(kind: str, background: int) -> np.ndarray:
     return vmap
 
 
-def _symbol_counts(hist: np.ndarray, trailing: int, k: int, run_limit: int) -> np.ndarray:
-    """Symbol counts ``[K*R+2]`` implied by the run histogram ``hist [cols+1, K]`` for run limit R."""
+def _symbol_counts(hist: np.ndarray, trail: np.ndarray, k: int, run_limit: int,
+                   tail_escapes: bool) -> np.ndarray:
+    """Symbol counts ``[K*R+2]`` for run limit R, from ``hist [cols+1, K]`` (runs before each value) and
+    ``trail [cols+1]`` (trailing runs), ending rows with escapes or with end-of-row."""
     hist = hist.T
     runs = np.arange(hist.shape[1])
     counts = np.zeros(k * run_limit + 2, dtype=np.int64)
@@ -35,28 +39,40 @@ def _symbol_counts(hist: np.ndarray, trailing: int, k: int, run_limit: int) -> n
     for v in range(k):
         counts[: k * run_limit][v::k] = np.bincount(m, weights=hist[v], minlength=run_limit).astype(np.int64)
     counts[-2] = int((hist * q).sum())
-    counts[-1] = trailing
+    if tail_escapes:
+        counts[-2] += int((trail * ((runs + run_limit - 1) // run_limit)).sum())
+    else:
+        counts[-1] = int(trail[1:].sum())
     return counts
 
 
-def _ideal_bits(counts: np.ndarray) -> float:
+def _estimated_bits(counts: np.ndarray) -> float:
+    """Entropy, with every symbol costing at least 1 bit as in any prefix code: close to Huffman's size."""
     c = counts[counts > 0].astype(np.float64)
-    return float(-(c * np.log2(c / c.sum())).sum())
+    return float((c * np.maximum(1.0, -np.log2(c / c.sum()))).sum())
 
 
-def fit_table(hist: np.ndarray, trailing: int, kind: str, background: int, smooth: bool = False) -> CodeTable:
-    """Choose R and the code for a run histogram. ``smooth`` gives every symbol a codeword (shared tables)."""
+def fit_table(hist: np.ndarray, trail: np.ndarray, kind: str, background: int,
+              smooth: bool = False) -> CodeTable:
+    """Choose R and the code for run histograms (see _symbol_counts): smallest coded size + table size.
+
+    The size is estimated for every candidate and computed exactly (package-merge) for the best three.
+    ``smooth`` gives every symbol a codeword (shared tables).
+    """
     k = N_VALUES[kind]
-    best = None
+    candidates = []
     for r in RUN_LIMITS:
-        counts = _symbol_counts(hist, trailing, k, r)
-        cost = _ideal_bits(counts) + 8 * len(counts)
-        if best is None or cost < best[0]:
-            best = (cost, r, counts)
-    _, run_limit, counts = best
-    if smooth:
-        counts = counts + 1
-    return CodeTable(kind, run_limit, background, huffman.code_lengths(counts, MAX_CODE_LEN))
+        for tail_escapes in (False, True):
+            counts = _symbol_counts(hist, trail, k, r, tail_escapes) + (1 if smooth else 0)
+            candidates.append((_estimated_bits(counts) + 8 * len(counts), r, tail_escapes, counts))
+    candidates.sort(key=lambda c: c[:3])
+    best = None
+    for _, r, _, counts in candidates[:3]:
+        lengths = huffman.code_lengths(counts, MAX_CODE_LEN)
+        bits = int((lengths.astype(np.int64) * counts).sum()) + 8 * len(counts)
+        if best is None or bits < best[0]:
+            best = (bits, r, lengths)
+    return CodeTable(kind, best[1], background, best[2])
 
 
 def _check_levels(levels: np.ndarray) -> np.ndarray:
@@ -68,15 +84,15 @@ def _check_levels(levels: np.ndarray) -> np.ndarray:
     return l32.astype("<f4")
 
 
-def _histogram(codes_u8: np.ndarray, vmap: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+def _histogram(codes_u8: np.ndarray, vmap: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     from qmoe.codec import _numba
 
     with _numba.threads_for(codes_u8.size):
-        hist, trailing, illegal = _numba.run_histogram(codes_u8, vmap, k, _numba._chunks(codes_u8.shape[0]))
+        hist, trail, illegal = _numba.run_histogram(codes_u8, vmap, k, _numba._chunks(codes_u8.shape[0]))
     if illegal:
         grid = "{-1, 0, 1}" if k == 2 else "0..3"
         raise ValueError(f"codes hold {illegal} values outside the grid {grid}")
-    return hist, int(trailing)
+    return hist, trail
 
 
 def _encode(codes_u8: np.ndarray, kind: str, levels: np.ndarray, table: CodeTable | None,
@@ -94,8 +110,8 @@ def _encode(codes_u8: np.ndarray, kind: str, levels: np.ndarray, table: CodeTabl
         background = table.background
     vmap = _vmap(kind, background)
     if not shared:
-        hist, trailing = _histogram(codes_u8, vmap, k)
-        table = fit_table(hist, trailing, kind, background)
+        hist, trail = _histogram(codes_u8, vmap, k)
+        table = fit_table(hist, trail, kind, background)
     rev, lengths = table.encoder_codes()
     with _numba.threads_for(codes_u8.size):
         nbits, missing = _numba.row_bits(codes_u8, vmap, k, table.run_limit, lengths)
@@ -181,9 +197,9 @@ def build_table(matrices: list[np.ndarray], kind: str = "ternary") -> CodeTable:
         background = int(np.argmax(sum(np.bincount(m.reshape(-1), minlength=4)[:4] for m in mats)))
     vmap = _vmap(kind, background)
     width = max(m.shape[1] for m in mats)
-    total, trailing = np.zeros((width + 1, k), dtype=np.int64), 0
+    total, trail = np.zeros((width + 1, k), dtype=np.int64), np.zeros(width + 1, dtype=np.int64)
     for m in mats:
         hist, t = _histogram(m.view(np.uint8), vmap, k)
         total[: hist.shape[0]] += hist
-        trailing += t
-    return fit_table(total, trailing, kind, background, smooth=True)
+        trail[: len(t)] += t
+    return fit_table(total, trail, kind, background, smooth=True)
