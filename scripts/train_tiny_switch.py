@@ -1,7 +1,7 @@
 """Train the built-in ``tiny-switch`` model: a SwitchTransformersForConditionalGeneration on the Bible
 train split with T5 span corruption, on CPU. Reproducible: fixed seed, fixed step count, fixed data order.
 
-    python scripts/train_tiny_switch.py --out src/qmoe/models/tiny-switch --steps 1600
+    python scripts/train_tiny_switch.py --out src/qmoe/models/tiny-switch --steps 700 --warmup 50
 
 Writes the fp16 weights, config, tokenizer and generation config to --out, and the training log
 (loss curve data, timings, baselines) to docs/tiny-switch-training.json plus a loss-curve PNG.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -61,10 +62,10 @@ def unigram_loss(train_labels: np.ndarray, val_labels: np.ndarray, vocab: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="src/qmoe/models/tiny-switch")
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -137,7 +138,7 @@ def main() -> None:
     tokenizer.save_pretrained(out_dir)
     final = log["val"][-1][1]
     log.update(
-        command=f"python scripts/train_tiny_switch.py --out {args.out} --steps {args.steps}",
+        command="python " + " ".join(sys.argv),
         steps=args.steps, batch=args.batch, lr=args.lr, epochs_started=epoch + 1,
         train_seconds=train_seconds, params=n_params, expert_params=n_expert,
         val_loss_untrained=untrained, val_loss_unigram=unigram, val_loss_final_fp32=final,
