@@ -1,7 +1,7 @@
 """Train the built-in ``tiny-switch`` model: a SwitchTransformersForConditionalGeneration on the Bible
 train split with T5 span corruption, on CPU. Reproducible: fixed seed, fixed step count, fixed data order.
 
-    python scripts/train_tiny_switch.py --out src/qmoe/models/tiny-switch --steps 700 --warmup 50
+    python scripts/train_tiny_switch.py --out src/qmoe/models/tiny-switch --steps 1000
 
 Writes the fp16 weights, config, tokenizer and generation config to --out, and the training log
 (loss curve data, timings, baselines) to docs/tiny-switch-training.json plus a loss-curve PNG.
@@ -62,7 +62,7 @@ def unigram_loss(train_labels: np.ndarray, val_labels: np.ndarray, vocab: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="src/qmoe/models/tiny-switch")
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
