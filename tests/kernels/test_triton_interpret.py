@@ -110,3 +110,26 @@ def test_prepare_rejects_mixed_groups_and_corrupt_streams() -> None:
     enc.stream[: len(enc.stream) - 1] ^= np.uint32(0x5A5A5A5A)
     with pytest.raises(FormatError):
         tk.prepare(enc, device="cpu")
+
+
+def test_dispatcher_backend_and_grouped_call() -> None:
+    from qmoe import kernels
+
+    rng = np.random.default_rng(13)
+    encs = [ternary_matrix(rng, 12, 70, 0.885) for _ in range(3)]
+    xs = [torch.randn(c, 70) for c in (2, 0, 1)]
+    ys = kernels.matmul_experts(encs, xs, backend="triton")
+    for enc, x, y in zip(encs, xs, ys, strict=True):
+        assert y.shape == (x.shape[0], 12)
+        check(y, reference(enc, x))
+    check(kernels.matmul(encs[0], xs[0], backend="triton"), reference(encs[0], xs[0]))
+
+
+def test_import_does_not_load_triton() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, qmoe.kernels.triton_kernel, qmoe.kernels.triton_matmul; "
+            "assert 'triton' not in sys.modules, 'triton imported eagerly'")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -53,6 +53,19 @@ class PreparedGroup:
     pbit: object
     pcol: object
     pnsym: object
+    stream_words: tuple[int, ...] = ()  # words of each matrix's stream (host copy, for ``expert``)
+
+    def expert(self, e: int) -> PreparedGroup:
+        """Matrix ``e`` as a one-matrix group: views into this group's tensors, no copy."""
+        import torch
+
+        lo = int(sum(self.stream_words[:e]))
+        return PreparedGroup(
+            kind=self.kind, n_experts=1, rows=self.rows, cols=self.cols, pieces=self.pieces,
+            stream=self.stream[lo: lo + self.stream_words[e]],
+            stream_off=torch.zeros(1, dtype=torch.int64, device=self.stream.device),
+            lut=self.lut[e: e + 1], scale=self.scale[e: e + 1], pbit=self.pbit[e: e + 1],
+            pcol=self.pcol[e: e + 1], pnsym=self.pnsym[e: e + 1], stream_words=(self.stream_words[e],))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -187,4 +200,5 @@ def prepare(encs: EncodedMatrix | list[EncodedMatrix], device: object = "cuda",
         pbit=dev(np.stack([i[0] for i in idx]).astype(np.int32)),
         pcol=dev(_small_int(np.stack([i[1] for i in idx]))),
         pnsym=dev(_small_int(np.stack([i[2] for i in idx]))),
+        stream_words=tuple(int(n) for n in sizes),
     )
