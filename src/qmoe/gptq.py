@@ -35,6 +35,7 @@ _MIN_DAMP = 1e-6  # damping floor, relative to the mean diagonal: damp=0 must st
 _RETRY_FACTOR = 10.0  # damping growth per Cholesky retry
 _RETRIES = 3
 _BATCH_BYTES = 4 << 30  # working-memory budget that sizes the default expert batch
+_CPU_BLOCK_BYTES = 2 << 20  # CPU: the [experts, block_size, rows] column block should stay in cache
 _PAD_ELEMS = 1 << 26  # cap on the padded [experts, tokens, cols] buffer in HessianAccumulator.add
 
 
@@ -311,7 +312,8 @@ def gptq_quantize(
     - ``counts [E]`` / ``min_tokens``: experts with fewer tokens (or an all-zero ``H``) are rounded to
       nearest; so are experts whose damped Hessian stays non-positive-definite after retries. Both set
       ``fallback``.
-    - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working memory.
+    - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working
+      memory, and on CPU so that a column block stays in cache (batching only pays off on GPUs).
 
     Runs on ``W``'s device (``H`` is moved there one batch at a time). NaN/Inf in ``W`` or ``H`` raises
     ``QuantizationError`` naming the expert.
@@ -331,6 +333,10 @@ def gptq_quantize(
     if expert_batch is None:  # H, damped copy, L, H^-1, U + W's copies and the fp64 objective temporaries
         per_expert = 4 * (5 * cols * cols + 6 * rows * cols)
         expert_batch = max(1, min(E, _BATCH_BYTES // per_expert))
+        if W.device.type == "cpu":
+            # Batching only saves per-op overhead (GPU kernel launches); on CPU a column block of many large
+            # experts falls out of cache and runs slower than one expert at a time, so cap it by cache size.
+            expert_batch = max(1, min(expert_batch, _CPU_BLOCK_BYTES // (4 * block_size * rows)))
 
     parts = []
     for s in range(0, E, expert_batch):
