@@ -1,0 +1,219 @@
+"""What an adapter declares about an MoE family, and the one piece of expert math every family shares.
+
+An adapter is all the transformers knowledge qmoe has about a model family. The pipeline (and the runtime)
+only ever asks it these questions:
+
+- which *stacks* of blocks the model has (``encoder``/``decoder`` for T5-style models, one ``decoder`` for
+  causal LMs), where each block's tensors live (``{prefix}.{i}.``), which blocks hold an MoE layer and where;
+- how the experts of an MoE layer are stored on disk (``ExpertLayout``: one 2-D ``nn.Linear``-oriented
+  weight per expert and projection, under a key pattern) and combined (activation, gated or not);
+- how to build one block on the ``meta`` device and run it on a ``[B, S, d]`` batch of hidden states;
+- how to read the routing decision (which token goes to which expert, with which gate weight) from the
+  arguments that the block passes to its experts module;
+- how to make calibration / evaluation samples and compute the loss from the last hidden states.
+
+Everything else (streaming, Hessians, GPTQ, encoding, resume) is family-agnostic in ``qmoe.pipeline``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one MoE layer's experts are stored and combined.
+
+    ``key`` is relative to the MoE layer's module path and has ``{e}`` (expert index) and ``{proj}``
+    (projection name) fields, e.g. ``"experts.expert_{e}.{proj}.weight"``. Every expert weight is 2-D in
+    ``nn.Linear`` orientation ``[out_features, in_features]`` (``y = x @ W^T``).
+
+    Expert ``e`` computes ``second(act(first[0](x)) * first[1](x))`` when ``gated`` (SwiGLU-style), else
+    ``second(act(first[0](x)))``; its output is scaled by the router's gate weight.
+    """
+
+    container: str  # the experts module, relative to the MoE layer ("experts")
+    key: str
+    first: tuple[str, ...]  # projections of the MoE layer's (normed) input, in fused order
+    second: str  # projection of the activation
+    gated: bool
+    activation_field: str  # config field naming the activation (a transformers ACT2FN key)
+    dims: dict[str, tuple[str, str]]  # projection -> (rows, cols) config fields
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.first, self.second)
+
+    def expert_key(self, moe_layer: str, e: int, proj: str) -> str:
+        """Full on-disk key of expert ``e``'s projection ``proj`` in the MoE layer at path ``moe_layer``."""
+        return f"{moe_layer}.{self.key.format(e=e, proj=proj)}"
+
+    def shape(self, cfg: dict[str, Any], proj: str) -> tuple[int, int]:
+        rows, cols = self.dims[proj]
+        return int(cfg[rows]), int(cfg[cols])
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """A stack of transformer blocks: block ``i``'s tensors are the keys under ``{prefix}.{i}.``."""
+
+    name: str  # "encoder" | "decoder"
+    prefix: str  # e.g. "encoder.block"
+    n_blocks: int
+    moe_layers: tuple[str | None, ...]  # per block: MoE layer path relative to the block, None if dense
+    inputs: str  # sample field with this stack's input token ids
+    embed_key: str  # token embedding [vocab, d]
+    final_norm_key: str | None  # applied to the stack's output (memory of the next stack, or the head)
+    memory: str | None = None  # name of the stack whose normed output this stack cross-attends to
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.prefix}.{i}"
+
+    def moe_path(self, i: int) -> str | None:
+        """Full module path of block ``i``'s MoE layer (``None`` for a dense block)."""
+        rel = self.moe_layers[i]
+        return None if rel is None else f"{self.prefix}.{i}.{rel}"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One MoE call's routing: ``n`` (token, expert) pairs over the layer's ``T`` input tokens.
+
+    Pairs are whatever the model's router produced, after capacity limits (a dropped token has no pair).
+    """
+
+    x: Tensor  # [T, d] the experts' input (the normed block input)
+    token: Tensor  # [n] int64, index into x
+    expert: Tensor  # [n] int64
+    weight: Tensor  # [n] gate value scaling the expert's output
+
+
+class Adapter(ABC):
+    """One MoE family. Subclasses are small and mostly declarative; see ``switch.py``, ``qwen3_moe.py``."""
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    experts: ExpertLayout
+    is_encoder_decoder: bool
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def stacks(self, cfg: dict[str, Any]) -> tuple[StackSpec, ...]:
+        """The model's stacks in execution order (an encoder before the decoder that attends to it)."""
+
+    @abstractmethod
+    def num_experts(self, cfg: dict[str, Any]) -> int: ...
+
+    def top_k(self, cfg: dict[str, Any]) -> int:
+        return 1
+
+    def activation(self, cfg: dict[str, Any]) -> str:
+        return str(cfg[self.experts.activation_field])
+
+    def head_keys(self, cfg: dict[str, Any]) -> dict[str, str]:
+        """``{"lm_head": key}``: tensors the loss needs besides the last stack's final norm."""
+        raise NotImplementedError
+
+    def moe_layers(self, cfg: dict[str, Any]) -> list[str]:
+        """Full module paths of every MoE layer, in execution order (the runtime replaces these)."""
+        return [p for s in self.stacks(cfg) for i in range(s.n_blocks) if (p := s.moe_path(i)) is not None]
+
+    # -- running blocks --------------------------------------------------------------------------------
+    def hf_config(self, path: Any) -> Any:
+        """The transformers config, with eager attention (the position-bias and mask paths we call)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+        config._attn_implementation = "eager"
+        return config
+
+    @abstractmethod
+    def build_block(self, hf_config: Any, stack: StackSpec, i: int) -> torch.nn.Module:
+        """Block ``i`` of ``stack``, constructed on the current default device (the pipeline uses meta)."""
+
+    def prepare_stack(self, hf_config: Any, stack: StackSpec, get: Callable[[str], Tensor]) -> dict[str, Any]:
+        """Per-stack constants every block needs (position biases, rotary tables); ``get`` reads a tensor."""
+        return {}
+
+    @abstractmethod
+    def block_forward(
+        self, block: torch.nn.Module, i: int, hidden: Tensor, memory: Tensor | None, state: dict[str, Any]
+    ) -> Tensor:
+        """Block ``i`` applied to ``hidden [B, S, d]`` (``memory [B, S_mem, d]`` for cross-attention)."""
+
+    @abstractmethod
+    def routing(self, args: tuple, kwargs: dict[str, Any]) -> Routing:
+        """The routing, from the arguments the block passes to its experts module's ``forward``."""
+
+    # -- data and loss ---------------------------------------------------------------------------------
+    @abstractmethod
+    def samples(
+        self, tokenizer: Any, texts: Sequence[str], n: int, seed: int, seq_len: int
+    ) -> dict[str, np.ndarray]:
+        """Token arrays ``[N, *]`` keyed by field (``StackSpec.inputs`` fields plus ``labels``)."""
+
+    @abstractmethod
+    def loss(
+        self, hf_config: Any, head: dict[str, Tensor], hidden: Tensor, labels: Tensor
+    ) -> tuple[float, int]:
+        """(summed cross-entropy in nats, token count) of the last stack's normed output ``[B, S, d]``."""
+
+    def norm_eps(self, hf_config: Any) -> float:
+        return float(hf_config.rms_norm_eps)
+
+    def final_norm(self, hf_config: Any, weight: Tensor, hidden: Tensor) -> Tensor:
+        """A stack's final RMS norm (T5 and Qwen alike: no mean subtraction, no bias), in float32."""
+        var = hidden.pow(2).mean(-1, keepdim=True)
+        return weight * (hidden * torch.rsqrt(var + self.norm_eps(hf_config)))
+
+
+def bind(args: tuple, kwargs: dict[str, Any], names: Sequence[str]) -> list[Any]:
+    """Positional-or-keyword arguments of a hooked ``forward`` call, in the order of ``names``."""
+    return [args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)]
+
+
+def expert_forward(
+    r: Routing, w_first: Tensor, w_second: Tensor, act: Callable[[Tensor], Tensor], gated: bool
+) -> Tensor:
+    """The MoE layer's output ``[T, d]`` for stacked experts ``w_first [E, F*I, d]``, ``w_second [E, d, I]``.
+
+    Token groups per expert, experts in ascending order, gate weights applied to the output: the same
+    arithmetic as the transformers implementations of the families we support.
+    """
+    out = torch.zeros_like(r.x)
+    for e, tok, w in group_by_expert(r):
+        y = expert_hidden(r.x[tok], w_first[e], act, gated) @ w_second[e].T  # [t, d]
+        # index_put_ with accumulate: the same sums as index_add_, which is ~1000x slower on CPU in torch 2.13.
+        out.index_put_((tok,), (y * w[:, None]).to(out.dtype), accumulate=True)
+    return out
+
+
+def expert_hidden(x: Tensor, w_first: Tensor, act: Callable[[Tensor], Tensor], gated: bool) -> Tensor:
+    """The second projection's input ``[t, I]`` for tokens ``x [t, d]`` and ``w_first [F*I, d]``."""
+    h = x @ w_first.T  # [t, F*I]
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
+def group_by_expert(r: Routing) -> list[tuple[int, Tensor, Tensor]]:
+    """``[(expert, token indices [t], gate weights [t])]`` in ascending expert order, token order kept."""
+    if r.expert.numel() == 0:
+        return []
+    order = torch.argsort(r.expert, stable=True)
+    experts, counts = torch.unique_consecutive(r.expert[order], return_counts=True)
+    groups, start = [], 0
+    for e, c in zip(experts.tolist(), counts.tolist(), strict=True):
+        sel = order[start : start + c]
+        groups.append((e, r.token[sel], r.weight[sel]))
+        start += c
+    return groups

@@ -1,0 +1,118 @@
+"""Typed, validated, versioned configuration of a compression run.
+
+``CompressConfig`` holds every setting that changes the bytes of the compressed checkpoint; it is frozen,
+validated on construction, and round-trips through ``to_dict``/``from_dict`` (the dict carries
+``config_version`` so a future qmoe can read, or refuse, an old run's settings). Settings that only change
+*how* the run executes (device, memory budget, progress bars) are arguments of ``qmoe.compress`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from qmoe.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+BITS = ("ternary", "2")
+METHODS = ("gptq", "rtn")
+# Grids each width may use (names from qmoe.grids); the first is the default.
+GRIDS_FOR_BITS = {"ternary": ("ternary", "ternary-opt"), "2": ("int2",)}
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress: quantization width/method/grid, calibration data and GPTQ settings.
+
+    - ``bits``: ``"ternary"`` ({lo, 0, hi} per row, entropy coded, QMoE) or ``"2"`` (2-bit min-max).
+    - ``grid``: a grid of that width (``None``: ``"ternary"`` / ``"int2"``).
+    - ``method``: ``"gptq"`` (second-order, Hessians from calibration tokens) or ``"rtn"`` (round to nearest).
+    - ``calib_data`` / ``calib_samples`` / ``seq_len`` / ``seed``: calibration text source (a split name,
+      ``pydoc``, or a .txt/.jsonl file), number of samples, tokens per sample for decoder-only models
+      (encoder-decoder models use fixed-length span-corruption samples), sampling seed.
+    - ``token_cap``: tokens per expert entering its Hessian, as a multiple of the mean over experts
+      (QMoE uses 4); ``0`` means no cap. ``min_tokens``: experts with fewer calibration tokens fall back to
+      round-to-nearest (reported).
+    - ``damp``, ``block_size``, ``act_order``: GPTQ's relative damping, lazy-batch width, column order.
+    - ``eval``: measure the loss of the reference and the compressed model on ``eval_data`` (first entry is
+      the report's ``eval``; the rest go to ``eval_extra``) in the same streaming pass, with ``eval_samples``
+      samples each. Evaluation samples never enter a Hessian.
+    - ``batch_size``: samples per forward pass (it changes float rounding, hence part of the config).
+    """
+
+    bits: str = "ternary"
+    method: str = "gptq"
+    grid: str | None = None
+    calib_data: str = "calibration"
+    calib_samples: int = 1024
+    seq_len: int = 128
+    seed: int = 0
+    token_cap: float = 4.0
+    min_tokens: int = 32
+    damp: float = 0.1
+    block_size: int = 128
+    act_order: bool = False
+    eval: bool = True
+    eval_data: tuple[str, ...] = ("validation",)
+    eval_samples: int = 256
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ConfigError(f"bits must be one of {', '.join(BITS)}, got {self.bits!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        allowed = GRIDS_FOR_BITS[self.bits]
+        if self.grid is None:
+            object.__setattr__(self, "grid", allowed[0])
+        elif self.grid not in allowed:
+            raise ConfigError(
+                f"grid {self.grid!r} does not fit bits={self.bits}; choose one of {', '.join(allowed)}"
+            )
+        object.__setattr__(self, "eval_data", tuple(self.eval_data))
+        for name, low in (
+            ("calib_samples", 1),
+            ("seq_len", 2),
+            ("block_size", 1),
+            ("eval_samples", 1),
+            ("batch_size", 1),
+            ("min_tokens", 0),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (self.token_cap == 0 or self.token_cap >= 1):
+            raise ConfigError(
+                f"token_cap must be 0 (no cap) or >= 1 (x the mean tokens per expert), got {self.token_cap}"
+            )
+        if not 0 <= self.damp < 10:
+            raise ConfigError(f"damp must lie in [0, 10), got {self.damp}")
+        if self.eval and not self.eval_data:
+            raise ConfigError("eval_data is empty; give at least one text source or set eval=False")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eval_data"] = list(self.eval_data)
+        return {"config_version": CONFIG_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
+        d = dict(d)
+        version = d.pop("config_version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                f"compress config version {version} is not supported (this qmoe reads "
+                f"{CONFIG_VERSION}); upgrade qmoe"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown compress config fields {unknown}; known: {sorted(known)}")
+        if "eval_data" in d:
+            d["eval_data"] = tuple(d["eval_data"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> CompressConfig:
+        return CompressConfig.from_dict({**self.to_dict(), **changes})

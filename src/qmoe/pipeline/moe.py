@@ -1,0 +1,98 @@
+"""One MoE layer during compression: stacked expert weights, routed-token capture, per-expert Hessians.
+
+The layer's experts module is given a new ``forward`` (an instance attribute, so the block's own code runs
+unchanged up to the routing decision) that reads the routing from its arguments through the adapter and
+then, depending on the mode:
+
+- ``"first"``: feeds each expert's routed tokens (the normed block input) into ``H_first [E, d, d]``;
+- ``"second"``: feeds ``act(x W_first^T)`` -- with the *already quantized* first projection, so that the
+  second projection compensates the first one's error (GPTQ's true-sequential order) -- into
+  ``H_second [E, I, I]``;
+- ``"run"``: computes the layer's output with the current weights (counting routed tokens when asked).
+
+In the two capture modes the output is not needed (the MoE layer is the last op of the block in every
+supported family and the block's output is thrown away), so it returns zeros and skips the expert math.
+
+Token cap (QMoE): an expert's Hessian takes at most ``cap`` tokens, the first ones in sample order; the
+same tokens in both capture passes, since routing does not depend on the expert weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qmoe.adapters import Adapter, expert_forward, expert_hidden
+from qmoe.adapters.base import Routing, group_by_expert
+from qmoe.gptq import HessianAccumulator
+
+
+class MoELayerCalibration:
+    """Stacked experts ``w_first [E, F*I, d]`` and ``w_second [E, d, I]`` (float32, compute device)."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        w_first: Tensor,
+        w_second: Tensor,
+        act: Callable[[Tensor], Tensor],
+        cap: int | None,
+    ) -> None:
+        self.adapter = adapter
+        self.w_first, self.w_second = w_first, w_second
+        self.act = act
+        self.gated = adapter.experts.gated
+        self.n_experts = w_first.shape[0]
+        self.cap = cap
+        self.mode = "run"
+        self.count_tokens = False
+        self.hessian: HessianAccumulator | None = None
+        self.routed = torch.zeros(self.n_experts, dtype=torch.int64)  # [E] tokens the router sent, all passes
+        self._seen = torch.zeros(self.n_experts, dtype=torch.int64)  # [E] routed so far in this capture pass
+
+    def install(self, experts_module: torch.nn.Module) -> None:
+        experts_module.forward = self._forward  # type: ignore[method-assign]
+
+    def start(self, mode: str, count_tokens: bool = False) -> None:
+        """Begin a pass over the calibration stream in ``mode`` ("first", "second" or "run")."""
+        assert mode in ("first", "second", "run"), mode
+        self.mode, self.count_tokens = mode, count_tokens
+        self._seen.zero_()
+        if mode == "first":
+            cols = self.w_first.shape[2]
+        elif mode == "second":
+            cols = self.w_second.shape[2]
+        else:
+            self.hessian = None
+            return
+        self.hessian = HessianAccumulator(self.n_experts, cols, device=self.w_first.device)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        r = self.adapter.routing(args, kwargs)
+        if self.count_tokens:
+            self.routed += torch.bincount(r.expert.cpu(), minlength=self.n_experts)
+        if self.mode == "run":
+            return expert_forward(r, self.w_first, self.w_second, self.act, self.gated)
+        self._capture(r)
+        return torch.zeros_like(r.x)
+
+    def _capture(self, r: Routing) -> None:
+        xs, es = [], []
+        for e, tok, _ in group_by_expert(r):
+            take = (
+                tok.numel() if self.cap is None else max(0, min(tok.numel(), self.cap - int(self._seen[e])))
+            )
+            self._seen[e] += tok.numel()
+            if take == 0:
+                continue
+            x = r.x[tok[:take]]  # [t, d]: the first tokens in sample order
+            if self.mode == "second":
+                x = expert_hidden(x, self.w_first[e], self.act, self.gated)  # [t, I]
+            xs.append(x)
+            es.append(torch.full((take,), e, dtype=torch.int64, device=x.device))
+        if xs:
+            assert self.hessian is not None
+            self.hessian.add(torch.cat(es), torch.cat(xs).float())

@@ -1,0 +1,223 @@
+"""Checks before any compute is spent, each failing with a one-line ``QMoEError`` that says what to do.
+
+- the source resolves, is an MoE model of a supported family, and is not already compressed;
+- every weight shard the index names exists;
+- every tensor the config implies exists with the implied shape, and no block holds unexpected tensors
+  (each block is built on the ``meta`` device, which costs no memory, and compared with the shard headers);
+- the output directory is new/empty, or holds this very run (finished: nothing to do; unfinished: resume),
+  never a different one;
+- the disk has room for the estimated output and the activation snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qmoe.adapters import Adapter, StackSpec, get_adapter
+from qmoe.config import CompressConfig
+from qmoe.errors import ConfigError, QMoEError, SourceError
+from qmoe.pipeline.shards import ShardReader
+from qmoe.pipeline.state import PARTIAL_DIR, RunState, fingerprint
+from qmoe.sources import is_compressed, read_config, require_moe, resolve_source
+
+# Upper bounds of the encoded size per expert weight, for the disk estimate (measured: ~0.3-1.6 / ~1.5-2.2).
+_EST_BITS = {"ternary": 2.0, "2": 3.0}
+
+
+@dataclass
+class BlockPlan:
+    stack: StackSpec
+    i: int  # index within the stack
+    g: int  # index over all stacks
+    tensor_keys: list[str]  # non-expert tensors of the block (copied to the output as they are)
+    moe_path: str | None
+    expert_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    source: Path
+    source_cfg: dict[str, Any]
+    adapter: Adapter
+    hf_config: Any
+    reader: ShardReader
+    stacks: tuple[StackSpec, ...]
+    blocks: list[BlockPlan]
+    rest_keys: list[str]  # tensors outside every block
+    n_experts: int
+    params: int
+    expert_params: int
+    fingerprint: str
+    out: Path
+    state: RunState | None  # an unfinished run of the same settings to resume
+    complete: bool  # the output already holds this run, finished
+
+
+def _check_block(
+    adapter: Adapter,
+    plan_cfg: dict[str, Any],
+    hf_config: Any,
+    reader: ShardReader,
+    stack: StackSpec,
+    i: int,
+    n_experts: int,
+) -> tuple[list[str], list[str]]:
+    prefix = stack.block_prefix(i) + "."
+    moe = stack.moe_path(i)
+    layout = adapter.experts
+    with torch.device("meta"):
+        block = adapter.build_block(hf_config, stack, i)
+    expected: dict[str, tuple[int, ...]] = {}
+    container = None if moe is None else f"{moe}.{layout.container}."
+    for name, t in block.state_dict().items():
+        key = prefix + name
+        if container is None or not key.startswith(container):
+            expected[key] = tuple(t.shape)
+    tensor_keys = list(expected)
+    expert_keys = []
+    if moe is not None:
+        for e in range(n_experts):
+            for p in layout.projections:
+                key = layout.expert_key(moe, e, p)
+                expected[key] = layout.shape(plan_cfg, p)
+                expert_keys.append(key)
+    on_disk = {k for k in reader.keys() if k.startswith(prefix)}
+    missing = [k for k in expected if k not in on_disk]
+    if missing:
+        raise SourceError(
+            f"{reader.path} lacks {len(missing)} tensor(s) that its config.json implies (first: "
+            f"{missing[0]}); the weights do not match the config"
+        )
+    for k, shape in expected.items():
+        if reader.shape(k) != shape:
+            raise SourceError(
+                f"tensor {k} has shape {list(reader.shape(k))} but config.json implies {list(shape)}; "
+                "the weights do not match the config"
+            )
+    extra = sorted(on_disk - set(expected))
+    if extra:
+        raise SourceError(
+            f"{reader.path} holds {len(extra)} tensor(s) that config.json does not explain (first: "
+            f"{extra[0]}); the weights do not match the config"
+        )
+    return tensor_keys, expert_keys
+
+
+def _free_bytes(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _output_state(out: Path, fp: str) -> tuple[RunState | None, bool]:
+    """(state to resume, already complete) for the output directory; refuses a directory of another run."""
+    if not out.exists():
+        return None, False
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose a new directory")
+    cfg_file = out / "config.json"
+    if cfg_file.is_file():
+        try:
+            qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+        except (OSError, ValueError):
+            qc = {}
+        if qc.get("quant_method") == "qmoe" and qc.get("run_fingerprint") == fp:
+            return None, True
+        raise ConfigError(
+            f"{out} already holds a model from a different run (or another tool); choose another "
+            "--out directory or delete this one"
+        )
+    partial = out / PARTIAL_DIR
+    if partial.is_dir():
+        state = RunState.load(partial)
+        if state is not None and state.fingerprint != fp:
+            raise ConfigError(
+                f"{out} holds an unfinished qmoe run with different settings or source; rerun that "
+                "command to finish it, or choose another --out directory"
+            )
+        return state, False
+    if any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no qmoe run; choose a new or empty --out directory")
+    return None, False
+
+
+def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_version: str) -> Plan:
+    src = resolve_source(source)
+    cfg = read_config(src)
+    require_moe(src, cfg)
+    if is_compressed(cfg):
+        raise SourceError(f"{src} is already a qmoe-compressed model; compress the original checkpoint")
+    adapter = get_adapter(cfg)
+    reader = ShardReader(src)
+    hf_config = adapter.hf_config(src)
+    plan_cfg = hf_config.to_dict()  # includes defaults that config.json may omit
+    n_experts = adapter.num_experts(plan_cfg)
+    stacks = adapter.stacks(plan_cfg)
+
+    blocks: list[BlockPlan] = []
+    for stack in stacks:
+        for i in range(stack.n_blocks):
+            tensor_keys, expert_keys = _check_block(adapter, plan_cfg, hf_config, reader, stack, i, n_experts)
+            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, stack.moe_path(i), expert_keys))
+    needed = {s.embed_key for s in stacks} | {s.final_norm_key for s in stacks if s.final_norm_key}
+    needed |= set(adapter.head_keys(plan_cfg).values())
+    missing = sorted(k for k in needed if k not in reader)
+    if missing:
+        raise SourceError(
+            f"{reader.path} lacks tensor {missing[0]} that the model needs; the checkpoint is incomplete"
+        )
+    in_blocks = {k for b in blocks for k in (*b.tensor_keys, *b.expert_keys)}
+    rest_keys = [k for k in reader.keys() if k not in in_blocks]
+    expert_params = sum(reader.numel(k) for b in blocks for k in b.expert_keys)
+    params = sum(reader.numel(k) for k in reader.keys())
+
+    from qmoe.codec import FORMAT_VERSION
+
+    fp = fingerprint(
+        config.to_dict(),
+        cfg,
+        [(f.name, f.stat().st_size) for f in reader.files],
+        qmoe_version,
+        FORMAT_VERSION,
+    )
+    out = Path(out).expanduser()
+    state, complete = _output_state(out, fp)
+
+    if not complete:
+        d = int(plan_cfg.get("d_model") or plan_cfg.get("hidden_size") or 0)
+        n_eval = len(config.eval_data) * 2 * config.eval_samples if config.eval else 0
+        acts = 4 * d * config.seq_len * (config.calib_samples + n_eval) * len(stacks)
+        non_expert = sum(reader.nbytes(k) for k in reader.keys()) - sum(
+            reader.nbytes(k) for b in blocks for k in b.expert_keys
+        )
+        need = non_expert + int(expert_params * _EST_BITS[config.bits] / 8) + 2 * acts
+        free = _free_bytes(out)
+        if free < need:
+            raise QMoEError(
+                f"not enough disk space for {out}: about {need / 2**30:.2f} GiB needed (output and "
+                f"activation snapshots), {free / 2**30:.2f} GiB free; free space or choose another --out"
+            )
+    return Plan(
+        src,
+        cfg,
+        adapter,
+        hf_config,
+        reader,
+        stacks,
+        blocks,
+        rest_keys,
+        n_experts,
+        params,
+        expert_params,
+        fp,
+        out,
+        state,
+        complete,
+    )

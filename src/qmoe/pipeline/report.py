@@ -1,0 +1,167 @@
+"""``qmoe_report.json``: per-layer and per-expert statistics, totals, evaluation; and the live table rows.
+
+Report layout (``REPORT_VERSION`` 1)::
+
+    {"report_version", "qmoe_version", "source", "adapter", "config": CompressConfig.to_dict(),
+     "layers": [{"name", "stack", "block", "experts", "tokens": {min, median, max, total}, "fallbacks",
+                 "objective_mean": {proj: float|None}, "bits_per_weight", "zero_fraction", "bytes",
+                 "seconds", "rss_bytes",
+                 "per_expert": [{"expert", "tokens", "tokens_used", "fallback", "objective": {proj: ...},
+                                 "zero_fraction", "bits_per_weight", "bytes"}]}],
+     "totals": {"params", "expert_params", "bytes", "bits_per_param", "expert_bits_per_weight",
+                "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback"},
+     "eval": {"split", "samples", "tokens", "loss_reference", "loss_compressed"} | null,
+     "eval_extra": [same as eval, for further eval_data],
+     "wall_seconds", "peak_rss_bytes", "resumed_from_block"}
+
+``wall_seconds`` and ``peak_rss_bytes`` describe the process that finished the run (plus the compute time
+of killed attempts); they are the only fields that differ between repeated runs.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+from typing import Any
+
+REPORT_VERSION = 1
+REPORT_FILE = "qmoe_report.json"
+VOLATILE_FIELDS = ("wall_seconds", "peak_rss_bytes", "resumed_from_block")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def current_rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def layer_row(
+    name: str,
+    stack: str,
+    block: int,
+    objective_names: list[str],
+    routed: list[int],
+    used: list[int],
+    fallbacks: list[list[bool]],
+    objectives: list[list[float | None]],
+    sizes: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    """A layer's report entry; ``fallbacks``/``objectives`` hold one list per projection group."""
+    E = len(routed)
+    per_expert = []
+    for e in range(E):
+        s = sizes[e]
+        per_expert.append(
+            {
+                "expert": e,
+                "tokens": routed[e],
+                "tokens_used": used[e],
+                "fallback": any(fb[e] for fb in fallbacks),
+                "objective": {n: obj[e] for n, obj in zip(objective_names, objectives, strict=True)},
+                "zero_fraction": s["zero_fraction"],
+                "bits_per_weight": s["bits_per_weight"],
+                "bytes": s["bytes"],
+            }
+        )
+    nbytes = sum(s["bytes"] for s in sizes)
+    weights = sum(s["weights"] for s in sizes)
+    zeros = sum(s["zero_fraction"] * s["weights"] for s in sizes)
+
+    def mean(vals: list[float | None]) -> float | None:
+        v = [x for x in vals if x is not None]
+        return sum(v) / len(v) if v else None
+
+    return {
+        "name": name,
+        "stack": stack,
+        "block": block,
+        "experts": E,
+        "tokens": {
+            "min": min(routed),
+            "median": float(statistics.median(routed)),
+            "max": max(routed),
+            "total": sum(routed),
+        },
+        "fallbacks": sum(p["fallback"] for p in per_expert),
+        "objective_mean": {n: mean(obj) for n, obj in zip(objective_names, objectives, strict=True)},
+        "bits_per_weight": 8 * nbytes / weights,
+        "zero_fraction": zeros / weights,
+        "bytes": nbytes,
+        "seconds": seconds,
+        "rss_bytes": current_rss_bytes(),
+        "per_expert": per_expert,
+    }
+
+
+TABLE_HEADER = (
+    f"{'MoE layer':<34} {'tokens min/med/max':>22} {'fallback':>8} {'objective':>21} "
+    f"{'bits/w':>6} {'zero%':>6} {'sec':>6} {'RSS GB':>6}"
+)
+
+
+def _fmt_obj(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def table_row(row: dict[str, Any]) -> str:
+    t = row["tokens"]
+    tokens = f"{t['min']}/{t['median']:.0f}/{t['max']}"
+    objective = "/".join(_fmt_obj(v) for v in row["objective_mean"].values())
+    return (
+        f"{row['name'][-34:]:<34} {tokens:>22} {row['fallbacks']:>4}/{row['experts']:<3} {objective:>21} "
+        f"{row['bits_per_weight']:6.3f} {100 * row['zero_fraction']:6.1f} {row['seconds']:6.1f} "
+        f"{row['rss_bytes'] / 2**30:6.2f}"
+    )
+
+
+def totals(
+    params: int, expert_params: int, total_bytes: int, expert_bytes: int, layers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    experts = sum(r["experts"] for r in layers)
+    fell = sum(r["fallbacks"] for r in layers)
+    return {
+        "params": params,
+        "expert_params": expert_params,
+        "bytes": total_bytes,
+        "bits_per_param": 8 * total_bytes / params,
+        "expert_bytes": expert_bytes,
+        "expert_bits_per_weight": 8 * expert_bytes / max(1, expert_params),
+        "ratio_vs_bf16": 2 * params / total_bytes,
+        "experts": experts,
+        "experts_gptq": experts - fell,
+        "experts_fallback": fell,
+    }
+
+
+def summary(report: dict[str, Any], table: bool = True) -> str:
+    """Readable multi-line summary of a report (``qmoe inspect``), with the per-layer table if ``table``."""
+    t = report["totals"]
+    lines = [
+        f"source      {report.get('source')}  ({report.get('adapter')})",
+        f"method      {report['config']['method']} on grid {report['config']['grid']} "
+        f"(bits={report['config']['bits']}), {report['config']['calib_samples']} calibration samples "
+        f"of {report['config']['calib_data']!r}",
+        f"params      {t['params']:,} ({t['expert_params']:,} in experts)",
+        f"size        {t['bytes']:,} bytes: {t['bits_per_param']:.3f} bits/param overall, "
+        f"{t['expert_bits_per_weight']:.3f} bits/weight in experts, "
+        f"{t['ratio_vs_bf16']:.1f}x smaller than bf16",
+        f"experts     {t['experts']} quantized: {t['experts_gptq']} by {report['config']['method']}, "
+        f"{t['experts_fallback']} fell back to round-to-nearest",
+    ]
+    for ev in [report.get("eval"), *report.get("eval_extra", [])]:
+        if ev:
+            lines.append(
+                f"eval        {ev['split']}: loss {ev['loss_reference']:.4f} -> {ev['loss_compressed']:.4f} "
+                f"({ev['loss_compressed'] - ev['loss_reference']:+.4f}) on {ev['tokens']:,} tokens"
+            )
+    lines.append(
+        f"run         {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
+    if table:
+        lines += ["", TABLE_HEADER, *(table_row(r) for r in report["layers"])]
+    return "\n".join(lines)

@@ -1,0 +1,469 @@
+"""The one orchestrator of a compression run: stream a checkpoint block by block through calibration, GPTQ
+and the codec, with bounded memory and resume (QMoE, Frantar & Alistarh 2023, section 4).
+
+Per block (built on ``meta``, its tensors read from the shards and assigned, nothing else of the model in
+memory besides the activation buffers):
+
+1. reference evaluation streams go through the original block;
+2. MoE block: the calibration stream goes through once to capture each expert's routed tokens into
+   ``H_first`` (token cap per expert), the first projections are quantized, a second pass captures
+   ``act(x W_first_q^T)`` into ``H_second``, the second projection is quantized (RTN skips both captures);
+3. the calibration stream and the compressed evaluation streams go through the *quantized* block and
+   replace their buffers: block i+1 is calibrated on what the compressed block i produces (sequential);
+4. the block's shard (original non-expert tensors + encoded experts) and the activation snapshots are
+   written, then the resume state.
+
+Evaluation streams never enter a Hessian; at the end the loss of the reference and the compressed stream
+on the same samples gives ``eval`` in the report (as QMoE measures its validation loss). Encoder-decoder
+models run the encoder stack, then the decoder stack cross-attending to the (final-normed) encoder output
+of the *same* stream: reference decoder on the reference encoder, compressed on compressed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qmoe.config import CompressConfig
+from qmoe.errors import ConfigError, SourceError
+from qmoe.pipeline import output, report
+from qmoe.pipeline.buffers import ActivationBuffer, MemoryBudget, to_device
+from qmoe.pipeline.moe import MoELayerCalibration
+from qmoe.pipeline.preflight import BlockPlan, Plan, plan
+from qmoe.pipeline.quantize import encode_experts, fallback_list, objective_list, quantize, stack_experts
+from qmoe.pipeline.state import PARTIAL_DIR, RunState, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 1234  # evaluation samples: the seed tiny-switch's training log uses for its validation loss
+KILL_ENV = "QMOE_TEST_KILL"  # "after:G" / "during:G": SIGKILL ourselves at block G (resume tests)
+
+
+@dataclass(frozen=True)
+class Stream:
+    name: str  # "calib", "ref:<set>", "q:<set>"
+    data: str  # key into the samples: "calib" or an eval set name
+    reference: bool  # runs through the original weights
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"invalid --device {device!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def _kill_hook(stage: str, g: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{stage}:{g}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Run:
+    def __init__(
+        self,
+        p: Plan,
+        config: CompressConfig,
+        device: torch.device,
+        state: RunState,
+        samples: dict[str, dict[str, np.ndarray]],
+        budget: MemoryBudget,
+        progress: bool,
+    ) -> None:
+        self.p, self.config, self.device, self.state = p, config, device, state
+        self.samples, self.budget, self.progress = samples, budget, progress
+        self.partial = p.out / PARTIAL_DIR
+        self.n_shards = 1 + len(p.blocks)
+        self.streams = [Stream("calib", "calib", False)]
+        if config.eval:
+            for s in config.eval_data:
+                self.streams += [Stream(f"ref:{s}", s, True), Stream(f"q:{s}", s, False)]
+        self.buffers: dict[str, ActivationBuffer] = {}
+        self.stack_state: dict[str, dict[str, Any]] = {}
+        self.norm_weights: dict[str, Tensor] = {}
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[p.adapter.activation(p.hf_config.to_dict())]
+        self._printed_header = False
+
+    # -- buffers ---------------------------------------------------------------------------------------------
+    def _restore_buffers(self) -> None:
+        for name, file in self.state.buffers.items():
+            self.buffers[name] = ActivationBuffer.load(name, self.partial / file, self.budget)
+
+    def _start_stack(self, stack: Any) -> None:
+        """Embed each stream's inputs into fresh buffers, unless a resumed run already has them."""
+        self.stack_state[stack.name] = self.p.adapter.prepare_stack(
+            self.p.hf_config, stack, self.p.reader.get
+        )
+        if stack.final_norm_key:
+            self.norm_weights[stack.name] = self.p.reader.get(stack.final_norm_key).float()
+        if all(f"{stack.name}/{s.name}" in self.buffers for s in self.streams):
+            return
+        embed = self.p.reader.get(stack.embed_key).float()  # [vocab, d]
+        for s in self.streams:
+            ids = torch.from_numpy(self.samples[s.data][stack.inputs])  # [N, S]
+            buf = ActivationBuffer(f"{stack.name}/{s.name}", (*ids.shape, embed.shape[1]), self.budget)
+            for i0, i1 in buf.batches(256):
+                buf.data[i0:i1] = F.embedding(ids[i0:i1], embed)
+            self.buffers[buf.name] = buf
+        del embed
+
+    def _checkpoint(self, stack: Any, g: int) -> None:
+        old = dict(self.state.buffers)
+        for s in self.streams:
+            name = f"{stack.name}/{s.name}"
+            file = f"{name.replace('/', '-').replace(':', '-')}.{g}.npy"
+            self.buffers[name].save(self.partial / file)
+            self.state.buffers[name] = file
+        self.state.done = g + 1
+        self.state.save(self.partial)
+        for f in set(old.values()) - set(self.state.buffers.values()):
+            (self.partial / f).unlink(missing_ok=True)
+
+    # -- running a block -------------------------------------------------------------------------------------
+    def _propagate(
+        self, block: torch.nn.Module, bp: BlockPlan, stream: Stream, write: bool, what: str
+    ) -> None:
+        from tqdm import tqdm
+
+        stack = bp.stack
+        buf = self.buffers[f"{stack.name}/{stream.name}"]
+        mem = self.buffers.get(f"{stack.memory}/{stream.name}") if stack.memory else None
+        for i0, i1 in tqdm(
+            buf.batches(self.config.batch_size),
+            desc=f"  {what} {stream.name}",
+            leave=False,
+            disable=not self.progress,
+            unit="batch",
+        ):
+            h = to_device(buf.data[i0:i1], self.device)  # [B, S, d]
+            m = None
+            if mem is not None:
+                w = self.norm_weights[stack.memory].to(self.device)
+                m = self.p.adapter.final_norm(self.p.hf_config, w, to_device(mem.data[i0:i1], self.device))
+            y = self.p.adapter.block_forward(block, bp.i, h, m, self.stack_state[stack.name])
+            if write:
+                buf.data[i0:i1] = y.to("cpu", torch.float32)
+
+    def _load_block(self, bp: BlockPlan) -> tuple[torch.nn.Module, dict[str, Tensor]]:
+        raw = self.p.reader.get_many(bp.tensor_keys)  # source dtype: written to the output as they are
+        with torch.device("meta"):
+            block = self.p.adapter.build_block(self.p.hf_config, bp.stack, bp.i)
+        prefix = bp.stack.block_prefix(bp.i) + "."
+        sd = {k[len(prefix) :]: v.to(self.device, torch.float32) for k, v in raw.items()}
+        missing, unexpected = block.load_state_dict(sd, strict=False, assign=True)
+        container = None
+        if bp.moe_path is not None:
+            container = f"{bp.stack.moe_layers[bp.i]}.{self.p.adapter.experts.container}"
+        stray = [k for k in missing if container is None or not k.startswith(container + ".")]
+        assert not unexpected and not stray, f"block {prefix}: unexpected {unexpected}, missing {stray}"
+        return block, raw
+
+    def _block(self, bp: BlockPlan) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        config, adapter = self.config, self.p.adapter
+        block, raw = self._load_block(bp)
+        ref_streams = [s for s in self.streams if s.reference]
+        out_streams = [s for s in self.streams if not s.reference]
+        calib = self.streams[0]
+        if bp.moe_path is None:
+            for s in self.streams:
+                self._propagate(block, bp, s, write=True, what="dense")
+            output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, {})
+            return None
+
+        layout = adapter.experts
+        E = self.p.n_experts
+        w_first, w_second = stack_experts(
+            self.p.reader.get_many(bp.expert_keys), layout, bp.moe_path, E, self.device
+        )
+        n_tokens = int(np.prod(self.samples["calib"][bp.stack.inputs].shape))
+        cap = None
+        if config.token_cap > 0:  # QMoE: at most token_cap x the mean routed tokens per expert
+            cap = int(np.ceil(config.token_cap * n_tokens * adapter.top_k(self.p.source_cfg) / E))
+        cal = MoELayerCalibration(adapter, w_first, w_second, self.act, cap)
+        cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
+
+        cal.start("run")
+        for s in ref_streams:
+            self._propagate(block, bp, s, write=True, what="reference")
+        gptq = config.method == "gptq"
+        H1 = None
+        if gptq:
+            cal.start("first", count_tokens=True)
+            self._propagate(block, bp, calib, write=False, what="H first")
+            H1 = cal.hessian
+        q1 = quantize(w_first, None if H1 is None else H1.H, None if H1 is None else H1.counts, config)
+        del H1
+        cal.w_first = q1.dequantized.to(self.device)
+        _kill_hook("during", bp.g)
+        H2 = None
+        if gptq:
+            cal.start("second")
+            self._propagate(block, bp, calib, write=False, what="H second")
+            H2 = cal.hessian
+        q2 = quantize(w_second, None if H2 is None else H2.H, None if H2 is None else H2.counts, config)
+        del H2, w_first, w_second
+        cal.w_second = q2.dequantized.to(self.device)
+        cal.start("run")
+        for s in out_streams:
+            cal.count_tokens = not gptq and s is calib  # RTN counts routing here; it does not depend on W
+            self._propagate(block, bp, s, write=True, what="quantized")
+
+        encoded, sizes = encode_experts(layout, bp.moe_path, q1, q2, config.bits)
+        output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, encoded)
+        routed = [int(v) for v in cal.routed.tolist()]
+        used = routed if cap is None else [min(v, cap) for v in routed]
+        names = ["+".join(layout.first), layout.second]
+        return report.layer_row(
+            bp.moe_path,
+            bp.stack.name,
+            bp.i,
+            names,
+            routed,
+            used,
+            [fallback_list(q1), fallback_list(q2)],
+            [objective_list(q1), objective_list(q2)],
+            sizes,
+            time.perf_counter() - t0,
+        )
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def run(self) -> float:
+        from tqdm import tqdm
+
+        self._restore_buffers()
+        t_start = time.perf_counter()
+        bar = tqdm(
+            total=len(self.p.blocks),
+            initial=self.state.done,
+            desc="blocks",
+            unit="block",
+            disable=not self.progress,
+        )
+        current = None
+        for bp in self.p.blocks:
+            if bp.g < self.state.done:
+                continue
+            if current is not bp.stack.name:
+                self._start_stack(bp.stack)
+                current = bp.stack.name
+            bar.set_description(f"{bp.stack.name} block {bp.i}")
+            row = self._block(bp)
+            if row is not None:
+                self.state.layers.append(row)
+                if self.progress:
+                    if not self._printed_header:
+                        tqdm.write(report.TABLE_HEADER)
+                        self._printed_header = True
+                    tqdm.write(report.table_row(row))
+            self.state.seconds += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            self._checkpoint(bp.stack, bp.g)
+            _kill_hook("after", bp.g)
+            bar.update(1)
+        bar.close()
+        for stack in self.p.stacks:  # final-norm weights, also when a resume skipped whole stacks
+            if stack.final_norm_key and stack.name not in self.norm_weights:
+                self.norm_weights[stack.name] = self.p.reader.get(stack.final_norm_key).float()
+        return time.perf_counter() - t_start
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        """Loss of the reference and the compressed stream on each evaluation set."""
+        if not self.config.eval:
+            return []
+        last = self.p.stacks[-1]
+        head = {
+            k: self.p.reader.get(key).float().to(self.device)
+            for k, key in self.p.adapter.head_keys(self.p.hf_config.to_dict()).items()
+        }
+        norm = self.norm_weights[last.name].to(self.device)
+        results = []
+        for name in self.config.eval_data:
+            labels = torch.from_numpy(self.samples[name]["labels"])
+            losses = {}
+            for kind in ("ref", "q"):
+                buf = self.buffers[f"{last.name}/{kind}:{name}"]
+                total, count = 0.0, 0
+                for i0, i1 in buf.batches(self.config.batch_size):
+                    h = self.p.adapter.final_norm(
+                        self.p.hf_config, norm, to_device(buf.data[i0:i1], self.device)
+                    )
+                    s, c = self.p.adapter.loss(self.p.hf_config, head, h, labels[i0:i1].to(self.device))
+                    total, count = total + s, count + c
+                losses[kind] = (total / count, count)
+            results.append(
+                {
+                    "split": name,
+                    "samples": int(labels.shape[0]),
+                    "tokens": losses["ref"][1],
+                    "loss_reference": losses["ref"][0],
+                    "loss_compressed": losses["q"][0],
+                }
+            )
+        return results
+
+
+def _quantization_config(p: Plan, config: CompressConfig, version: str) -> dict[str, Any]:
+    from qmoe.codec import FORMAT_VERSION
+
+    layout = p.adapter.experts
+    cfg = p.hf_config.to_dict()
+    return {
+        "quant_method": "qmoe",
+        "format_version": FORMAT_VERSION,
+        "bits": config.bits,
+        "grid": config.grid,
+        "method": config.method,
+        "qmoe_version": version,
+        "adapter": p.adapter.name,
+        "calibration": {
+            "data": config.calib_data,
+            "samples": config.calib_samples,
+            "seq_len": config.seq_len,
+            "seed": config.seed,
+            "token_cap": config.token_cap,
+            "min_tokens": config.min_tokens,
+            "damp": config.damp,
+            "block_size": config.block_size,
+            "act_order": config.act_order,
+            "batch_size": config.batch_size,
+        },
+        "experts": {
+            "layers": p.adapter.moe_layers(cfg),
+            "container": layout.container,
+            "key": layout.key,
+            "first": list(layout.first),
+            "second": layout.second,
+            "gated": layout.gated,
+            "activation": p.adapter.activation(cfg),
+            "num_experts": p.n_experts,
+        },
+        "run_fingerprint": p.fingerprint,
+    }
+
+
+def _load_samples(p: Plan, config: CompressConfig) -> dict[str, dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer
+
+    from qmoe.calib import load_texts
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p.source))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
+        raise SourceError(
+            f"{p.source} has no usable tokenizer ({type(exc).__name__}); copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) into it"
+        ) from exc
+    make: Callable[..., dict[str, np.ndarray]] = p.adapter.samples
+    out = {
+        "calib": make(
+            tokenizer, load_texts(config.calib_data), config.calib_samples, config.seed, config.seq_len
+        )
+    }
+    if config.eval:
+        for name in config.eval_data:
+            out[name] = make(tokenizer, load_texts(name), config.eval_samples, EVAL_SEED, config.seq_len)
+    return out
+
+
+def compress(
+    source: str | Path,
+    out: str | Path,
+    config: CompressConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    buffer_gb: float | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Compress the MoE checkpoint ``source`` (built-in name or HF directory) into the directory ``out``.
+
+    ``config`` (default ``CompressConfig()``) with ``overrides`` applied (e.g. ``method="rtn"``) sets
+    everything that determines the output bytes. ``device``: where the forward passes, Hessians and GPTQ run
+    (default CUDA if available); activations stay in CPU memory, up to ``buffer_gb`` GiB (default: half the
+    available RAM, at most 8 GiB), beyond which they spill to a memmap in the output directory.
+
+    A killed run restarted with the same arguments resumes after its last completed block; a finished
+    output directory of the same run is left as it is. Returns the report (also in ``qmoe_report.json``).
+    """
+    from qmoe import __version__
+
+    wall0 = time.perf_counter()
+    config = config if config is not None else CompressConfig()
+    if not isinstance(config, CompressConfig):
+        raise ConfigError(f"config must be a qmoe.config.CompressConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
+    dev = _resolve_device(device)
+    p = plan(source, out, config, __version__)
+    if p.complete:
+        shutil.rmtree(p.out / PARTIAL_DIR, ignore_errors=True)
+        log.info("%s already holds this run, complete; nothing to do", p.out)
+        return json.loads((p.out / report.REPORT_FILE).read_text())
+    samples = _load_samples(p, config)
+
+    partial = p.out / PARTIAL_DIR
+    partial.mkdir(parents=True, exist_ok=True)
+    state = p.state or RunState(p.fingerprint)
+    resumed_from = p.state.done if p.state else None
+    if buffer_gb is None:
+        import psutil
+
+        budget_bytes = int(min(8 << 30, psutil.virtual_memory().available // 2))
+    else:
+        budget_bytes = int(buffer_gb * 2**30)
+    run = _Run(p, config, dev, state, samples, MemoryBudget(budget_bytes, partial), progress)
+    with torch.inference_mode():
+        run.run()
+        evals = run.evaluate()
+
+        rest = p.reader.get_many(p.rest_keys)
+        output.write_shard(p.out, 0, run.n_shards, rest, {})
+    del rest
+    names = {0: list(p.rest_keys)}
+    for bp in p.blocks:
+        names[bp.g + 1] = [*bp.tensor_keys, *bp.expert_keys]
+    expert_keys = [k for bp in p.blocks for k in bp.expert_keys]
+    total_bytes = output.write_index(p.out, run.n_shards, names, expert_keys)
+    output.copy_side_files(p.source, p.out)
+
+    expert_bytes = sum(r["bytes"] for r in state.layers)
+    rep = {
+        "report_version": report.REPORT_VERSION,
+        "qmoe_version": __version__,
+        "source": str(source),
+        "adapter": p.adapter.name,
+        "config": config.to_dict(),
+        "layers": state.layers,
+        "totals": report.totals(p.params, p.expert_params, total_bytes, expert_bytes, state.layers),
+        "eval": evals[0] if evals else None,
+        "eval_extra": evals[1:],
+        "wall_seconds": state.seconds + (time.perf_counter() - wall0),
+        "peak_rss_bytes": report.peak_rss_bytes(),
+        "resumed_from_block": resumed_from,
+    }
+    atomic_write_text(p.out / report.REPORT_FILE, json.dumps(rep, indent=1) + "\n")
+    output.write_config(p.out, p.source_cfg, _quantization_config(p, config, __version__))  # last: marks done
+    for buf in run.buffers.values():
+        buf.release()
+    shutil.rmtree(partial, ignore_errors=True)
+    return rep
