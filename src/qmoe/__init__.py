@@ -1,7 +1,8 @@
 """qmoe: compress Mixture-of-Experts language models below one bit per parameter and run them compressed.
 
 ``import qmoe`` is light: it imports no torch, transformers, numba or triton. The public functions below
-import what they need on first use.
+import what they need on first use. It does register qmoe with transformers (``qmoe.runtime.hook``): once
+transformers loads, ``AutoModelFor*.from_pretrained`` accepts qmoe-compressed directories.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from qmoe.errors import FormatError, QMoEError
+from qmoe.runtime.hook import install as _register_with_transformers
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "QMoEError", "FormatError", "compress", "load", "evaluate"]
+
+_register_with_transformers()
 
 
 def compress(source: str, out: str, config: Any = None, **kwargs: Any) -> Any:

@@ -1,0 +1,89 @@
+"""The compressed-experts module: one MoE layer's experts kept encoded, computed only for the routed tokens.
+
+``CompressedExperts`` takes the place of a family's experts module (``SwitchTransformersExperts``,
+``Qwen3MoeExperts``) inside the unchanged transformers model and is called with the same arguments; the
+family's adapter reads the routing (token, expert, gate weight) from them, so this file knows no family.
+The weights never become dense: each expert projection is an ``EncodedMatrix`` and the products go through
+``qmoe.kernels.matmul_experts``, which decodes inside the matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qmoe.adapters.base import ExpertLayout, Routing, group_by_expert
+from qmoe.codec import EncodedMatrix
+from qmoe.errors import FormatError
+
+
+class CompressedExperts(nn.Module):
+    """The experts of one MoE layer as encoded matrices; no parameters, no buffers.
+
+    Expert ``e`` computes ``second(act(first[0](x)) * first[1](x))`` (gated) or ``second(act(first[0](x)))``,
+    scaled by its gate weight and summed into the token's output, as the module it replaces does.
+    """
+
+    def __init__(self, layout: ExpertLayout, routing: Callable[[tuple, dict[str, Any]], Routing],
+                 num_experts: int, activation: str, shapes: dict[str, tuple[int, int]]) -> None:
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        self.layout = layout
+        self.routing = routing
+        self.num_experts = num_experts
+        self.activation = activation
+        self.act_fn = ACT2FN[activation]
+        self.shapes = dict(shapes)  # projection -> (rows, cols), nn.Linear orientation [out, in]
+        # matrices[proj][e]; None until set_expert fills it
+        self.matrices: dict[str, list[EncodedMatrix | None]] = {p: [None] * num_experts
+                                                                 for p in layout.projections}
+
+    def set_expert(self, e: int, proj: str, enc: EncodedMatrix, name: str = "") -> None:
+        """Place expert ``e``'s projection ``proj``; FormatError if its shape does not fit the config."""
+        want = self.shapes[proj]
+        if tuple(enc.shape) != want:
+            raise FormatError(f"encoded matrix {name or (e, proj)} has shape {tuple(enc.shape)}, the model "
+                              f"config expects {want}; the checkpoint does not match its config.json")
+        self.matrices[proj][e] = enc
+
+    def missing(self) -> list[tuple[int, str]]:
+        """``(expert, projection)`` pairs not set yet."""
+        return [(e, p) for p, mats in self.matrices.items() for e, m in enumerate(mats) if m is None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for mats in self.matrices.values() for m in mats if m is not None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        # x [T, d] -> out [T, d]; routing: n (token, expert, gate) pairs, t_e tokens for active expert e
+        r = self.routing(args, kwargs)
+        out = torch.zeros_like(r.x)
+        groups = group_by_expert(r)  # [(e, token [t_e], gate [t_e])], ascending e as in transformers
+        if not groups:
+            return out
+        from qmoe.kernels import matmul_experts
+
+        x = r.x.float()  # the kernels compute in float32 whatever the model's dtype
+        first, gated = self.layout.first, self.layout.gated
+        xs = [x[tok] for _, tok, _ in groups]  # [t_e, d] each
+        # One grouped call per stage: every active expert's first projection(s), then every second one.
+        h = matmul_experts([self.matrices[p][e] for e, _, _ in groups for p in first],
+                           [xe for xe in xs for _ in first])  # [t_e, I] per (expert, projection)
+        k = len(first)
+        hidden = [self.act_fn(h[i * k]) * h[i * k + 1] if gated else self.act_fn(h[i * k])
+                  for i in range(len(groups))]  # [t_e, I]
+        y = matmul_experts([self.matrices[self.layout.second][e] for e, _, _ in groups], hidden)  # [t_e, d]
+        for (_, tok, w), ye in zip(groups, y, strict=True):
+            out.index_add_(0, tok, (ye * w[:, None]).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{p}={r}x{c}" for p, (r, c) in self.shapes.items())
+        weights = self.num_experts * sum(r * c for r, c in self.shapes.values())
+        n = self.nbytes
+        return (f"experts={self.num_experts}, {shapes}, act={self.activation}, encoded={n / 2**20:.2f} MiB "
+                f"({8 * n / max(weights, 1):.3f} bits/weight)")
