@@ -191,7 +191,7 @@ def expert_forward(
     out = torch.zeros_like(r.x)
     for e, tok, w in group_by_expert(r):
         y = expert_hidden(r.x[tok], w_first[e], act, gated) @ w_second[e].T  # [t, d]
-        # index_put_ with accumulate: the same sums as index_add_, which is ~1000x slower on CPU in torch 2.13.
+        # index_put_ with accumulate: the sums of index_add_, which is ~1000x slower on CPU in torch 2.13.
         out.index_put_((tok,), (y * w[:, None]).to(out.dtype), accumulate=True)
     return out
 

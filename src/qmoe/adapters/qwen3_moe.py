@@ -39,7 +39,8 @@ class Qwen3MoeAdapter(Adapter):
     )
 
     def num_experts(self, cfg: dict[str, Any]) -> int:
-        return int(cfg["num_experts"])
+        # transformers 5 saves ``num_experts`` under its attribute-map name ``num_local_experts``.
+        return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
 
     def top_k(self, cfg: dict[str, Any]) -> int:
         return int(cfg["num_experts_per_tok"])
@@ -48,7 +49,7 @@ class Qwen3MoeAdapter(Adapter):
         n, step = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step", 1)
         dense = set(cfg.get("mlp_only_layers") or ())
         moe = tuple(
-            "mlp" if i not in dense and cfg["num_experts"] > 0 and (i + 1) % step == 0 else None
+            "mlp" if i not in dense and self.num_experts(cfg) > 0 and (i + 1) % step == 0 else None
             for i in range(n)
         )
         return (
