@@ -75,25 +75,27 @@ def _half(h):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _row_levels(m, lv16, lv32, r, tab):  # pragma: no cover - compiled
-    """Fill ``tab[0:4]`` = weight added per value v (tab[0] = 0) for row r; return the background level.
+def _level(lv16, lv32, f16, i):  # pragma: no cover - compiled
+    return _half(np.int64(lv16[i])) if f16 else np.float64(lv32[i])
+
+
+@njit(inline="always")
+def _row_levels(m, lv16, lv32, r, tab, k):  # pragma: no cover - compiled
+    """Set ``tab[k:k+4]`` = weight added per value v (tab[k] = 0) for row r; return the background level.
 
     ternary: v=1 -> lo, v=2 -> hi, base 0. int2: v -> level[(bg + v) & 3] - level[bg], base level[bg].
     """
-    n = 4 if m[M_INT2] else 2
     f16 = m[M_LEVELS_F16] != 0
-    lv = np.zeros(4, dtype=np.float64)
-    for j in range(n):
-        lv[j] = _half(np.int64(lv16[r * n + j])) if f16 else np.float64(lv32[r * n + j])
-    tab[0] = 0.0
+    tab[k] = 0.0
     if m[M_INT2]:
         bg = m[M_BACKGROUND]
+        base = _level(lv16, lv32, f16, 4 * r + bg)
         for v in range(1, 4):
-            tab[v] = np.float32(lv[(bg + v) & 3] - lv[bg])
-        return np.float32(lv[bg])
-    tab[1] = np.float32(lv[0])
-    tab[2] = np.float32(lv[1])
-    tab[3] = 0.0
+            tab[k + v] = np.float32(_level(lv16, lv32, f16, 4 * r + ((bg + v) & 3)) - base)
+        return np.float32(base)
+    tab[k + 1] = np.float32(_level(lv16, lv32, f16, 2 * r))
+    tab[k + 2] = np.float32(_level(lv16, lv32, f16, 2 * r + 1))
+    tab[k + 3] = 0.0
     return np.float32(0.0)
 
 
@@ -109,9 +111,10 @@ def _row_bits(bo, rd, g, rows, total, r):  # pragma: no cover - compiled
 @njit(inline="always")
 def _entry(words, lut, bit):  # pragma: no cover - compiled
     """Table entry of the codeword at stream ``bit`` (< the row's end, so words[i + 1] exists: guard word)."""
-    i = bit >> 5
-    window = np.int64(words[i]) | (np.int64(words[i + 1]) << 32)
-    return np.int64(lut[(window >> (bit & 31)) & LUT_MASK])
+    # unsigned indices: numba then skips its negative-index wraparound (a compare + select per access)
+    i = np.uint64(bit >> 5)
+    window = np.int64(words[i]) | (np.int64(words[i + np.uint64(1)]) << 32)
+    return np.int64(lut[np.uint64((window >> (bit & 31)) & LUT_MASK)])
 
 
 @njit(inline="always")
@@ -132,7 +135,7 @@ def _dot1(words, lut, x, tab, toff, cols, bit, end, pos, acc, e):  # pragma: no 
         bit += e & LEN_MASK
         pos += e >> ADV_SHIFT
         # past the width (end of row, escape, corrupt value) read x[cols] = 0; the status check follows
-        acc += tab[toff + ((e >> VAL_SHIFT) & 3)] * x[min(pos - 1, cols)]
+        acc += tab[np.uint64(toff + ((e >> VAL_SHIFT) & 3))] * x[np.uint64(min(pos - 1, cols))]
     return bit, pos, acc, e
 
 
@@ -144,10 +147,10 @@ def _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no c
     tab = np.zeros(16, dtype=np.float32)  # [4 rows, 4 values]
     r = r0
     while r + 4 <= r1:
-        base0 = _row_levels(m, lv16, lv32, r, tab[0:4])
-        base1 = _row_levels(m, lv16, lv32, r + 1, tab[4:8])
-        base2 = _row_levels(m, lv16, lv32, r + 2, tab[8:12])
-        base3 = _row_levels(m, lv16, lv32, r + 3, tab[12:16])
+        base0 = _row_levels(m, lv16, lv32, r, tab, 0)
+        base1 = _row_levels(m, lv16, lv32, r + 1, tab, 4)
+        base2 = _row_levels(m, lv16, lv32, r + 2, tab, 8)
+        base3 = _row_levels(m, lv16, lv32, r + 3, tab, 12)
         b0, n0 = _row_bits(bo, rd, g, rows, total, r)
         b1, n1 = _row_bits(bo, rd, g, rows, total, r + 1)
         b2, n2 = _row_bits(bo, rd, g, rows, total, r + 2)
@@ -170,10 +173,10 @@ def _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no c
             p1 += e1 >> ADV_SHIFT
             p2 += e2 >> ADV_SHIFT
             p3 += e3 >> ADV_SHIFT
-            a0 += tab[(e0 >> VAL_SHIFT) & 3] * x[min(p0 - 1, cols)]
-            a1 += tab[4 + ((e1 >> VAL_SHIFT) & 3)] * x[min(p1 - 1, cols)]
-            a2 += tab[8 + ((e2 >> VAL_SHIFT) & 3)] * x[min(p2 - 1, cols)]
-            a3 += tab[12 + ((e3 >> VAL_SHIFT) & 3)] * x[min(p3 - 1, cols)]
+            a0 += tab[np.uint64((e0 >> VAL_SHIFT) & 3)] * x[np.uint64(min(p0 - 1, cols))]
+            a1 += tab[np.uint64(4 + ((e1 >> VAL_SHIFT) & 3))] * x[np.uint64(min(p1 - 1, cols))]
+            a2 += tab[np.uint64(8 + ((e2 >> VAL_SHIFT) & 3))] * x[np.uint64(min(p2 - 1, cols))]
+            a3 += tab[np.uint64(12 + ((e3 >> VAL_SHIFT) & 3))] * x[np.uint64(min(p3 - 1, cols))]
         b0, p0, a0, e0 = _dot1(words, lut, x, tab, 0, cols, b0, n0, p0, a0, e0)
         b1, p1, a1, e1 = _dot1(words, lut, x, tab, 4, cols, b1, n1, p1, a1, e1)
         b2, p2, a2, e2 = _dot1(words, lut, x, tab, 8, cols, b2, n2, p2, a2, e2)
@@ -189,7 +192,7 @@ def _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no c
                 return (r + k) * 4 + s
         r += 4
     while r < r1:
-        base = _row_levels(m, lv16, lv32, r, tab[0:4])
+        base = _row_levels(m, lv16, lv32, r, tab, 0)
         b, n = _row_bits(bo, rd, g, rows, total, r)
         b, p, a, e = _dot1(words, lut, x, tab, 0, cols, b, n, np.int64(0), np.float32(0.0), np.int64(0))
         out[r] = a + base * xsum
@@ -202,29 +205,28 @@ def _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no c
 
 @njit(fastmath={"contract"}, nogil=True)
 def _item_tn(m, words, lut, bo, rd, lv16, lv32, xt, out, r0, r1):  # pragma: no cover - compiled
-    """Rows [r0, r1) at batch T: ``xt [(cols + 2) * Tp]``, ``out [T * rows]``; -1 or bad row * 4 + status."""
+    """Rows [r0, r1) at batch T: ``xt [cols + 2, Tp]``, ``out [T * rows]``; -1 or bad row * 4 + status."""
     rows, cols, g, total = m[M_ROWS], m[M_COLS], m[M_BLOCK_LOG2], m[M_BITS]
     ntok, tp = m[M_TOKENS], m[M_TPAD]
     tab = np.zeros(4, dtype=np.float32)
     acc = np.empty(tp, dtype=np.float32)
-    xsum = xt[(cols + 1) * tp:(cols + 2) * tp]
     for r in range(r0, r1):
-        base = _row_levels(m, lv16, lv32, r, tab)
+        base = _row_levels(m, lv16, lv32, r, tab, 0)
         bit, end = _row_bits(bo, rd, g, rows, total, r)
-        acc[:] = 0.0
+        for t in range(tp):
+            acc[t] = 0.0
         pos = np.int64(0)
         e = np.int64(0)
         while pos < cols and bit < end:
             e = _entry(words, lut, bit)
             bit += e & LEN_MASK
             pos += e >> ADV_SHIFT
-            w = tab[(e >> VAL_SHIFT) & 3]
-            xo = min(pos - 1, cols) * tp
-            for t0 in range(0, tp, 8):  # tp % 8 == 0: whole 8-lane vectors, no remainder loop
-                for u in range(8):
-                    acc[t0 + u] += w * xt[xo + t0 + u]
+            w = tab[np.uint64((e >> VAL_SHIFT) & 3)]
+            xr = xt[np.uint64(min(pos - 1, cols))]  # [tp]: a row view, so the token loop vectorizes
+            for t in range(tp):
+                acc[t] += w * xr[t]
         for t in range(ntok):
-            out[t * rows + r] = acc[t] + base * xsum[t]
+            out[t * rows + r] = acc[t] + base * xt[cols + 1, t]
         s = _status(bit, end, pos, e, cols)
         if s:
             return r * 4 + s
@@ -242,11 +244,12 @@ def _item(m, r0, r1):  # pragma: no cover - compiled
     rd = numba.carray(_voidptr(m[M_ROW_DELTAS]), rows, np.uint16)
     lv16 = numba.carray(_voidptr(m[M_LEVELS]), nlev, np.uint16)
     lv32 = numba.carray(_voidptr(m[M_LEVELS]), nlev if m[M_LEVELS_F16] == 0 else 0, np.float32)
-    x = numba.carray(_voidptr(m[M_X]), (cols + 2) * tp, np.float32)
     out = numba.carray(_voidptr(m[M_OUT]), ntok * rows, np.float32)
     if ntok == 1:
+        x = numba.carray(_voidptr(m[M_X]), cols + 2, np.float32)
         return _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1)
-    return _item_tn(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1)
+    xt = numba.carray(_voidptr(m[M_X]), (cols + 2, tp), np.float32)
+    return _item_tn(m, words, lut, bo, rd, lv16, lv32, xt, out, r0, r1)
 
 
 @njit(cache=True, parallel=True, nogil=True)
