@@ -70,8 +70,9 @@ class ActivationBuffer:
     def load(cls, name: str, path: Path, budget: MemoryBudget) -> ActivationBuffer:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
         buf = cls(name, tuple(arr.shape), budget)
-        for i0, i1 in buf.batches(max(1, (64 << 20) // max(1, buf.nbytes // max(1, len(buf))))):
-            buf.data[i0:i1] = torch.from_numpy(np.ascontiguousarray(arr[i0:i1]))
+        rows = max(1, (64 << 20) // max(1, buf.nbytes // max(1, len(buf))))  # copy in ~64 MiB pieces
+        for i0, i1 in buf.batches(rows):
+            buf.data[i0:i1] = torch.from_numpy(np.array(arr[i0:i1]))
         del arr
         return buf
 

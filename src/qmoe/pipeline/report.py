@@ -15,7 +15,8 @@ Report layout (``REPORT_VERSION`` 1)::
      "wall_seconds", "peak_rss_bytes", "resumed_from_block"}
 
 ``wall_seconds`` and ``peak_rss_bytes`` describe the process that finished the run (plus the compute time
-of killed attempts); they are the only fields that differ between repeated runs.
+of killed attempts). They, the per-layer ``seconds`` and ``rss_bytes`` and ``resumed_from_block`` are the
+only fields that differ between repeated runs (``stable`` drops them).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from typing import Any
 REPORT_VERSION = 1
 REPORT_FILE = "qmoe_report.json"
 VOLATILE_FIELDS = ("wall_seconds", "peak_rss_bytes", "resumed_from_block")
+VOLATILE_LAYER_FIELDS = ("seconds", "rss_bytes")
+
+
+def stable(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its timing and memory fields: equal for equal runs, resumed or not."""
+    out = {k: v for k, v in report.items() if k not in VOLATILE_FIELDS}
+    out["layers"] = [{k: v for k, v in r.items() if k not in VOLATILE_LAYER_FIELDS} for r in report["layers"]]
+    return out
 
 
 def peak_rss_bytes() -> int:

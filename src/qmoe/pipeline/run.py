@@ -113,8 +113,6 @@ class _Run:
         self.stack_state[stack.name] = self.p.adapter.prepare_stack(
             self.p.hf_config, stack, self.p.reader.get
         )
-        if stack.final_norm_key:
-            self.norm_weights[stack.name] = self.p.reader.get(stack.final_norm_key).float()
         if all(f"{stack.name}/{s.name}" in self.buffers for s in self.streams):
             return
         embed = self.p.reader.get(stack.embed_key).float()  # [vocab, d]
@@ -251,6 +249,9 @@ class _Run:
         from tqdm import tqdm
 
         self._restore_buffers()
+        for stack in self.p.stacks:  # [d] each: the next stack's memory and the head need them
+            if stack.final_norm_key:
+                self.norm_weights[stack.name] = self.p.reader.get(stack.final_norm_key).float()
         t_start = time.perf_counter()
         bar = tqdm(
             total=len(self.p.blocks),
@@ -263,7 +264,7 @@ class _Run:
         for bp in self.p.blocks:
             if bp.g < self.state.done:
                 continue
-            if current is not bp.stack.name:
+            if current != bp.stack.name:
                 self._start_stack(bp.stack)
                 current = bp.stack.name
             bar.set_description(f"{bp.stack.name} block {bp.i}")
@@ -281,9 +282,6 @@ class _Run:
             _kill_hook("after", bp.g)
             bar.update(1)
         bar.close()
-        for stack in self.p.stacks:  # final-norm weights, also when a resume skipped whole stacks
-            if stack.final_norm_key and stack.name not in self.norm_weights:
-                self.norm_weights[stack.name] = self.p.reader.get(stack.final_norm_key).float()
         return time.perf_counter() - t_start
 
     def evaluate(self) -> list[dict[str, Any]]:
