@@ -49,6 +49,7 @@ from qmoe.pipeline.state import PARTIAL_DIR, RunState, atomic_write_text
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234  # evaluation samples: the seed tiny-switch's training log uses for its validation loss
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 KILL_ENV = "QMOE_TEST_KILL"  # "after:G" / "during:G": SIGKILL ourselves at block G (resume tests)
 
 
@@ -364,6 +365,12 @@ def _load_samples(p: Plan, config: CompressConfig) -> dict[str, dict[str, np.nda
 
     from qmoe.calib import load_texts
 
+    # transformers 5 builds an empty tokenizer (special tokens only) for a directory without tokenizer files.
+    if not any((p.source / f).is_file() for f in TOKENIZER_FILES):
+        raise SourceError(
+            f"{p.source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the "
+            "model's tokenizer into it"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p.source))
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
