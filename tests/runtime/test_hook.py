@@ -12,12 +12,14 @@ ORDERS = (
     "import qmoe; import transformers",  # the hook fires when transformers loads its quantizers
     "import transformers; import qmoe",  # transformers imports lazily: still the hook
     "import transformers.quantizers.auto; import qmoe",  # already loaded: registers at once
+    "import qmoe.runtime.hf_quantizer",  # its own import of transformers fires the hook mid-import
 )
 
 
 def test_registration_any_import_order() -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", f"{order}; {CHECK}"], stderr=subprocess.PIPE, text=True)
-             for order in ORDERS]  # fresh interpreters, run side by side
+    # Fresh interpreters, side by side; any warning (such as a failed registration) is an error.
+    procs = [subprocess.Popen([sys.executable, "-W", "error", "-c", f"{order}; {CHECK}"],
+                              stderr=subprocess.PIPE, text=True) for order in ORDERS]
     for order, p in zip(ORDERS, procs, strict=True):
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, f"{order}: {err}"

@@ -1,11 +1,11 @@
 """qmoe as a transformers quantization method: ``from_pretrained`` of a directory whose ``config.json`` has
 ``quantization_config.quant_method == "qmoe"`` returns the model with compressed experts.
 
-``register()`` adds ``QMoEConfig`` and ``QMoEHfQuantizer`` to transformers' tables (idempotent). ``import
-qmoe`` arranges for it to run as soon as transformers imports its quantizer table (``qmoe.runtime.hook``), so
-users never call it; ``qmoe.load`` calls it too. The quantizer does the one qmoe-specific step of loading
-(``qmoe.runtime.load.convert``) in the hook transformers offers for it: after the model is built on ``meta``
-and before the checkpoint's tensors are read. Everything else is transformers' ordinary loading.
+``register()`` adds ``QMoEConfig`` and ``QMoEHfQuantizer`` to transformers' tables (idempotent); importing
+this module calls it. ``import qmoe`` arranges for this module to be imported as soon as transformers imports
+its quantizer table (``qmoe.runtime.hook``), so users never call it. The quantizer does the one qmoe-specific
+step of loading (``qmoe.runtime.load.convert``) in the hook transformers offers for it: after the model is
+built on ``meta`` and before the checkpoint's tensors are read. The rest is transformers' ordinary loading.
 
 Only the transformers submodules that ``transformers.quantizers.auto`` itself imports are imported here, so
 this module can be imported while ``transformers.quantizers`` is still initialising.
@@ -94,3 +94,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(QMoEConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QMoEHfQuantizer)
+
+
+register()  # importing this module is what registers qmoe (qmoe.runtime.hook relies on it)

@@ -9,6 +9,7 @@ touches transformers pays nothing. Standard library only.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -29,9 +30,9 @@ def install() -> None:
 
 def _register() -> None:
     try:
-        from qmoe.runtime.hf_quantizer import register
-
-        register()
+        # Importing the module registers; a plain import (no `from ... import`) is also safe when the module
+        # is itself mid-import (it imports transformers.quantizers.auto, which can fire the hook).
+        importlib.import_module("qmoe.runtime.hf_quantizer")
     except Exception as exc:  # noqa: BLE001 - never break transformers' own import over qmoe's registration
         warnings.warn(f"qmoe could not register with transformers ({type(exc).__name__}: {exc}); "
                       "load compressed models with qmoe.load(DIR)", stacklevel=2)

@@ -147,11 +147,10 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    import qmoe.runtime.hf_quantizer  # noqa: F401 - registers qmoe with transformers (if the hook has not)
     from qmoe.adapters import get_adapter
-    from qmoe.runtime.hf_quantizer import register
 
     path, cfg, _ = check_dir(path)
-    register()
     auto = AutoModelForSeq2SeqLM if get_adapter(cfg).is_encoder_decoder else AutoModelForCausalLM
     try:
         model, info = auto.from_pretrained(str(path), dtype=dtype or torch.float32, output_loading_info=True)
