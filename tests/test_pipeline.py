@@ -252,3 +252,20 @@ def test_cli_compress(
     assert main(["compress", str(switch_dir), "--out", str(out), "--method", "gptq", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qmoe compress: error:") and "different run" in err and "\n" not in err
+
+
+def test_cli_inspect(gptq_out: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qmoe.cli import main
+
+    out, rep = gptq_out
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bits/param" in text and "decoder.block.1.layer.2.mlp" in text and "validation: loss" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == rep
+    pytest.importorskip("matplotlib")
+    assert main(["inspect", str(out), "--plot", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "holds no qmoe_report.json" in capsys.readouterr().err

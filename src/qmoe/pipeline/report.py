@@ -21,9 +21,14 @@ only fields that differ between repeated runs (``stable`` drops them).
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
+from pathlib import Path
 from typing import Any
+
+from qmoe.errors import FormatError
+from qmoe.pipeline.state import PARTIAL_DIR, STATE_FILE
 
 REPORT_VERSION = 1
 REPORT_FILE = "qmoe_report.json"
@@ -147,6 +152,25 @@ def totals(
     }
 
 
+def load_report(directory: str | Path) -> dict[str, Any]:
+    """The report of a finished output directory (FormatError if it has none or it is unreadable)."""
+    path = Path(directory) / REPORT_FILE
+    if not path.is_file():
+        hint = ""
+        if (Path(directory) / PARTIAL_DIR / STATE_FILE).is_file():
+            hint = " (an unfinished run is there: rerun its qmoe compress command to finish it)"
+        raise FormatError(
+            f"{directory} holds no {REPORT_FILE}{hint}; pass the --out directory of qmoe compress"
+        )
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path} is not readable JSON ({exc})") from exc
+    if not isinstance(report, dict) or report.get("report_version") != REPORT_VERSION:
+        raise FormatError(f"{path} is not a qmoe report of version {REPORT_VERSION}")
+    return report
+
+
 def summary(report: dict[str, Any], table: bool = True) -> str:
     """Readable multi-line summary of a report (``qmoe inspect``), with the per-layer table if ``table``."""
     t = report["totals"]
@@ -158,7 +182,7 @@ def summary(report: dict[str, Any], table: bool = True) -> str:
         f"params      {t['params']:,} ({t['expert_params']:,} in experts)",
         f"size        {t['bytes']:,} bytes: {t['bits_per_param']:.3f} bits/param overall, "
         f"{t['expert_bits_per_weight']:.3f} bits/weight in experts, "
-        f"{t['ratio_vs_bf16']:.1f}x smaller than bf16",
+        f"ratio {t['ratio_vs_bf16']:.1f}x vs bf16",
         f"experts     {t['experts']} quantized: {t['experts_gptq']} by {report['config']['method']}, "
         f"{t['experts_fallback']} fell back to round-to-nearest",
     ]
