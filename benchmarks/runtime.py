@@ -1,0 +1,246 @@
+"""End-to-end runtime benchmark: generation speed and resident memory, compressed vs dense fp32, side by side.
+
+    python benchmarks/runtime.py                       # synthetic switch-base-8-sized model + tiny-switch
+    python benchmarks/runtime.py --models synthetic --rounds 7 --new-tokens 32
+
+Models:
+- ``synthetic``: SwitchTransformers with switch-base-8's shape (d_model 768, d_ff 3072, 12+12 blocks, every
+  other one MoE with 8 experts, vocabulary 32128; 620M parameters), random weights. Its compressed form is
+  built here in a minute: every expert rounded to QMoE's ternary grid (``qmoe.gptq.rtn_quantize``) and
+  entropy coded (``qmoe.codec.encode_ternary``), written in the layout of ``qmoe compress``.
+- ``tiny-switch``: the built-in model (if present) and its compressed form (``--tiny-compressed DIR``, else
+  built the same way).
+
+Each model (dense fp32 via ``qmoe.sources.load_model``, compressed via ``qmoe.load``) lives in its own worker
+process, so that each one's resident set (RSS) is its own; the workers generate in alternation (interleaved
+rounds, greedy, exactly ``--new-tokens`` tokens from the same prompt) and the table shows medians. Tokens/s
+counts the whole ``generate`` call (encoder pass included). Work files go to ``--work`` (kept between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = ("And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+          "and God divided the light from the darkness.")
+SYNTHETIC = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12,
+                 num_decoder_layers=12, num_sparse_encoder_layers=6, num_sparse_decoder_layers=6,
+                 num_experts=8, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+# -- building the checkpoints --------------------------------------------------------------------------
+def build_synthetic(dense: Path) -> None:
+    import torch
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from qmoe.calib import bible_split
+    from qmoe.calib.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**SYNTHETIC))
+    model.save_pretrained(dense)
+    train_tokenizer(bible_split("train")).save_pretrained(dense)
+
+
+def build_compressed(dense: Path, out: Path) -> None:
+    """Round-to-nearest ternary experts, entropy coded, in the layout ``qmoe compress`` writes."""
+    import torch
+    from safetensors import safe_open
+
+    from qmoe.adapters import get_adapter
+    from qmoe.codec import FORMAT_VERSION, encode_ternary, save_shard
+    from qmoe.gptq import rtn_quantize
+    from qmoe.runtime.load import shard_files
+    from qmoe.sources import read_config
+
+    cfg = read_config(dense)
+    adapter = get_adapter(cfg)
+    layout = adapter.experts
+    tensors = {}
+    for f in shard_files(dense):
+        with safe_open(str(f), framework="pt") as h:
+            tensors.update({k: h.get_tensor(k) for k in h.keys()})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    layers = adapter.moe_layers(cfg)
+    n = len(layers) + 1
+    weight_map: dict[str, str] = {}
+    for k, layer in enumerate(layers, start=2):
+        encoded = {}
+        for proj in layout.projections:
+            keys = [layout.expert_key(layer, e, proj) for e in range(adapter.num_experts(cfg))]
+            q = rtn_quantize(torch.stack([tensors.pop(key) for key in keys]).float(), grid="ternary")
+            for e, key in enumerate(keys):
+                levels = q.levels[e].numpy()  # [rows, 3]: lo, 0, hi
+                encoded[key] = encode_ternary(q.codes[e].numpy(), levels[:, 0], levels[:, 2])
+        name = f"model-{k:05d}-of-{n:05d}.safetensors"
+        save_shard(tmp / name, {}, encoded, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(encoded, name))
+    name = f"model-00001-of-{n:05d}.safetensors"
+    save_shard(tmp / name, tensors, {}, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    index = {"weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+    for f in dense.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, tmp / f.name)
+    qc = {"quant_method": "qmoe", "format_version": FORMAT_VERSION, "bits": "ternary", "grid": "ternary",
+          "method": "rtn", "qmoe_version": "benchmark"}
+    (tmp / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def expert_bytes(path: Path) -> tuple[int, int]:
+    """(encoded expert bytes, expert weights) of a compressed directory, from the shards' headers."""
+    import qmoe
+
+    model = qmoe.load(path)
+    from qmoe.runtime.experts import CompressedExperts
+
+    mods = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    nbytes = sum(m.nbytes for m in mods)
+    weights = sum(m.num_experts * sum(r * c for r, c in m.shapes.values()) for m in mods)
+    return nbytes, weights
+
+
+# -- worker: one loaded model, generating on request ----------------------------------------------------
+def worker(source: str) -> None:
+    import psutil
+    import torch
+
+    from qmoe.runtime.generate import generate
+    from qmoe.sources import load_model
+
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(source)
+    load_s = time.perf_counter() - t
+    rss_load = proc.memory_info().rss
+    generate(model, tokenizer, PROMPT, max_new_tokens=2, exact=True)  # warm up: kernels compiled, pages in
+    print(json.dumps({"rss_base": rss0, "rss_load": rss_load, "rss_warm": proc.memory_info().rss,
+                      "load_s": load_s, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        g = generate(model, tokenizer, PROMPT, max_new_tokens=n, exact=True)
+        print(json.dumps({"tokens": g.new_tokens, "seconds": g.seconds, "text": g.text[:60],
+                          "rss": proc.memory_info().rss}), flush=True)
+
+
+class Worker:
+    def __init__(self, source: Path) -> None:
+        self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(source)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with {self.p.wait()}")
+        return json.loads(line)
+
+    def generate(self, n: int) -> dict:
+        self.p.stdin.write(f"{n}\n")
+        return self._read()
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def compare(name: str, dense: Path, compressed: Path, rounds: int, new_tokens: int) -> dict:
+    workers = {"dense fp32": Worker(dense), "compressed": Worker(compressed)}
+    runs: dict[str, list[dict]] = {k: [] for k in workers}
+    for _ in range(rounds):  # interleaved: both see the same background load
+        for k, w in workers.items():
+            runs[k].append(w.generate(new_tokens))
+    for w in workers.values():
+        w.close()
+    out = {"model": name}
+    for k, w in workers.items():
+        tps = [r["tokens"] / r["seconds"] for r in runs[k]]
+        out[k] = {"tokens_per_s": statistics.median(tps), "all_tokens_per_s": tps,
+                  "rss_load_mib": (w.info["rss_load"] - w.info["rss_base"]) / 2**20,
+                  "rss_mib": max(r["rss"] for r in runs[k]) / 2**20,
+                  "rss_base_mib": w.info["rss_base"] / 2**20,
+                  "load_s": w.info["load_s"], "sample": runs[k][-1]["text"]}
+    out["ratio"] = out["compressed"]["tokens_per_s"] / out["dense fp32"]["tokens_per_s"]
+    out["disk_mib"] = {"dense": dir_bytes(dense) / 2**20, "compressed": dir_bytes(compressed) / 2**20}
+    nbytes, weights = expert_bytes(compressed)
+    out["experts"] = {"encoded_mib": nbytes / 2**20, "dense_fp32_mib": 4 * weights / 2**20,
+                      "bits_per_weight": 8 * nbytes / weights}
+    return out
+
+
+def table(results: list[dict], rounds: int, new_tokens: int) -> str:
+    lines = [f"median of {rounds} interleaved rounds, {new_tokens} new tokens each, greedy; "
+             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+             "| model | dense fp32 tok/s | compressed tok/s | ratio | RSS dense MiB | RSS compressed MiB | "
+             "experts fp32 -> encoded MiB (bits/w) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        d, c, e = r["dense fp32"], r["compressed"], r["experts"]
+        lines.append(f"| {r['model']} | {d['tokens_per_s']:.2f} | {c['tokens_per_s']:.2f} | "
+                     f"{r['ratio']:.2f}x | "
+                     f"{d['rss_mib']:.0f} (+{d['rss_load_mib']:.0f} at load) | "
+                     f"{c['rss_mib']:.0f} (+{c['rss_load_mib']:.0f} at load) | "
+                     f"{e['dense_fp32_mib']:.0f} -> {e['encoded_mib']:.1f} ({e['bits_per_weight']:.3f}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="synthetic,tiny-switch")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qmoe-bench-runtime"))
+    ap.add_argument("--tiny-compressed", type=Path, help="a compressed tiny-switch (e.g. from qmoe compress)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    results = []
+    for name in args.models.split(","):
+        if name == "synthetic":
+            dense = args.work / "synthetic-dense"
+            if not (dense / "config.json").is_file():
+                print(f"building {dense} ...", file=sys.stderr)
+                build_synthetic(dense)
+        elif name == "tiny-switch":
+            from qmoe.sources import resolve_source
+
+            dense = resolve_source("tiny-switch")
+        else:
+            raise SystemExit(f"unknown model {name!r}")
+        compressed = args.tiny_compressed if name == "tiny-switch" and args.tiny_compressed else \
+            args.work / f"{name}-compressed"
+        if not (compressed / "config.json").is_file():
+            print(f"compressing into {compressed} ...", file=sys.stderr)
+            t = time.perf_counter()
+            build_compressed(dense, compressed)
+            print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        print(f"timing {name} ...", file=sys.stderr)
+        results.append(compare(name, dense, compressed, args.rounds, args.new_tokens))
+        print(json.dumps(results[-1], indent=1), file=sys.stderr)
+    print(table(results, args.rounds, args.new_tokens))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
