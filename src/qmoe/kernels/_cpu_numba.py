@@ -40,10 +40,19 @@ ADV_SHIFT = 6
 ADV_END = 1 << 23  # end of row and invalid codewords: past any width (format.MAX_COLS = 2**22)
 LUT_MASK = (1 << 12) - 1  # format.MAX_CODE_LEN bits index the table
 
+# Multi-symbol table entry (int64), built by qmoe.kernels.cpu.build_lut2: every codeword that lies wholly
+# inside the 12-bit window, in order, holding at most two values (escapes fold into the offsets):
+#   bits 0..3   total length of those codewords (0 = the window starts with no codeword)
+#   bits 4..7   v1 | v2 << 2, the two values written (0 = none; index into a row's weight-pair table)
+#   bits 8..23  column of value 1 relative to pos (0 if none: reads x[pos], weight 0)
+#   bits 24..39 column of value 2 relative to pos (0 if none)
+#   bits 40..63 advance of pos (ADV_END if the entry holds the end-of-row symbol or an invalid codeword)
+E2_ADV_SHIFT = 40
+
 # meta columns, one row per matrix
 (M_STREAM, M_BLOCK_OFFSETS, M_ROW_DELTAS, M_LEVELS, M_LUT, M_X, M_OUT, M_ROWS, M_COLS, M_TOKENS, M_TPAD,
- M_BLOCK_LOG2, M_BITS, M_INT2, M_BACKGROUND, M_LEVELS_F16) = range(16)
-NMETA = 16
+ M_BLOCK_LOG2, M_BITS, M_INT2, M_BACKGROUND, M_LEVELS_F16, M_LUT2, M_XPAD) = range(18)
+NMETA = 18
 
 # Row status (0 = ok), reported per work item as row * 4 + status.
 ERR_LENGTH = 1  # the row's symbols do not end exactly at its last bit (or hold an invalid codeword)
@@ -80,23 +89,31 @@ def _level(lv16, lv32, f16, i):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _row_levels(m, lv16, lv32, r, tab, k):  # pragma: no cover - compiled
-    """Set ``tab[k:k+4]`` = weight added per value v (tab[k] = 0) for row r; return the background level.
+def _row_pairs(m, lv16, lv32, r, tab, k):  # pragma: no cover - compiled
+    """Fill row r's weight-pair table ``tab[k:k+32] = [16 (v1 | v2 << 2), 2]``; return the background level.
 
-    ternary: v=1 -> lo, v=2 -> hi, base 0. int2: v -> level[(bg + v) & 3] - level[bg], base level[bg].
+    Weight of value v: ternary v=1 -> lo, v=2 -> hi, v=0 -> 0, base 0; int2: level[(bg + v) & 3] - level[bg],
+    base level[bg]. ``tab[k + 2 v]`` is then the weight of a lone value v.
     """
     f16 = m[M_LEVELS_F16] != 0
-    tab[k] = 0.0
+    w0 = w1 = w2 = w3 = np.float32(0.0)
+    base = np.float32(0.0)
     if m[M_INT2]:
         bg = m[M_BACKGROUND]
-        base = _level(lv16, lv32, f16, 4 * r + bg)
-        for v in range(1, 4):
-            tab[k + v] = np.float32(_level(lv16, lv32, f16, 4 * r + ((bg + v) & 3)) - base)
-        return np.float32(base)
-    tab[k + 1] = np.float32(_level(lv16, lv32, f16, 2 * r))
-    tab[k + 2] = np.float32(_level(lv16, lv32, f16, 2 * r + 1))
-    tab[k + 3] = 0.0
-    return np.float32(0.0)
+        lb = _level(lv16, lv32, f16, 4 * r + bg)
+        w1 = np.float32(_level(lv16, lv32, f16, 4 * r + ((bg + 1) & 3)) - lb)
+        w2 = np.float32(_level(lv16, lv32, f16, 4 * r + ((bg + 2) & 3)) - lb)
+        w3 = np.float32(_level(lv16, lv32, f16, 4 * r + ((bg + 3) & 3)) - lb)
+        base = np.float32(lb)
+    else:
+        w1 = np.float32(_level(lv16, lv32, f16, 2 * r))
+        w2 = np.float32(_level(lv16, lv32, f16, 2 * r + 1))
+    ws = (w0, w1, w2, w3)
+    for i in range(4):
+        for j in range(4):
+            tab[k + 2 * (i | (j << 2))] = ws[i]
+            tab[k + 2 * (i | (j << 2)) + 1] = ws[j]
+    return base
 
 
 @njit(inline="always")
@@ -128,75 +145,127 @@ def _status(bit, end, pos, e, cols):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
+def _entry2(words, lut2, bit):  # pragma: no cover - compiled
+    """Multi-symbol table entry at stream ``bit`` (<= the row's end - 12)."""
+    i = np.uint64(bit >> 5)
+    window = np.int64(words[i]) | (np.int64(words[i + np.uint64(1)]) << 32)
+    return lut2[np.uint64((window >> (bit & 31)) & LUT_MASK)]
+
+
+@njit(inline="always")
 def _dot1(words, lut, x, tab, toff, cols, bit, end, pos, acc, e):  # pragma: no cover - compiled
-    """Finish one row at batch 1 from state (bit, pos, acc, last entry e); x is ``[cols + 2]``."""
+    """Finish one row at batch 1 symbol by symbol from state (bit, pos, acc, last entry e).
+
+    Weight of value v is ``tab[toff + 2 v]`` (the pair table's single-value slots); x[cols] is 0.
+    """
     while pos < cols and bit < end:
         e = _entry(words, lut, bit)
         bit += e & LEN_MASK
         pos += e >> ADV_SHIFT
         # past the width (end of row, escape, corrupt value) read x[cols] = 0; the status check follows
-        acc += tab[np.uint64(toff + ((e >> VAL_SHIFT) & 3))] * x[np.uint64(min(pos - 1, cols))]
+        acc += tab[np.uint64(toff + 2 * ((e >> VAL_SHIFT) & 3))] * x[np.uint64(min(pos - 1, cols))]
     return bit, pos, acc, e
 
 
+@njit(inline="always")
+def _walk(words, lut, cols, bit, end, pos):  # pragma: no cover - compiled
+    """Re-decode symbol by symbol, writing nothing, from (bit, pos) until the row ends; its status.
+
+    Runs after a multi-symbol entry carried pos past the width, to stop exactly where the reference decoder
+    stops (a corrupt row may cross the width before the entry's last symbol).
+    """
+    e = np.int64(0)
+    while pos < cols and bit < end:
+        e = _entry(words, lut, bit)
+        bit += e & LEN_MASK
+        pos += e >> ADV_SHIFT
+    return _status(bit, end, pos, e, cols)
+
+
+@njit(inline="always")
+def _finish1(words, lut, x, tab, toff, cols, bit, end, pos, acc, e):  # pragma: no cover - compiled
+    """After a row's multi-symbol loop: (acc, status)."""
+    if pos >= cols:  # the last entry crossed the width
+        return acc, _walk(words, lut, cols, bit - (e & 15), end, pos - (e >> E2_ADV_SHIFT))
+    bit, pos, acc, e = _dot1(words, lut, x, tab, toff, cols, bit, end, pos, acc, e)
+    return acc, _status(bit, end, pos, e, cols)
+
+
+@njit(inline="always")
+def _zone1(words, lut2, x, tab, toff, cols, bit, end12, pos, acc, e):  # pragma: no cover - compiled
+    """One row's multi-symbol loop (batch 1) while its next 12 bits lie inside the row and pos < cols."""
+    acc2 = np.float32(0.0)
+    while (cols - 1 - pos) | (end12 - bit) >= 0:
+        e = _entry2(words, lut2, bit)
+        bit += e & 15
+        k = np.uint64(toff + 2 * ((e >> 4) & 15))
+        acc += tab[k] * x[np.uint64(pos + ((e >> 8) & 0xFFFF))]
+        acc2 += tab[k + np.uint64(1)] * x[np.uint64(pos + ((e >> 24) & 0xFFFF))]
+        pos += e >> E2_ADV_SHIFT
+    return bit, pos, acc + acc2, e
+
+
 @njit(fastmath={"contract"}, nogil=True)
-def _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no cover - compiled
-    """Rows [r0, r1) at batch 1; returns -1 or (first bad row) * 4 + status."""
+def _item_t1(m, words, lut, lut2, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no cover - compiled
+    """Rows [r0, r1) at batch 1; returns -1 or (first bad row) * 4 + status. x is ``[cols + pad + 1]``."""
     rows, cols, g, total = m[M_ROWS], m[M_COLS], m[M_BLOCK_LOG2], m[M_BITS]
-    xsum = x[cols + 1]
-    tab = np.zeros(16, dtype=np.float32)  # [4 rows, 4 values]
+    xsum = x[cols + m[M_XPAD]]
+    tab = np.zeros(3 * 32, dtype=np.float32)  # [3 rows, 16 value pairs, 2]
     r = r0
-    while r + 4 <= r1:
-        base0 = _row_levels(m, lv16, lv32, r, tab, 0)
-        base1 = _row_levels(m, lv16, lv32, r + 1, tab, 4)
-        base2 = _row_levels(m, lv16, lv32, r + 2, tab, 8)
-        base3 = _row_levels(m, lv16, lv32, r + 3, tab, 12)
+    while r + 3 <= r1:
+        base0 = _row_pairs(m, lv16, lv32, r, tab, 0)
+        base1 = _row_pairs(m, lv16, lv32, r + 1, tab, 32)
+        base2 = _row_pairs(m, lv16, lv32, r + 2, tab, 64)
         b0, n0 = _row_bits(bo, rd, g, rows, total, r)
         b1, n1 = _row_bits(bo, rd, g, rows, total, r + 1)
         b2, n2 = _row_bits(bo, rd, g, rows, total, r + 2)
-        b3, n3 = _row_bits(bo, rd, g, rows, total, r + 3)
-        p0 = p1 = p2 = p3 = np.int64(0)
-        e0 = e1 = e2 = e3 = np.int64(0)
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        # Interleaved while every row has symbols left (OR of values >= 0 is >= 0 iff all are).
-        while ((cols - 1 - p0) | (cols - 1 - p1) | (cols - 1 - p2) | (cols - 1 - p3)
-               | (n0 - 1 - b0) | (n1 - 1 - b1) | (n2 - 1 - b2) | (n3 - 1 - b3)) >= 0:
-            e0 = _entry(words, lut, b0)
-            e1 = _entry(words, lut, b1)
-            e2 = _entry(words, lut, b2)
-            e3 = _entry(words, lut, b3)
-            b0 += e0 & LEN_MASK
-            b1 += e1 & LEN_MASK
-            b2 += e2 & LEN_MASK
-            b3 += e3 & LEN_MASK
-            p0 += e0 >> ADV_SHIFT
-            p1 += e1 >> ADV_SHIFT
-            p2 += e2 >> ADV_SHIFT
-            p3 += e3 >> ADV_SHIFT
-            a0 += tab[np.uint64((e0 >> VAL_SHIFT) & 3)] * x[np.uint64(min(p0 - 1, cols))]
-            a1 += tab[np.uint64(4 + ((e1 >> VAL_SHIFT) & 3))] * x[np.uint64(min(p1 - 1, cols))]
-            a2 += tab[np.uint64(8 + ((e2 >> VAL_SHIFT) & 3))] * x[np.uint64(min(p2 - 1, cols))]
-            a3 += tab[np.uint64(12 + ((e3 >> VAL_SHIFT) & 3))] * x[np.uint64(min(p3 - 1, cols))]
-        b0, p0, a0, e0 = _dot1(words, lut, x, tab, 0, cols, b0, n0, p0, a0, e0)
-        b1, p1, a1, e1 = _dot1(words, lut, x, tab, 4, cols, b1, n1, p1, a1, e1)
-        b2, p2, a2, e2 = _dot1(words, lut, x, tab, 8, cols, b2, n2, p2, a2, e2)
-        b3, p3, a3, e3 = _dot1(words, lut, x, tab, 12, cols, b3, n3, p3, a3, e3)
+        z0, z1, z2 = n0 - 12, n1 - 12, n2 - 12
+        p0 = p1 = p2 = np.int64(0)
+        e0 = e1 = e2 = np.int64(0)
+        a0 = a1 = a2 = c0 = c1 = c2 = np.float32(0.0)
+        # Three rows interleaved while each has a full 12-bit window left and pos < cols (an OR of values
+        # >= 0 is >= 0 iff all are): three independent decode chains fill the pipeline.
+        while ((cols - 1 - p0) | (cols - 1 - p1) | (cols - 1 - p2) | (z0 - b0) | (z1 - b1) | (z2 - b2)) >= 0:
+            e0 = _entry2(words, lut2, b0)
+            e1 = _entry2(words, lut2, b1)
+            e2 = _entry2(words, lut2, b2)
+            b0 += e0 & 15
+            b1 += e1 & 15
+            b2 += e2 & 15
+            k0 = np.uint64(2 * ((e0 >> 4) & 15))
+            k1 = np.uint64(32 + 2 * ((e1 >> 4) & 15))
+            k2 = np.uint64(64 + 2 * ((e2 >> 4) & 15))
+            a0 += tab[k0] * x[np.uint64(p0 + ((e0 >> 8) & 0xFFFF))]
+            c0 += tab[k0 + np.uint64(1)] * x[np.uint64(p0 + ((e0 >> 24) & 0xFFFF))]
+            a1 += tab[k1] * x[np.uint64(p1 + ((e1 >> 8) & 0xFFFF))]
+            c1 += tab[k1 + np.uint64(1)] * x[np.uint64(p1 + ((e1 >> 24) & 0xFFFF))]
+            a2 += tab[k2] * x[np.uint64(p2 + ((e2 >> 8) & 0xFFFF))]
+            c2 += tab[k2 + np.uint64(1)] * x[np.uint64(p2 + ((e2 >> 24) & 0xFFFF))]
+            p0 += e0 >> E2_ADV_SHIFT
+            p1 += e1 >> E2_ADV_SHIFT
+            p2 += e2 >> E2_ADV_SHIFT
+        b0, p0, a0, e0 = _zone1(words, lut2, x, tab, 0, cols, b0, z0, p0, a0 + c0, e0)
+        b1, p1, a1, e1 = _zone1(words, lut2, x, tab, 32, cols, b1, z1, p1, a1 + c1, e1)
+        b2, p2, a2, e2 = _zone1(words, lut2, x, tab, 64, cols, b2, z2, p2, a2 + c2, e2)
+        a0, s0 = _finish1(words, lut, x, tab, 0, cols, b0, n0, p0, a0, e0)
+        a1, s1 = _finish1(words, lut, x, tab, 32, cols, b1, n1, p1, a1, e1)
+        a2, s2 = _finish1(words, lut, x, tab, 64, cols, b2, n2, p2, a2, e2)
         out[r] = a0 + base0 * xsum
         out[r + 1] = a1 + base1 * xsum
         out[r + 2] = a2 + base2 * xsum
-        out[r + 3] = a3 + base3 * xsum
-        for k, (b, n, p, e) in enumerate(((b0, n0, p0, e0), (b1, n1, p1, e1), (b2, n2, p2, e2),
-                                          (b3, n3, p3, e3))):
-            s = _status(b, n, p, e, cols)
-            if s:
-                return (r + k) * 4 + s
-        r += 4
+        if s0:
+            return r * 4 + s0
+        if s1:
+            return (r + 1) * 4 + s1
+        if s2:
+            return (r + 2) * 4 + s2
+        r += 3
     while r < r1:
-        base = _row_levels(m, lv16, lv32, r, tab, 0)
+        base = _row_pairs(m, lv16, lv32, r, tab, 0)
         b, n = _row_bits(bo, rd, g, rows, total, r)
-        b, p, a, e = _dot1(words, lut, x, tab, 0, cols, b, n, np.int64(0), np.float32(0.0), np.int64(0))
+        b, p, a, e = _zone1(words, lut2, x, tab, 0, cols, b, n - 12, np.int64(0), np.float32(0.0), np.int64(0))
+        a, s = _finish1(words, lut, x, tab, 0, cols, b, n, p, a, e)
         out[r] = a + base * xsum
-        s = _status(b, n, p, e, cols)
         if s:
             return r * 4 + s
         r += 1
@@ -204,30 +273,44 @@ def _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma: no c
 
 
 @njit(fastmath={"contract"}, nogil=True)
-def _item_tn(m, words, lut, bo, rd, lv16, lv32, xt, out, r0, r1):  # pragma: no cover - compiled
-    """Rows [r0, r1) at batch T: ``xt [cols + 2, Tp]``, ``out [T * rows]``; -1 or bad row * 4 + status."""
+def _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, r0, r1):  # pragma: no cover - compiled
+    """Rows [r0, r1) at batch T: ``xt [cols + pad + 1, Tp]``, ``out [T * rows]``; -1 or bad row * 4 + status."""
     rows, cols, g, total = m[M_ROWS], m[M_COLS], m[M_BLOCK_LOG2], m[M_BITS]
-    ntok, tp = m[M_TOKENS], m[M_TPAD]
-    tab = np.zeros(4, dtype=np.float32)
+    ntok, tp, xpad = m[M_TOKENS], m[M_TPAD], m[M_XPAD]
+    tab = np.zeros(32, dtype=np.float32)
     acc = np.empty(tp, dtype=np.float32)
     for r in range(r0, r1):
-        base = _row_levels(m, lv16, lv32, r, tab, 0)
+        base = _row_pairs(m, lv16, lv32, r, tab, 0)
         bit, end = _row_bits(bo, rd, g, rows, total, r)
+        end12 = end - 12
         for t in range(tp):
             acc[t] = 0.0
         pos = np.int64(0)
         e = np.int64(0)
-        while pos < cols and bit < end:
-            e = _entry(words, lut, bit)
-            bit += e & LEN_MASK
-            pos += e >> ADV_SHIFT
-            w = tab[np.uint64((e >> VAL_SHIFT) & 3)]
-            xr = xt[np.uint64(min(pos - 1, cols))]  # [tp]: a row view, so the token loop vectorizes
+        while (cols - 1 - pos) | (end12 - bit) >= 0:
+            e = _entry2(words, lut2, bit)
+            bit += e & 15
+            k = np.uint64(2 * ((e >> 4) & 15))
+            wa, wb = tab[k], tab[k + np.uint64(1)]
+            xa = xt[np.uint64(pos + ((e >> 8) & 0xFFFF))]  # [tp]: row views, so the token loop vectorizes
+            xb = xt[np.uint64(pos + ((e >> 24) & 0xFFFF))]
             for t in range(tp):
-                acc[t] += w * xr[t]
+                acc[t] += wa * xa[t] + wb * xb[t]
+            pos += e >> E2_ADV_SHIFT
+        if pos >= cols:
+            s = _walk(words, lut, cols, bit - (e & 15), end, pos - (e >> E2_ADV_SHIFT))
+        else:
+            while pos < cols and bit < end:
+                e = _entry(words, lut, bit)
+                bit += e & LEN_MASK
+                pos += e >> ADV_SHIFT
+                w = tab[np.uint64(2 * ((e >> VAL_SHIFT) & 3))]
+                xr = xt[np.uint64(min(pos - 1, cols))]
+                for t in range(tp):
+                    acc[t] += w * xr[t]
+            s = _status(bit, end, pos, e, cols)
         for t in range(ntok):
-            out[t * rows + r] = acc[t] + base * xt[cols + 1, t]
-        s = _status(bit, end, pos, e, cols)
+            out[t * rows + r] = acc[t] + base * xt[cols + xpad, t]
         if s:
             return r * 4 + s
     return -1
@@ -239,6 +322,7 @@ def _item(m, r0, r1):  # pragma: no cover - compiled
     nlev = rows * (4 if m[M_INT2] else 2)
     words = numba.carray(_voidptr(m[M_STREAM]), (m[M_BITS] + 31) // 32 + 1, np.uint32)
     lut = numba.carray(_voidptr(m[M_LUT]), LUT_MASK + 1, np.int32)
+    lut2 = numba.carray(_voidptr(m[M_LUT2]), LUT_MASK + 1, np.int64)
     g = m[M_BLOCK_LOG2]
     bo = numba.carray(_voidptr(m[M_BLOCK_OFFSETS]), ((rows + (1 << g) - 1) >> g) + 1, np.uint32)
     rd = numba.carray(_voidptr(m[M_ROW_DELTAS]), rows, np.uint16)
@@ -246,10 +330,10 @@ def _item(m, r0, r1):  # pragma: no cover - compiled
     lv32 = numba.carray(_voidptr(m[M_LEVELS]), nlev if m[M_LEVELS_F16] == 0 else 0, np.float32)
     out = numba.carray(_voidptr(m[M_OUT]), ntok * rows, np.float32)
     if ntok == 1:
-        x = numba.carray(_voidptr(m[M_X]), cols + 2, np.float32)
-        return _item_t1(m, words, lut, bo, rd, lv16, lv32, x, out, r0, r1)
-    xt = numba.carray(_voidptr(m[M_X]), (cols + 2, tp), np.float32)
-    return _item_tn(m, words, lut, bo, rd, lv16, lv32, xt, out, r0, r1)
+        x = numba.carray(_voidptr(m[M_X]), cols + m[M_XPAD] + 1, np.float32)
+        return _item_t1(m, words, lut, lut2, bo, rd, lv16, lv32, x, out, r0, r1)
+    xt = numba.carray(_voidptr(m[M_X]), (cols + m[M_XPAD] + 1, tp), np.float32)
+    return _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, r0, r1)
 
 
 @njit(cache=True, parallel=True, nogil=True)

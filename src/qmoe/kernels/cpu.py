@@ -62,16 +62,77 @@ def build_lut(enc: EncodedMatrix) -> np.ndarray:
     return lut
 
 
+def build_lut2(enc: EncodedMatrix) -> tuple[np.ndarray, int]:
+    """The kernel's multi-symbol ``[4096] int64`` decode table (layout in _cpu_numba) and the x padding it
+    needs (value columns reach up to ``pad - 1`` past pos), shared by matrices with the same code.
+
+    Entry i decodes, in order, every codeword lying wholly in the 12 window bits i (LSB first) while at most
+    two of them write values; an escape only moves pos; the end-of-row symbol closes the entry. The first
+    codeword is always taken (a lone 12-bit codeword or an invalid prefix still makes an entry).
+    """
+    nb = _nb()
+    t = enc.table
+    key = ("pairs", t.kind, t.run_limit, t.background, t.lengths.tobytes())
+    got = _luts.get(key)
+    if got is not None:
+        return got, int(got[-1])
+    from qmoe.codec import huffman
+
+    single = t.decode_lut().astype(np.int64)  # codec layout, qmoe.codec.huffman
+    nbits = nb.LUT_MASK.bit_length()
+    # Later values may land at most `limit` columns past pos, so x needs only limit + 1 zeros of padding.
+    limit = max(256, int(t.run_limit)) - 1
+    idx = np.arange(nb.LUT_MASK + 1, dtype=np.int64)
+    used = np.zeros_like(idx)  # bits taken
+    off = np.zeros_like(idx)  # pos advance so far
+    nval = np.zeros_like(idx)
+    land = np.zeros((2, len(idx)), dtype=np.int64)
+    vv = np.zeros_like(idx)
+    ended = np.zeros(len(idx), dtype=bool)
+    open_ = np.ones(len(idx), dtype=bool)
+    for step in range(nbits):
+        e = single[(idx >> used) & nb.LUT_MASK]  # bits past the window read as 0: checked via the length
+        n = e & huffman.LEN_MASK
+        v = (e >> huffman.VAL_SHIFT) & 3
+        skip = e >> huffman.SKIP_SHIFT
+        eor = (e & huffman.EOR_FLAG) != 0
+        if step == 0:
+            take = open_.copy()
+            ended |= n == 0  # no codeword: the entry ends the row (the kernel's status check rejects it)
+        else:
+            take = open_ & (n > 0) & (n <= nbits - used) & ~((v > 0) & ((nval == 2) | (off + skip > limit)))
+        val = take & (v > 0) & ~eor
+        first = val & (nval == 0)
+        second = val & (nval == 1)
+        land[0] = np.where(first, off + skip, land[0])
+        land[1] = np.where(second, off + skip, land[1])
+        vv |= np.where(first, v, 0) | np.where(second, v << 2, 0)
+        nval += val
+        off += np.where(take & ~eor, skip + (v > 0), 0)
+        used += np.where(take, n, 0)
+        ended |= take & eor
+        open_ &= take & ~ended
+    adv = np.where(ended, nb.ADV_END, off)
+    assert land.max() <= max(limit, int(t.run_limit) - 1) and adv.max() <= nb.ADV_END and used.max() <= nbits
+    lut2 = np.empty(len(idx) + 1, dtype=np.int64)  # last slot: the padding (kept with the table)
+    lut2[:-1] = used | (vv << 4) | (land[0] << 8) | (land[1] << 24) | (adv << nb.E2_ADV_SHIFT)
+    lut2[-1] = limit + 1
+    _luts[key] = lut2
+    return lut2, limit + 1
+
+
 class Prepared:
     """Per-matrix handle: the arrays the kernel reads (kept alive here) and a meta-row template."""
 
-    __slots__ = ("enc", "rows", "cols", "int2", "lut", "_arrays", "meta", "rows_per_item", "__weakref__")
+    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "xpad", "_arrays", "meta", "rows_per_item",
+                 "__weakref__")
 
     def __init__(self, enc: EncodedMatrix):
         nb = _nb()
         rows, cols = enc.shape
         self.enc, self.rows, self.cols, self.int2 = enc, rows, cols, enc.kind == "int2"
         self.lut = build_lut(enc)
+        self.lut2, self.xpad = build_lut2(enc)
         stream = np.ascontiguousarray(enc.stream, dtype="<u4")
         bo = np.ascontiguousarray(enc.block_offsets, dtype="<u4")
         rd = np.ascontiguousarray(enc.row_deltas, dtype="<u2")
@@ -85,7 +146,7 @@ class Prepared:
         m = np.zeros(nb.NMETA, dtype=np.int64)
         m[nb.M_STREAM], m[nb.M_BLOCK_OFFSETS] = stream.ctypes.data, bo.ctypes.data
         m[nb.M_ROW_DELTAS], m[nb.M_LEVELS] = rd.ctypes.data, levels.ctypes.data
-        m[nb.M_LUT] = self.lut.ctypes.data
+        m[nb.M_LUT], m[nb.M_LUT2], m[nb.M_XPAD] = self.lut.ctypes.data, self.lut2.ctypes.data, self.xpad
         m[nb.M_ROWS], m[nb.M_COLS] = rows, cols
         m[nb.M_BLOCK_LOG2], m[nb.M_BITS] = enc.block_log2, enc.total_bits
         m[nb.M_INT2], m[nb.M_BACKGROUND] = self.int2, enc.table.background
@@ -111,16 +172,23 @@ def prepare(enc: EncodedMatrix) -> Prepared:
 
 
 def _pack(h: Prepared, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """x ``[T, cols]`` -> the kernel's layout ``[cols + 2, Tp]`` (row cols = 0, row cols+1 = sum over cols).
+    """x ``[T, cols]`` -> the kernel's layout ``[cols + pad + 1, Tp]``: rows cols..cols+pad-1 = 0, last row =
+    sum over cols.
 
-    Row ``cols`` is read for escapes and ends of row (weight 0); the sum feeds int2's background level.
+    The zero rows are read by values that land past pos's row end in a corrupt stream, and by escapes and
+    ends of row (weight 0), so the kernel needs no per-symbol bounds clamp; the sum feeds int2's background.
     """
     t, cols = x.shape
     tp = 1 if t == 1 else (t + 7) // 8 * 8
-    xt = np.zeros((cols + 2, tp), dtype=np.float32)
-    xt[:cols, :t] = x.T
+    xt = np.empty((cols + h.xpad + 1, tp), dtype=np.float32)
+    if t == 1:
+        xt[:cols, 0] = x[0]
+    else:
+        xt[:cols, :t] = x.T
+        xt[:cols, t:] = 0.0
+    xt[cols:] = 0.0
     if h.int2:
-        xt[cols + 1, :t] = x.sum(axis=1, dtype=np.float64)
+        xt[cols + h.xpad, :t] = x.sum(axis=1, dtype=np.float64)
     return xt, tp
 
 
