@@ -50,9 +50,13 @@ LUT_MASK = (1 << 12) - 1  # format.MAX_CODE_LEN bits index the table
 E2_ADV_SHIFT = 40
 
 # meta columns, one row per matrix
-(M_STREAM, M_BLOCK_OFFSETS, M_ROW_DELTAS, M_LEVELS, M_LUT, M_X, M_OUT, M_ROWS, M_COLS, M_TOKENS, M_TPAD,
- M_BLOCK_LOG2, M_BITS, M_INT2, M_BACKGROUND, M_LEVELS_F16, M_LUT2, M_XPAD) = range(18)
-NMETA = 18
+(M_STREAM, M_BLOCK_OFFSETS, M_ROW_DELTAS, M_LEVELS, M_LUT, M_LUT2, M_ROWS, M_COLS, M_BLOCK_LOG2, M_BITS,
+ M_INT2, M_BACKGROUND, M_LEVELS_F16, M_XPAD, M_RPI) = range(15)
+NMETA = 16
+
+# call columns, one row per (matrix, input) of a call
+C_SLOT, C_TOKENS, C_TPAD, C_XADDR, C_XS0, C_XS1, C_XOFF, C_OOFF = range(8)
+NCALL = 8
 
 # Row status (0 = ok), reported per work item as row * 4 + status.
 ERR_LENGTH = 1  # the row's symbols do not end exactly at its last bit (or hold an invalid codeword)
@@ -263,7 +267,7 @@ def _item_t1(m, words, lut, lut2, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma
     while r < r1:
         base = _row_pairs(m, lv16, lv32, r, tab, 0)
         b, n = _row_bits(bo, rd, g, rows, total, r)
-        b, p, a, e = _zone1(words, lut2, x, tab, 0, cols, b, n - 12, np.int64(0), np.float32(0.0), np.int64(0))
+        b, p, a, e = _zone1(words, lut2, x, tab, 0, cols, b, n - 12, np.int64(0), np.float32(0), np.int64(0))
         a, s = _finish1(words, lut, x, tab, 0, cols, b, n, p, a, e)
         out[r] = a + base * xsum
         if s:
@@ -273,10 +277,10 @@ def _item_t1(m, words, lut, lut2, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma
 
 
 @njit(fastmath={"contract"}, nogil=True)
-def _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, r0, r1):  # pragma: no cover - compiled
-    """Rows [r0, r1) at batch T: ``xt [cols + pad + 1, Tp]``, ``out [T * rows]``; -1 or bad row * 4 + status."""
+def _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, ntok, tp, r0, r1):  # pragma: no cover
+    """Rows [r0, r1) at batch T: ``xt [cols + pad + 1, Tp]``, ``out [T * rows]``; -1 or bad row*4 + status."""
     rows, cols, g, total = m[M_ROWS], m[M_COLS], m[M_BLOCK_LOG2], m[M_BITS]
-    ntok, tp, xpad = m[M_TOKENS], m[M_TPAD], m[M_XPAD]
+    xpad = m[M_XPAD]
     tab = np.zeros(32, dtype=np.float32)
     acc = np.empty(tp, dtype=np.float32)
     for r in range(r0, r1):
@@ -317,8 +321,9 @@ def _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, r0, r1):  # pragm
 
 
 @njit(fastmath={"contract"}, nogil=True)
-def _item(m, r0, r1):  # pragma: no cover - compiled
-    rows, cols, ntok, tp = m[M_ROWS], m[M_COLS], m[M_TOKENS], m[M_TPAD]
+def _item(m, x, out, ntok, tp, r0, r1):  # pragma: no cover - compiled
+    """Rows [r0, r1) of matrix ``m`` (a registry row) for the packed input x into ``out [ntok * rows]``."""
+    rows, cols = m[M_ROWS], m[M_COLS]
     nlev = rows * (4 if m[M_INT2] else 2)
     words = numba.carray(_voidptr(m[M_STREAM]), (m[M_BITS] + 31) // 32 + 1, np.uint32)
     lut = numba.carray(_voidptr(m[M_LUT]), LUT_MASK + 1, np.int32)
@@ -328,21 +333,65 @@ def _item(m, r0, r1):  # pragma: no cover - compiled
     rd = numba.carray(_voidptr(m[M_ROW_DELTAS]), rows, np.uint16)
     lv16 = numba.carray(_voidptr(m[M_LEVELS]), nlev, np.uint16)
     lv32 = numba.carray(_voidptr(m[M_LEVELS]), nlev if m[M_LEVELS_F16] == 0 else 0, np.float32)
-    out = numba.carray(_voidptr(m[M_OUT]), ntok * rows, np.float32)
     if ntok == 1:
-        x = numba.carray(_voidptr(m[M_X]), cols + m[M_XPAD] + 1, np.float32)
         return _item_t1(m, words, lut, lut2, bo, rd, lv16, lv32, x, out, r0, r1)
-    xt = numba.carray(_voidptr(m[M_X]), (cols + m[M_XPAD] + 1, tp), np.float32)
-    return _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, r0, r1)
+    xt = x.reshape((cols + m[M_XPAD] + 1, tp))
+    return _item_tn(m, words, lut, lut2, bo, rd, lv16, lv32, xt, out, ntok, tp, r0, r1)
+
+
+@njit(inline="always")
+def _pack(m, c, xbuf):  # pragma: no cover - compiled
+    """Copy call c's input ``[t, cols]`` (any element strides) into ``xbuf`` as ``[cols + pad + 1, Tp]``:
+    tokens minor, zero rows cols..cols+pad-1 (read by escapes and corrupt values: no bounds clamp per
+    symbol), last row = the token's sum over cols (int2's background level)."""
+    cols, pad = m[M_COLS], m[M_XPAD]
+    t, tp, s0, s1, off = c[C_TOKENS], c[C_TPAD], c[C_XS0], c[C_XS1], c[C_XOFF]
+    src = numba.carray(_voidptr(c[C_XADDR]), (t - 1) * s0 + (cols - 1) * s1 + 1, np.float32)
+    n = (cols + pad + 1) * tp
+    for k in range(off, off + n):
+        xbuf[k] = 0.0
+    for i in range(t):
+        xsum = 0.0
+        for j in range(cols):
+            v = src[np.uint64(i * s0 + j * s1)]
+            xbuf[np.uint64(off + j * tp + i)] = v
+            xsum += v
+        if m[M_INT2]:  # (ternary: left 0, so an overflowing sum cannot turn 0 * inf into nan)
+            xbuf[off + (cols + pad) * tp + i] = xsum
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def matmul_items(meta, items, status):  # pragma: no cover - compiled
-    """Run work items ``items [n, 3] (matrix, row0, row1)`` over matrices ``meta [E, NMETA]``.
+def matmul_call(reg, calls, xbuf, out):  # pragma: no cover - compiled
+    """``out[c] = x_c @ W_c^T`` for each row of ``calls [n, NCALL]`` (registry slot, tokens, input address
+    and element strides, offsets into ``xbuf`` and ``out``) over the matrices of ``reg [slots, NMETA]``.
 
-    ``status [n]`` gets -1 per good item, else (first bad row) * 4 + status code.
-    Call under ``numba.parallel_chunksize(1)``: dynamic scheduling, so uneven rows and busy cores balance out
-    (set from Python: setting it in here would make the function uncacheable).
+    Work items are (call, block of the matrix's M_RPI rows), run with dynamic scheduling when called under
+    ``numba.parallel_chunksize(1)`` (set from Python: setting it in here would make the function
+    uncacheable), so uneven rows and busy cores balance out. Returns (call, row * 4 + status) of the first
+    bad row, or (-1, -1).
     """
-    for i in prange(items.shape[0]):
-        status[i] = _item(meta[items[i, 0]], items[i, 1], items[i, 2])
+    n = calls.shape[0]
+    first = np.empty(n + 1, dtype=np.int64)  # first work item of each call
+    first[0] = 0
+    for c in range(n):
+        m = reg[calls[c, C_SLOT]]
+        t = calls[c, C_TOKENS]
+        if t > 0:
+            _pack(m, calls[c], xbuf)
+        first[c + 1] = first[c] + (0 if t == 0 else (m[M_ROWS] + m[M_RPI] - 1) // m[M_RPI])
+    total = first[n]
+    status = np.empty(total, dtype=np.int64)
+    for i in prange(total):
+        c = np.searchsorted(first, i, side="right") - 1
+        m = reg[calls[c, C_SLOT]]
+        rows, rpi, t, tp = m[M_ROWS], m[M_RPI], calls[c, C_TOKENS], calls[c, C_TPAD]
+        r0 = (i - first[c]) * rpi
+        xo = calls[c, C_XOFF]
+        x = xbuf[xo: xo + (m[M_COLS] + m[M_XPAD] + 1) * tp]
+        oo = calls[c, C_OOFF]
+        status[i] = _item(m, x, out[oo: oo + t * rows], t, tp, r0, min(r0 + rpi, rows))
+    for c in range(n):
+        for i in range(first[c], first[c + 1]):
+            if status[i] >= 0:
+                return c, status[i]
+    return -1, -1

@@ -15,7 +15,7 @@ import numpy as np
 
 from qmoe.codec.format import EncodedMatrix
 from qmoe.errors import BackendUnavailable, FormatError
-from qmoe.kernels._io import as_numpy, wrap
+from qmoe.kernels._io import as_source, wrap
 
 # Work-item size: about this many weights per (matrix, row block), so a 2-core call has tens of items to
 # balance yet each item's fixed cost (row levels, scheduling) stays small.
@@ -121,13 +121,41 @@ def build_lut2(enc: EncodedMatrix) -> tuple[np.ndarray, int]:
     return lut2, limit + 1
 
 
-class Prepared:
-    """Per-matrix handle: the arrays the kernel reads (kept alive here) and a meta-row template."""
+class _Registry:
+    """Registry rows ``[slots, NMETA] int64``, one per live Prepared handle, so a call passes the kernel
+    slot numbers instead of building per-matrix rows (each costs ~µs of numpy from Python)."""
 
-    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "xpad", "_arrays", "meta", "rows_per_item",
+    def __init__(self) -> None:
+        self.rows = np.zeros((0, _nb().NMETA), dtype=np.int64)
+        self.free: list[int] = []
+
+    def add(self, row: np.ndarray) -> int:
+        if not self.free:
+            n = len(self.rows)
+            grown = np.zeros((max(16, 2 * n), self.rows.shape[1]), dtype=np.int64)
+            grown[:n] = self.rows
+            self.rows = grown  # calls in flight hold the old array: its rows stay valid
+            self.free = list(range(len(grown) - 1, n - 1, -1))
+        slot = self.free.pop()
+        self.rows[slot] = row
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.rows[slot] = 0
+        self.free.append(slot)
+
+
+_registry: _Registry | None = None
+
+
+class Prepared:
+    """Per-matrix handle: the arrays the kernel reads (kept alive here) and its registry slot."""
+
+    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "xpad", "_arrays", "meta", "slot",
                  "__weakref__")
 
     def __init__(self, enc: EncodedMatrix):
+        global _registry
         nb = _nb()
         rows, cols = enc.shape
         self.enc, self.rows, self.cols, self.int2 = enc, rows, cols, enc.kind == "int2"
@@ -151,13 +179,12 @@ class Prepared:
         m[nb.M_BLOCK_LOG2], m[nb.M_BITS] = enc.block_log2, enc.total_bits
         m[nb.M_INT2], m[nb.M_BACKGROUND] = self.int2, enc.table.background
         m[nb.M_LEVELS_F16] = levels.dtype == np.dtype("<f2")
+        m[nb.M_RPI] = max(3, min(255, (ITEM_WEIGHTS // cols) // 3 * 3))  # whole 3-row groups
         self.meta = m
-        self.rows_per_item = int(max(4, min(256, (ITEM_WEIGHTS // cols) // 4 * 4)))
-
-    def items(self, e: int) -> np.ndarray:
-        """Work items ``[n, 3] int64`` (matrix index e, row0, row1) covering all rows."""
-        r0 = np.arange(0, self.rows, self.rows_per_item, dtype=np.int64)
-        return np.stack([np.full_like(r0, e), r0, np.minimum(r0 + self.rows_per_item, self.rows)], axis=1)
+        if _registry is None:
+            _registry = _Registry()
+        self.slot = _registry.add(m)
+        weakref.finalize(self, _registry.release, self.slot)
 
 
 def prepare(enc: EncodedMatrix) -> Prepared:
@@ -171,67 +198,47 @@ def prepare(enc: EncodedMatrix) -> Prepared:
     return h
 
 
-def _pack(h: Prepared, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """x ``[T, cols]`` -> the kernel's layout ``[cols + pad + 1, Tp]``: rows cols..cols+pad-1 = 0, last row =
-    sum over cols.
-
-    The zero rows are read by values that land past pos's row end in a corrupt stream, and by escapes and
-    ends of row (weight 0), so the kernel needs no per-symbol bounds clamp; the sum feeds int2's background.
-    """
-    t, cols = x.shape
-    tp = 1 if t == 1 else (t + 7) // 8 * 8
-    xt = np.empty((cols + h.xpad + 1, tp), dtype=np.float32)
-    if t == 1:
-        xt[:cols, 0] = x[0]
-    else:
-        xt[:cols, :t] = x.T
-        xt[:cols, t:] = 0.0
-    xt[cols:] = 0.0
-    if h.int2:
-        xt[cols + h.xpad, :t] = x.sum(axis=1, dtype=np.float64)
-    return xt, tp
-
-
-def _run(handles: Sequence[Prepared], xs: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _run(handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]:
+    """One kernel call for all (matrix, input) pairs; ``srcs`` from ``_io.as_source``. Returns ``[t, rows]``
+    arrays (views of one buffer)."""
     import numba
 
     nb = _nb()
-    meta = np.empty((len(handles), nb.NMETA), dtype=np.int64)
-    keep, outs, items = [], [], []
-    for e, (h, x) in enumerate(zip(handles, xs, strict=True)):
-        t = x.shape[0]
-        out = np.empty((t, h.rows), dtype=np.float32)
-        outs.append(out)
-        if t == 0:
-            meta[e] = h.meta
-            continue
-        xt, tp = _pack(h, x)
-        keep.append(xt)
-        meta[e] = h.meta
-        meta[e, nb.M_X], meta[e, nb.M_OUT] = xt.ctypes.data, out.ctypes.data
-        meta[e, nb.M_TOKENS], meta[e, nb.M_TPAD] = t, tp
-        items.append(h.items(e))
-    if items:
-        work = np.concatenate(items) if len(items) > 1 else items[0]
-        status = np.empty(len(work), dtype=np.int64)
-        with numba.parallel_chunksize(1):
-            nb.matmul_items(meta, work, status)
-        bad = np.flatnonzero(status >= 0)
-        if len(bad):
-            i = bad[0]
-            h = handles[int(work[i, 0])]
-            row, code = divmod(int(status[i]), 4)
-            raise FormatError(f"encoded {h.enc.kind} matrix {h.enc.shape} is corrupt: row {row} "
-                              f"{_STATUS_TEXT[code]}")
-    del keep  # the kernel has returned: the packed inputs may go
-    return outs
+    calls: list[int] = []
+    xoff = ooff = 0
+    for h, (addr, t, s0, s1, _, _) in zip(handles, srcs, strict=True):
+        tp = 1 if t == 1 else (t + 7) // 8 * 8
+        calls += (h.slot, t, tp, addr, s0, s1, xoff, ooff)
+        if t:
+            xoff += (h.cols + h.xpad + 1) * tp
+        ooff += t * h.rows
+    call = np.array(calls, dtype=np.int64).reshape(len(handles), nb.NCALL)
+    xbuf = np.empty(xoff, dtype=np.float32)
+    out = np.empty(ooff, dtype=np.float32)
+    with numba.parallel_chunksize(1):
+        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out)
+    if bad >= 0:
+        h = handles[bad]
+        row, code = divmod(int(status), 4)
+        raise FormatError(f"encoded {h.enc.kind} matrix {h.enc.shape} is corrupt: row {row} "
+                          f"{_STATUS_TEXT[code]}")
+    return _split(out, handles, srcs)
+
+
+def _split(out: np.ndarray, handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]:
+    res, o = [], 0
+    for h, src in zip(handles, srcs, strict=True):
+        n = src[1] * h.rows
+        res.append(out[o:o + n].reshape(src[1], h.rows))
+        o += n
+    return res
 
 
 def matmul(enc: EncodedMatrix, x: Any) -> Any:
     """``x @ W^T`` for ``x [tokens, cols]`` float32 (torch CPU tensor or numpy) -> ``[tokens, rows]``."""
     h = prepare(enc)
-    arr, is_torch = as_numpy(x, h.cols, "x")
-    return wrap(_run([h], [arr])[0], is_torch)
+    src = as_source(x, h.cols, "x")
+    return wrap(_run([h], [src])[0], src[4])
 
 
 def matmul_experts(encs: Sequence[EncodedMatrix], xs: Sequence[Any]) -> list[Any]:
@@ -239,6 +246,6 @@ def matmul_experts(encs: Sequence[EncodedMatrix], xs: Sequence[Any]) -> list[Any
     if len(encs) != len(xs):
         raise ValueError(f"got {len(encs)} matrices but {len(xs)} inputs")
     handles = [prepare(enc) for enc in encs]
-    arrs = [as_numpy(x, h.cols, f"xs[{e}]") for e, (h, x) in enumerate(zip(handles, xs, strict=True))]
-    outs = _run(handles, [a for a, _ in arrs])
-    return [wrap(o, t) for o, (_, t) in zip(outs, arrs, strict=True)]
+    srcs = [as_source(x, h.cols, f"xs[{e}]") for e, (h, x) in enumerate(zip(handles, xs, strict=True))]
+    outs = _run(handles, srcs)
+    return [wrap(o, s[4]) for o, s in zip(outs, srcs, strict=True)]
