@@ -88,7 +88,7 @@ def build_compressed(dense: Path, out: Path) -> None:
     name = f"model-00001-of-{n:05d}.safetensors"
     save_shard(tmp / name, tensors, {}, metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, name))
-    index = {"weight_map": dict(sorted(weight_map.items()))}
+    index = {"metadata": {"format": "qmoe"}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
     for f in dense.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
@@ -118,13 +118,17 @@ def expert_bytes(path: Path) -> tuple[int, int]:
 
 
 # -- worker: one loaded model, generating on request ----------------------------------------------------
-def worker(source: str) -> None:
+def worker(source: str, threads: int | None, clock: str) -> None:
+    import numba
     import psutil
     import torch
 
     from qmoe.runtime.generate import generate
     from qmoe.sources import load_model
 
+    if threads:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(threads)
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     t = time.perf_counter()
@@ -136,21 +140,25 @@ def worker(source: str) -> None:
                       "load_s": load_s, "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
         n = int(line)
+        cpu = time.process_time()
         g = generate(model, tokenizer, PROMPT, max_new_tokens=n, exact=True)
-        print(json.dumps({"tokens": g.new_tokens, "seconds": g.seconds, "text": g.text[:60],
+        seconds = g.seconds if clock == "wall" else time.process_time() - cpu  # cpu: all threads' time
+        print(json.dumps({"tokens": g.new_tokens, "seconds": seconds, "text": g.text[:60],
                           "rss": proc.memory_info().rss}), flush=True)
 
 
 class Worker:
-    def __init__(self, source: Path) -> None:
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(source)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, bufsize=1)
+    def __init__(self, source: Path, threads: int | None, clock: str) -> None:
+        argv = [sys.executable, __file__, "--clock", clock, *(["--threads", str(threads)] if threads else []),
+                "--worker", str(source)]
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = self._read()
 
     def _read(self) -> dict:
         line = self.p.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker exited with {self.p.wait()}")
+            self.p.kill()
+            raise RuntimeError(f"worker for {self.p.args[-1]} failed (its traceback is above)")
         return json.loads(line)
 
     def generate(self, n: int) -> dict:
@@ -162,14 +170,18 @@ class Worker:
         self.p.wait()
 
 
-def compare(name: str, dense: Path, compressed: Path, rounds: int, new_tokens: int) -> dict:
-    workers = {"dense fp32": Worker(dense), "compressed": Worker(compressed)}
-    runs: dict[str, list[dict]] = {k: [] for k in workers}
-    for _ in range(rounds):  # interleaved: both see the same background load
-        for k, w in workers.items():
-            runs[k].append(w.generate(new_tokens))
-    for w in workers.values():
-        w.close()
+def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace) -> dict:
+    rounds, new_tokens = args.rounds, args.new_tokens
+    workers = {"dense fp32": Worker(dense, args.threads, args.clock)}
+    try:
+        workers["compressed"] = Worker(compressed, args.threads, args.clock)
+        runs: dict[str, list[dict]] = {k: [] for k in workers}
+        for _ in range(rounds):  # interleaved: both see the same background load
+            for k, w in workers.items():
+                runs[k].append(w.generate(new_tokens))
+    finally:
+        for w in workers.values():
+            w.close()
     out = {"model": name}
     for k, w in workers.items():
         tps = [r["tokens"] / r["seconds"] for r in runs[k]]
@@ -186,9 +198,11 @@ def compare(name: str, dense: Path, compressed: Path, rounds: int, new_tokens: i
     return out
 
 
-def table(results: list[dict], rounds: int, new_tokens: int) -> str:
-    lines = [f"median of {rounds} interleaved rounds, {new_tokens} new tokens each, greedy; "
-             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    threads = args.threads or "default"
+    lines = [f"median of {args.rounds} interleaved rounds, {args.new_tokens} new tokens each, greedy; clock "
+             f"{args.clock}, threads {threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+             "cores",
              "| model | dense fp32 tok/s | compressed tok/s | ratio | RSS dense MiB | RSS compressed MiB | "
              "experts fp32 -> encoded MiB (bits/w) |",
              "|---|---|---|---|---|---|---|"]
@@ -210,10 +224,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qmoe-bench-runtime"))
     ap.add_argument("--tiny-compressed", type=Path, help="a compressed tiny-switch (e.g. from qmoe compress)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--threads", type=int, help="torch and numba threads per worker (default: theirs)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: the worker's CPU time over all threads, i.e. the work "
+                         "done, unaffected by other processes on a shared machine (use with --threads 1)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.threads, args.clock)
     results = []
     for name in args.models.split(","):
         if name == "synthetic":
@@ -235,9 +253,9 @@ def main() -> None:
             build_compressed(dense, compressed)
             print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
         print(f"timing {name} ...", file=sys.stderr)
-        results.append(compare(name, dense, compressed, args.rounds, args.new_tokens))
+        results.append(compare(name, dense, compressed, args))
         print(json.dumps(results[-1], indent=1), file=sys.stderr)
-    print(table(results, args.rounds, args.new_tokens))
+    print(table(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

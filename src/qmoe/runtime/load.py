@@ -61,10 +61,12 @@ def shard_files(path: Path) -> list[Path]:
         raise FormatError(f"{path} has no {INDEX_FILE} (nor {SINGLE_FILE}); the compressed checkpoint is "
                           "incomplete: re-run qmoe compress")
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        content = json.loads(index.read_text())
+        content["metadata"].items()  # transformers reads it too
+        files = sorted(set(content["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FormatError(f"{index} is not a valid weight index ({exc}); the file is corrupt") from None
+        raise FormatError(f"{index} is not a valid weight index ({type(exc).__name__}: {exc}); the file is "
+                          "corrupt") from None
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise FormatError(f"{path}: shard {missing[0]} is missing ({len(missing)} of {len(files)} shards "
