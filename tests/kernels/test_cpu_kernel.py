@@ -82,6 +82,64 @@ def test_matches_reference(kind: str, rows: int, cols: int, p0: float, fp16: boo
         check(kernels.matmul(enc, x, backend="cpu"), enc, x)
 
 
+def _greedy(single: np.ndarray, i: int) -> tuple[int, list[tuple[int, int]], int | None]:
+    """Decode window i with the codec's single-symbol table the slow way: (bits, [(column, v)], advance or
+    None for the end of the row), taking whole codewords while at most two values are written."""
+    from qmoe.codec import huffman
+
+    used, pos, vals = 0, 0, []
+    while used < 12:
+        e = int(single[(i >> used) & 4095])
+        n, v, skip = e & huffman.LEN_MASK, (e >> huffman.VAL_SHIFT) & 3, e >> huffman.SKIP_SHIFT
+        if used == 0 and n == 0:
+            return 0, [], None
+        if n == 0 or used + n > 12 or (v and (len(vals) == 2 or (used and pos + skip > 255))):
+            break
+        used += n
+        if e & huffman.EOR_FLAG:
+            return used, vals, None
+        if v:
+            vals.append((pos + skip, v))
+        pos += skip + (v > 0)
+    return used, vals, pos
+
+
+@pytest.mark.parametrize("kind", ["ternary", "int2"])
+@pytest.mark.parametrize("p0", [0.3, 0.885, 0.99])
+def test_pair_table_matches_single_table(kind: str, p0: float) -> None:
+    """Every entry of the multi-symbol table = a slow greedy decode with the codec's single-symbol table."""
+    from qmoe.kernels import _cpu_numba as nb
+    from qmoe.kernels.cpu import build_lut2
+
+    rng = np.random.default_rng([int(p0 * 1000), kind == "int2"])
+    enc = MAKERS[kind](rng, 16, 3000, p0)
+    lut2, pad = build_lut2(enc)
+    single = enc.table.decode_lut()
+    for i in range(4096):
+        e = int(lut2[i])
+        used, vals, adv = _greedy(single, i)
+        vv = (e >> 4) & 15
+        got = [(int((e >> 8) & 0xFFFF), vv & 3), (int((e >> 24) & 0xFFFF), vv >> 2)]
+        assert e & 15 == used, f"entry {i}: length"
+        assert [g for g in got if g[1]] == vals, f"entry {i}: values {got} vs {vals}"
+        assert all(c == 0 for c, v in got if v == 0), f"entry {i}: empty slots read x[pos]"
+        assert e >> nb.E2_ADV_SHIFT == (nb.E2_ADV_END if adv is None else adv), f"entry {i}: advance"
+        assert all(c < pad for c, _ in vals)
+
+
+@pytest.mark.parametrize("kind", ["ternary", "int2"])
+def test_short_rows_end_inside_the_window(kind: str) -> None:
+    """Rows of a few codewords: the end of a row (end symbol, an escape past the width) lands inside a
+    multi-symbol entry, which the kernel must re-check symbol by symbol."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        cols = int(rng.integers(1, 48))
+        enc = MAKERS[kind](rng, int(rng.integers(1, 12)), cols, float(rng.choice([0.5, 0.8, 0.95])))
+        for tokens in (1, 3):
+            x = rng.standard_normal((tokens, cols)).astype(np.float32)
+            check(kernels.matmul(enc, x, backend="cpu"), enc, x)
+
+
 def test_torch_in_torch_out_and_strided_input() -> None:
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)

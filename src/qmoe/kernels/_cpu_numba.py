@@ -46,8 +46,9 @@ LUT_MASK = (1 << 12) - 1  # format.MAX_CODE_LEN bits index the table
 #   bits 4..7   v1 | v2 << 2, the two values written (0 = none; index into a row's weight-pair table)
 #   bits 8..23  column of value 1 relative to pos (0 if none: reads x[pos], weight 0)
 #   bits 24..39 column of value 2 relative to pos (0 if none)
-#   bits 40..63 advance of pos (ADV_END if the entry holds the end-of-row symbol or an invalid codeword)
+#   bits 40..62 advance of pos (E2_ADV_END if the entry holds the end-of-row symbol or an invalid codeword)
 E2_ADV_SHIFT = 40
+E2_ADV_END = 1 << 22  # format.MAX_COLS: from any pos < cols it passes the width; bit 63 stays clear
 
 # meta columns, one row per matrix
 (M_STREAM, M_BLOCK_OFFSETS, M_ROW_DELTAS, M_LEVELS, M_LUT, M_LUT2, M_ROWS, M_COLS, M_BLOCK_LOG2, M_BITS,

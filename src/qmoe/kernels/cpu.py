@@ -112,8 +112,8 @@ def build_lut2(enc: EncodedMatrix) -> tuple[np.ndarray, int]:
         used += np.where(take, n, 0)
         ended |= take & eor
         open_ &= take & ~ended
-    adv = np.where(ended, nb.ADV_END, off)
-    assert land.max() <= max(limit, int(t.run_limit) - 1) and adv.max() <= nb.ADV_END and used.max() <= nbits
+    adv = np.where(ended, nb.E2_ADV_END, off)
+    assert land.max() <= max(limit, int(t.run_limit) - 1) and off.max() < nb.E2_ADV_END, "field overflow"
     lut2 = np.empty(len(idx) + 1, dtype=np.int64)  # last slot: the padding (kept with the table)
     lut2[:-1] = used | (vv << 4) | (land[0] << 8) | (land[1] << 24) | (adv << nb.E2_ADV_SHIFT)
     lut2[-1] = limit + 1
