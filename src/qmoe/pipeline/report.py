@@ -12,10 +12,11 @@ Report layout (``REPORT_VERSION`` 1)::
                 "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback"},
      "eval": {"split", "samples", "tokens", "loss_reference", "loss_compressed"} | null,
      "eval_extra": [same as eval, for further eval_data],
-     "wall_seconds", "peak_rss_bytes", "resumed_from_block"}
+     "wall_seconds", "cpu_seconds", "peak_rss_bytes", "resumed_from_block"}
 
-``wall_seconds`` and ``peak_rss_bytes`` describe the process that finished the run (plus the compute time
-of killed attempts). They, the per-layer ``seconds`` and ``rss_bytes`` and ``resumed_from_block`` are the
+``wall_seconds`` (plus the compute time of killed attempts), ``cpu_seconds`` (user + system time of this
+process: on a shared machine the honest measure of the work) and ``peak_rss_bytes`` describe the process
+that finished the run. They, the per-layer ``seconds`` and ``rss_bytes`` and ``resumed_from_block`` are the
 only fields that differ between repeated runs (``stable`` drops them).
 """
 
@@ -32,7 +33,7 @@ from qmoe.pipeline.state import PARTIAL_DIR, STATE_FILE
 
 REPORT_VERSION = 1
 REPORT_FILE = "qmoe_report.json"
-VOLATILE_FIELDS = ("wall_seconds", "peak_rss_bytes", "resumed_from_block")
+VOLATILE_FIELDS = ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "resumed_from_block")
 VOLATILE_LAYER_FIELDS = ("seconds", "rss_bytes")
 
 
@@ -41,6 +42,11 @@ def stable(report: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in report.items() if k not in VOLATILE_FIELDS}
     out["layers"] = [{k: v for k, v in r.items() if k not in VOLATILE_LAYER_FIELDS} for r in report["layers"]]
     return out
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -193,7 +199,8 @@ def summary(report: dict[str, Any], table: bool = True) -> str:
                 f"({ev['loss_compressed'] - ev['loss_reference']:+.4f}) on {ev['tokens']:,} tokens"
             )
     lines.append(
-        f"run         {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
+        f"run         {report['wall_seconds']:.1f} s wall, {report.get('cpu_seconds', 0.0):.1f} s CPU, "
+        f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
     if table:
         lines += ["", TABLE_HEADER, *(table_row(r) for r in report["layers"])]

@@ -463,6 +463,7 @@ def compress(
         "eval": evals[0] if evals else None,
         "eval_extra": evals[1:],
         "wall_seconds": state.seconds + (time.perf_counter() - wall0),
+        "cpu_seconds": report.cpu_seconds(),
         "peak_rss_bytes": report.peak_rss_bytes(),
         "resumed_from_block": resumed_from,
     }
