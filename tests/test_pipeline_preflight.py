@@ -111,3 +111,27 @@ def test_missing_tokenizer_and_bad_device(sharded_switch: Path, tmp_path: Path) 
     fails(src, tmp_path / "out", SourceError, "no tokenizer files")
     assert not (tmp_path / "out").exists()
     fails(sharded_switch, tmp_path / "out", ConfigError, "invalid --device", device="tpu:9")
+
+
+def test_pytorch_bin_source(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A ``pytorch_model.bin`` checkpoint is read with weights_only=True and gives the same output."""
+    from test_pipeline import output_bytes
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    from qmoe.pipeline import compress
+
+    st = make_switch(tmp_path / "st", tokenizer_dir)
+    bin_dir = tmp_path / "bin"
+    SwitchTransformersForConditionalGeneration.from_pretrained(st).half().save_pretrained(
+        bin_dir, safe_serialization=False
+    )
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, bin_dir / f.name)
+    assert (bin_dir / "pytorch_model.bin").is_file() and not (bin_dir / "model.safetensors").exists()
+    cfg = CFG.replace(method="rtn", eval=False)
+    compress(st, tmp_path / "a", cfg, device="cpu", progress=False)
+    compress(bin_dir, tmp_path / "b", cfg, device="cpu", progress=False)
+    a, b = output_bytes(tmp_path / "a"), output_bytes(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k != "config.json"} == {
+        k: v for k, v in b.items() if k != "config.json"
+    }
