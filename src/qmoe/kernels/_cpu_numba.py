@@ -3,21 +3,30 @@
 Imported lazily by qmoe.kernels.cpu, never by ``import qmoe``. ``cache=True``: only the first process on a
 machine pays the compile time.
 
-One call runs a list of work items ``(matrix, first row, end row)`` over any number of matrices, in parallel
-with dynamic scheduling (so a layer's small experts share one thread start-up, and a core busy with other work
-does not hold the call up). Each matrix is described by one row of ``meta [E, NMETA] int64``: raw addresses of
-its arrays plus sizes. Addresses rather than numba lists of arrays: building a typed list costs ~µs per array
-from Python, and a tuple of arrays recompiles for every expert count.
+One call (``matmul_call``) runs any number of (matrix, input) pairs: it packs each input, cuts the matrices
+into (pair, row block) work items and runs them in parallel with dynamic scheduling (so a layer's small
+experts share one thread start-up, and a core busy with other work does not hold the call up). Each matrix is
+one row of a registry ``[slots, NMETA] int64`` (raw addresses of its arrays plus sizes) and each pair one row
+of ``calls [n, NCALL]``. Addresses rather than numba lists of arrays: building a typed list costs ~µs per
+array from Python, and a tuple of arrays recompiles for every expert count.
 
-Per matrix row the decoder walks the row's symbols with the single-lookup table of ``build_lut`` and touches x
-only at nonzeros (ternary) or non-background codes (int2); work is proportional to the symbols, not the width:
+Per matrix row the decoder walks the row with a multi-symbol table (``lut2``, built per code in
+qmoe.kernels.cpu.build_lut2): one lookup of the next 12 stream bits resolves every whole codeword in them,
+up to two values (a 1-bit escape is the commonest symbol at P(zero) = 0.885, so a lookup covers ~4-5 symbols).
+x is read only at values; work is proportional to the coded bits, not the width:
 
-    acc  = sum over coded weights  w[v] * x[col]     (w = per-row level of value v; 0 for an escape)
+    acc  = sum over coded weights  w[v] * x[col]     (w = per-row level of value v; 0 for an empty slot)
     y    = acc + base * sum(x)                       (base = background level: 0 for ternary)
 
-Batch 1 decodes four rows interleaved: a symbol's decode is a ~15-cycle dependent chain (load window, table
-lookup, advance), so independent rows fill the pipeline. Batch T > 1 reads ``xT [cols + 2, Tp]`` (tokens
-contiguous, Tp = T rounded up to 8) so each symbol adds one contiguous token vector.
+The multi-symbol loop runs while the row has a full 12-bit window left and pos < cols; the row's last
+codewords go through the single-symbol table (``lut``). An entry that carries pos past the width is re-walked
+symbol by symbol, so a corrupt row is rejected exactly where the reference decoder rejects it. x is padded
+with zeros past cols, so no per-symbol bounds clamp is needed.
+
+Batch 1 decodes three rows interleaved (a lookup is a ~14-cycle dependent chain: window load, table load,
+advance; three independent chains fill the pipeline without spilling registers). Batch T > 1 reads
+``xT [cols + pad + 1, Tp]`` (tokens contiguous, Tp = T rounded up to 8) so each value adds one contiguous
+token vector.
 """
 
 from __future__ import annotations
