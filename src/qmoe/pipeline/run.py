@@ -430,6 +430,7 @@ def compress(
     partial.mkdir(parents=True, exist_ok=True)
     state = p.state or RunState(p.fingerprint)
     resumed_from = p.state.done if p.state else None
+    prior_seconds = p.state.seconds if p.state else 0.0
     if buffer_gb is None:
         import psutil
 
@@ -462,7 +463,9 @@ def compress(
         "totals": report.totals(p.params, p.expert_params, total_bytes, expert_bytes, state.layers),
         "eval": evals[0] if evals else None,
         "eval_extra": evals[1:],
-        "wall_seconds": state.seconds + (time.perf_counter() - wall0),
+        # state.seconds: block time of this and earlier (killed) attempts; add what this process spent
+        # outside the blocks (set-up, evaluation, finishing) without counting its blocks twice.
+        "wall_seconds": prior_seconds + (time.perf_counter() - wall0),
         "cpu_seconds": report.cpu_seconds(),
         "peak_rss_bytes": report.peak_rss_bytes(),
         "resumed_from_block": resumed_from,
