@@ -1,7 +1,7 @@
 """Train the built-in ``tiny-switch`` model: a SwitchTransformersForConditionalGeneration on the Bible
 train split with T5 span corruption, on CPU. Reproducible: fixed seed, fixed step count, fixed data order.
 
-    python scripts/train_tiny_switch.py --out src/qmoe/models/tiny-switch --steps 1000
+    python scripts/train_tiny_switch.py --out src/qmoe/models/tiny-switch --steps 2000
 
 Writes the fp16 weights, config, tokenizer and generation config to --out, and the training log
 (loss curve data, timings, baselines) to docs/tiny-switch-training.json plus a loss-curve PNG.
@@ -29,7 +29,7 @@ def model_config(vocab_size: int):
     return SwitchTransformersConfig(
         vocab_size=vocab_size, d_model=192, d_kv=32, d_ff=768, num_heads=6,
         num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
-        num_experts=8, expert_capacity=64, router_bias=False, router_jitter_noise=0.01,
+        num_experts=8, expert_capacity=64, router_bias=False, router_jitter_noise=0.0,
         router_dtype="float32", router_ignore_padding_tokens=False,
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
         dropout_rate=0.1, layer_norm_epsilon=1e-6, initializer_factor=1.0,
@@ -41,6 +41,8 @@ def model_config(vocab_size: int):
 
 @torch.no_grad()
 def eval_loss(model, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
+    """Mean token loss of the decoder targets. With inputs rolled by one sample (``inputs.roll(1, 0)``) the
+    same call measures how much the model relies on its encoder input: a collapsed encoder scores the same."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(inputs), batch):
@@ -59,18 +61,52 @@ def unigram_loss(train_labels: np.ndarray, val_labels: np.ndarray, vocab: int) -
     return float(-logp[val_labels.ravel()].mean())
 
 
+def plot_log(log: dict, path: Path) -> None:
+    """Loss curves: train (running mean), validation, validation with mismatched encoder inputs, unigram."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no loss-curve PNG")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = np.array(log["train"])
+    k = min(20, len(tr))
+    ax.plot(tr[k - 1 :, 0], np.convolve(tr[:, 1], np.ones(k) / k, "valid"), label=f"train ({k}-step mean)")
+    va = np.array(log["val"])
+    ax.plot(va[:, 0], va[:, 1], "o-", ms=3, label="validation")
+    if log.get("val_wrong_input"):
+        wr = np.array(log["val_wrong_input"])
+        ax.plot(wr[:, 0], wr[:, 1], "--", label="validation, encoder input of another sample")
+    unigram = log["val_loss_unigram"]
+    ax.axhline(unigram, ls=":", c="gray", label=f"unigram baseline {unigram:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("span-corruption loss (nats/token)")
+    ax.set_ylim(3, max(unigram, 8) + 0.5)
+    ax.legend()
+    ax.set_title("tiny-switch training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="src/qmoe/models/tiny-switch")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", default="docs/tiny-switch-training.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing --log")
     args = ap.parse_args()
+    if args.replot:
+        plot_log(json.loads(Path(args.log).read_text()), Path(args.log).with_suffix(".png"))
+        return
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -115,8 +151,8 @@ def main() -> None:
         pos += args.batch
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        out = model(input_ids=torch.from_numpy(data.input_ids[idx]), labels=torch.from_numpy(data.labels[idx]),
-                    output_router_logits=True)
+        batch_in, batch_lab = torch.from_numpy(data.input_ids[idx]), torch.from_numpy(data.labels[idx])
+        out = model(input_ids=batch_in, labels=batch_lab, output_router_logits=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,8 +161,11 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             v = eval_loss(model, val_in, val_lab)
             log["val"].append([step + 1, v])
+            wrong = eval_loss(model, val_in.roll(1, 0), val_lab)
+            log.setdefault("val_wrong_input", []).append([step + 1, wrong])
             el = time.time() - t_train
             print(f"step {step + 1}/{args.steps} epoch {epoch} train {out.loss.item():.3f} val {v:.3f} "
+                  f"(wrong input {log['val_wrong_input'][-1][1]:.3f}) "
                   f"{el / 60:.1f} min", flush=True)
     train_seconds = time.time() - t_train
 
@@ -145,28 +184,7 @@ def main() -> None:
         val_samples=len(val_in), torch_threads=args.threads,
     )
     Path(args.log).write_text(json.dumps(log, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        tr = np.array(log["train"])
-        k = min(20, len(tr))
-        ax.plot(tr[k - 1 :, 0], np.convolve(tr[:, 1], np.ones(k) / k, "valid"), label=f"train ({k}-step mean)")
-        va = np.array(log["val"])
-        ax.plot(va[:, 0], va[:, 1], "o-", label="validation")
-        ax.axhline(unigram, ls="--", c="gray", label=f"unigram baseline {unigram:.2f}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("span-corruption loss (nats/token)")
-        ax.set_ylim(0, max(unigram, 8) + 0.5)
-        ax.legend()
-        ax.set_title("tiny-switch training")
-        fig.tight_layout()
-        fig.savefig(Path(args.log).with_suffix(".png"), dpi=110)
-    except ImportError:
-        print("matplotlib not installed: no loss-curve PNG")
+    plot_log(log, Path(args.log).with_suffix(".png"))
     print(f"done in {train_seconds / 60:.1f} min; final val {final:.3f} (unigram {unigram:.3f}, untrained "
           f"{untrained:.3f})")
 
