@@ -63,6 +63,9 @@ def main() -> None:
 
     first = next(iter(results.values()))
     ref_val, ref_pd = first["eval"]["loss_reference"], first["eval_extra"][0]["loss_reference"]
+    refs = {round(r["eval"]["loss_reference"], 6) for r in results.values()}
+    if len(refs) > 1:  # the source changed during the benchmark (e.g. a retrained built-in model)
+        print(f"WARNING: reference losses differ between runs {sorted(refs)}: the source changed; rerun")
     print()
     print(
         f"source {args.source}: {first['totals']['params']:,} params "

@@ -183,7 +183,7 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
     fp = fingerprint(
         config.to_dict(),
         cfg,
-        [(f.name, f.stat().st_size) for f in reader.files],
+        [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in reader.files],
         qmoe_version,
         FORMAT_VERSION,
     )
