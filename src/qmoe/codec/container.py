@@ -73,6 +73,10 @@ def save_shard(path: str | os.PathLike, tensors: dict[str, Any], encoded: dict[s
         save_file(out, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # safetensors creates files 0600; a checkpoint gets the usual permissions (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
