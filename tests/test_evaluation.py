@@ -69,6 +69,15 @@ def test_cli_errors(tmp_path, tiny_switch_dir, capsys) -> None:
         main(["eval", "tiny-swtch", "--debug"])
 
 
+def test_cli_error_model_without_tokenizer(tmp_path, tokenizer_dir, capsys) -> None:
+    from conftest import save_tiny_switch
+
+    model_dir = save_tiny_switch(tmp_path / "m", tokenizer_dir)
+    for f in model_dir.glob("tokenizer*"):
+        f.unlink()
+    assert "no tokenizer files" in _error(["eval", str(model_dir)], capsys)
+
+
 def test_cli_error_model_without_moe(tmp_path, tokenizer_dir, capsys) -> None:
     from transformers import T5Config, T5ForConditionalGeneration
 

@@ -16,6 +16,7 @@ BUILTINS = ("tiny-switch",)
 
 # Config fields under which the families we know store their expert count.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -83,6 +84,10 @@ def load_model(source: str | Path, dtype: Any = None) -> tuple[Any, Any, Path]:
     path = resolve_source(source)
     cfg = read_config(path)
     require_moe(path, cfg)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        # transformers 5 would silently build an empty tokenizer here and every loss would be meaningless.
+        raise SourceError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); copy the "
+                          "tokenizer of the model into the directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a missing tokenizer
