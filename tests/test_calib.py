@@ -63,7 +63,7 @@ def test_span_corruption_deterministic_by_seed() -> None:
     a = span_corrupt(toks, np.random.default_rng(5), sent, 1)
     b = span_corrupt(toks, np.random.default_rng(5), sent, 1)
     c = span_corrupt(toks, np.random.default_rng(6), sent, 1)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])
 
 

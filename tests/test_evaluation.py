@@ -57,7 +57,8 @@ def test_cli_errors(tmp_path, tiny_switch_dir, capsys) -> None:
     assert "unknown built-in model 'tiny-swtch'" in _error(["eval", "tiny-swtch"], capsys)
     assert "not a model directory" in _error(["eval", str(tmp_path)], capsys)
     assert "does not exist" in _error(["eval", str(tmp_path / "nowhere" / "x")], capsys)
-    assert "does not exist" in _error(["eval", str(tiny_switch_dir), "--data", str(tmp_path / "x.txt")], capsys)
+    missing = str(tmp_path / "x.txt")
+    assert "does not exist" in _error(["eval", str(tiny_switch_dir), "--data", missing], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert "not valid JSON" in _error(["eval", str(tiny_switch_dir), "--data", str(bad)], capsys)
@@ -69,10 +70,11 @@ def test_cli_errors(tmp_path, tiny_switch_dir, capsys) -> None:
         main(["eval", "tiny-swtch", "--debug"])
 
 
-def test_cli_error_model_without_tokenizer(tmp_path, tokenizer_dir, capsys) -> None:
-    from conftest import save_tiny_switch
+def test_cli_error_model_without_tokenizer(tmp_path, tiny_switch_dir, capsys) -> None:
+    import shutil
 
-    model_dir = save_tiny_switch(tmp_path / "m", tokenizer_dir)
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_switch_dir, model_dir)
     for f in model_dir.glob("tokenizer*"):
         f.unlink()
     assert "no tokenizer files" in _error(["eval", str(model_dir)], capsys)
@@ -87,6 +89,7 @@ def test_cli_error_model_without_moe(tmp_path, tokenizer_dir, capsys) -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import qmoe, sys; print(sorted(m for m in ('torch','transformers','numba','triton') if m in sys.modules))"
+    heavy = "('torch', 'transformers', 'numba', 'triton')"
+    code = f"import qmoe, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

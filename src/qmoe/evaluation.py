@@ -44,7 +44,7 @@ def eval_texts(split: str | None, data: str | None) -> tuple[str, tuple[str, ...
 
 
 def eval_samples(model: Any, tokenizer: Any, texts: tuple[str, ...], samples: int | None, seed: int):
-    """Token arrays for the model's objective: (input_ids [N, S_in], labels [N, S_out]) or (windows [N, L],)."""
+    """Arrays for the model's objective: (input_ids [N, S_in], labels [N, S_out]) or (windows [N, L],)."""
     from qmoe.calib import lm_samples, span_corruption_samples
 
     if getattr(model.config, "is_encoder_decoder", False):

@@ -25,7 +25,8 @@ def resolve_source(source: str | Path) -> Path:
     if s in BUILTINS:
         path = BUILTIN_DIR / s
         if not (path / "config.json").is_file():
-            raise SourceError(f"the built-in model {s!r} is missing from this installation ({path}); reinstall qmoe")
+            raise SourceError(f"the built-in model {s!r} is missing from this installation ({path}); "
+                              "reinstall qmoe")
         return path
     path = Path(s).expanduser()
     if not path.exists():
@@ -61,7 +62,8 @@ def num_experts(cfg: dict[str, Any]) -> int:
 
 def require_moe(path: Path, cfg: dict[str, Any]) -> None:
     if num_experts(cfg) <= 1:
-        raise SourceError(f"{path} is a model without MoE layers (model_type={cfg.get('model_type')!r}); qmoe "
+        raise SourceError(f"{path} is a model without MoE layers (model_type={cfg.get('model_type')!r}); "
+                          "qmoe "
                           "compresses Mixture-of-Experts models only")
 
 

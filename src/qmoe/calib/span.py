@@ -12,7 +12,7 @@ import numpy as np
 
 def noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
                mean_span: float = 3.0) -> np.ndarray:
-    """Boolean mask [length] of noise tokens, made of alternating non-noise / noise spans (starts non-noise)."""
+    """Boolean mask [length] of noise tokens: alternating non-noise / noise spans, starting non-noise."""
     num_noise = int(round(length * noise_density))
     num_noise = min(max(num_noise, 1), length - 1)
     num_spans = max(int(round(num_noise / mean_span)), 1)

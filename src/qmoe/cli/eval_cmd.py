@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", default="validation", choices=["train", "calibration", "validation", "test",
                                                                   "pydoc"],
-                       help="built-in evaluation text (Bible books held out by split, or Python's pydoc topics)")
-    which.add_argument("--data", metavar="FILE", help="your own .txt (blank-line separated) or .jsonl (text) file")
+                       help="built-in evaluation text (held-out Bible books, or Python's pydoc topics)")
+    which.add_argument("--data", metavar="FILE",
+                       help="your own .txt (blank-line separated) or .jsonl (text) file")
     p.add_argument("--samples", type=int, default=256, help="number of evaluation segments (default 256)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of the evaluation segments")
     p.add_argument("--batch-size", type=int, default=32)
