@@ -62,6 +62,9 @@ def test_cli_errors(tmp_path, tiny_switch_dir, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert "not valid JSON" in _error(["eval", str(tiny_switch_dir), "--data", str(bad)], capsys)
+    # Not a file: taken as a Hugging Face dataset name, which this offline machine cannot fetch.
+    err = _error(["eval", str(tiny_switch_dir), "--data", "someone/some-dataset"], capsys)
+    assert "someone/some-dataset" in err and ("hub" in err or "datasets" in err)
     assert "--samples must be at least 1" in _error(["eval", str(tiny_switch_dir), "--samples", "0"], capsys)
     # --debug shows the traceback instead.
     from qmoe.errors import SourceError

@@ -33,10 +33,11 @@ class EvalResult:
 
 def eval_texts(split: str | None, data: str | None) -> tuple[str, tuple[str, ...]]:
     """(name, documents) for ``--split`` or ``--data``."""
-    from qmoe.calib import EVAL_SETS, load_texts, read_text_file
+    from qmoe.calib import EVAL_SETS, load_texts
 
     if data is not None:
-        return str(data), read_text_file(data)
+        # A local .txt/.jsonl file, or else a Hugging Face dataset name (needs the hub; clear error without).
+        return str(data), load_texts(str(data))
     split = split or "validation"
     if split not in EVAL_SETS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(EVAL_SETS)} or pass --data FILE")

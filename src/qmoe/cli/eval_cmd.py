@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                   "pydoc"],
                        help="built-in evaluation text (held-out Bible books, or Python's pydoc topics)")
     which.add_argument("--data", metavar="FILE",
-                       help="your own .txt (blank-line separated) or .jsonl (text) file")
+                       help="your own .txt (blank-line separated) or .jsonl (text) file, or a Hugging Face "
+                            "dataset name (needs the hub and the datasets package)")
     p.add_argument("--samples", type=int, default=256, help="number of evaluation segments (default 256)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of the evaluation segments")
     p.add_argument("--batch-size", type=int, default=32)
