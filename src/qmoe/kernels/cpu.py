@@ -180,7 +180,7 @@ class Prepared:
         m[nb.M_BLOCK_LOG2], m[nb.M_BITS] = enc.block_log2, enc.total_bits
         m[nb.M_INT2], m[nb.M_BACKGROUND] = self.int2, enc.table.background
         m[nb.M_LEVELS_F16] = levels.dtype == np.dtype("<f2")
-        m[nb.M_RPI] = max(3, min(255, (ITEM_WEIGHTS // cols) // 3 * 3))  # whole 3-row groups
+        m[nb.M_RPI] = max(4, min(252, (ITEM_WEIGHTS // cols) // 4 * 4))  # whole 4-row groups
         self.meta = m
         if _registry is None:
             _registry = _Registry()
