@@ -6,8 +6,8 @@
 Models:
 - ``synthetic``: SwitchTransformers with switch-base-8's shape (d_model 768, d_ff 3072, 12+12 blocks, every
   other one MoE with 8 experts, vocabulary 32128; 620M parameters), random weights. Its compressed form is
-  built here in a minute: every expert rounded to QMoE's ternary grid (``qmoe.gptq.rtn_quantize``) and
-  entropy coded (``qmoe.codec.encode_ternary``), written in the layout of ``qmoe compress``.
+  built here in under a minute by ``qmoe compress`` itself: every expert rounded to QMoE's ternary grid
+  (``--method rtn``, 32 calibration samples, no evaluation pass) and entropy coded.
 - ``tiny-switch``: the built-in model (if present) and its compressed form (``--tiny-compressed DIR``, else
   built the same way).
 
@@ -51,53 +51,13 @@ def build_synthetic(dense: Path) -> None:
 
 
 def build_compressed(dense: Path, out: Path) -> None:
-    """Round-to-nearest ternary experts, entropy coded, in the layout ``qmoe compress`` writes."""
-    import torch
-    from safetensors import safe_open
+    """Round-to-nearest ternary experts through ``qmoe compress`` itself (RTN needs no Hessians, so a few
+    calibration samples suffice and no evaluation pass is run)."""
+    from qmoe.config import CompressConfig
+    from qmoe.pipeline import compress
 
-    from qmoe.adapters import get_adapter
-    from qmoe.codec import FORMAT_VERSION, encode_ternary, save_shard
-    from qmoe.gptq import rtn_quantize
-    from qmoe.runtime.load import shard_files
-    from qmoe.sources import read_config
-
-    cfg = read_config(dense)
-    adapter = get_adapter(cfg)
-    layout = adapter.experts
-    tensors = {}
-    for f in shard_files(dense):
-        with safe_open(str(f), framework="pt") as h:
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    layers = adapter.moe_layers(cfg)
-    n = len(layers) + 1
-    weight_map: dict[str, str] = {}
-    for k, layer in enumerate(layers, start=2):
-        encoded = {}
-        for proj in layout.projections:
-            keys = [layout.expert_key(layer, e, proj) for e in range(adapter.num_experts(cfg))]
-            q = rtn_quantize(torch.stack([tensors.pop(key) for key in keys]).float(), grid="ternary")
-            for e, key in enumerate(keys):
-                levels = q.levels[e].numpy()  # [rows, 3]: lo, 0, hi
-                encoded[key] = encode_ternary(q.codes[e].numpy(), levels[:, 0], levels[:, 2])
-        name = f"model-{k:05d}-of-{n:05d}.safetensors"
-        save_shard(tmp / name, {}, encoded, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(encoded, name))
-    name = f"model-00001-of-{n:05d}.safetensors"
-    save_shard(tmp / name, tensors, {}, metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(tensors, name))
-    index = {"metadata": {"format": "qmoe"}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
-    for f in dense.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
-            shutil.copy(f, tmp / f.name)
-    qc = {"quant_method": "qmoe", "format_version": FORMAT_VERSION, "bits": "ternary", "grid": "ternary",
-          "method": "rtn", "qmoe_version": "benchmark"}
-    (tmp / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    compress(str(dense), str(out), CompressConfig(method="rtn", calib_samples=32, eval=False), progress=False)
 
 
 def dir_bytes(path: Path) -> int:
