@@ -54,13 +54,16 @@ def eval_samples(model: Any, tokenizer: Any, texts: tuple[str, ...], samples: in
     return "causal-lm", (lm_samples(tokenizer, texts, samples, seed),)
 
 
-def model_loss(model: Any, arrays: tuple, batch_size: int = 32, progress: bool = False) -> tuple[float, int]:
-    """(mean token loss, tokens) of ``model`` on pre-built sample arrays."""
+def sample_losses(model: Any, arrays: tuple, batch_size: int = 32, progress: bool = False):
+    """float64 [N, 2]: per sample, the summed target-token loss and the number of target tokens.
+
+    Per-sample sums let callers pair two models on identical tokens (differences with error bars)."""
+    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     n = len(arrays[0])
-    total, tokens = 0.0, 0
+    out = np.zeros((n, 2), dtype=np.float64)
     device = next(model.parameters()).device
     with torch.inference_mode():
         for i in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
@@ -72,10 +75,39 @@ def model_loss(model: Any, arrays: tuple, batch_size: int = 32, progress: bool =
                 logits = model(input_ids=chunk[0]).logits[:, :-1]  # [B, L-1, V]
                 target = chunk[0][:, 1:]
             loss = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-            total += float(loss)
-            tokens += target.numel()
-    return total / tokens, tokens
+                logits.float().transpose(1, 2), target, reduction="none")  # [B, S]
+            out[i : i + len(target), 0] = loss.double().sum(1).cpu().numpy()
+            out[i : i + len(target), 1] = target.shape[1]
+    return out
+
+
+def model_loss(model: Any, arrays: tuple, batch_size: int = 32, progress: bool = False) -> tuple[float, int]:
+    """(mean token loss, tokens) of ``model`` on pre-built sample arrays."""
+    per = sample_losses(model, arrays, batch_size, progress)
+    return float(per[:, 0].sum() / per[:, 1].sum()), int(per[:, 1].sum())
+
+
+def targets_of(arrays: tuple):
+    """The scored tokens of sample arrays: decoder labels [N, S_out], or windows without their first token."""
+    return arrays[1] if len(arrays) == 2 else arrays[0][:, 1:]
+
+
+def unigram_baseline(tokenizer: Any, objective: str, arrays: tuple, train_split: str = "train") -> float:
+    """Cross-entropy (nats/token) of the scored tokens of ``arrays`` under add-one unigram counts of the
+    same objective's targets on ``train_split``: the loss of a model that ignores all context.
+
+    For span corruption the counts come from span-corrupted train text, so sentinels and EOS get their real
+    frequency in targets."""
+    import numpy as np
+
+    from qmoe.calib import bible_split, span_corruption_samples, token_stream
+
+    if objective == "span-corruption":
+        train = span_corruption_samples(tokenizer, bible_split(train_split), None, seed=0).labels
+    else:
+        train = token_stream(tokenizer, bible_split(train_split))
+    counts = np.bincount(train.ravel(), minlength=len(tokenizer)).astype(np.float64) + 1.0
+    return float(-np.log(counts / counts.sum())[targets_of(arrays).ravel()].mean())
 
 
 def evaluate(source: Any, split: str | None = "validation", data: str | None = None,

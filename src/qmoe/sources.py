@@ -12,7 +12,7 @@ from typing import Any
 from qmoe.errors import SourceError
 
 BUILTIN_DIR = Path(__file__).parent / "models"
-BUILTINS = ("tiny-switch",)
+BUILTINS = ("tiny-switch", "tiny-qwen3-moe")
 
 # Config fields under which the families we know store their expert count.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "source",
         metavar="SOURCE",
-        help="built-in model name (tiny-switch) or a local Hugging Face "
+        help="built-in model name (tiny-switch, tiny-qwen3-moe) or a local Hugging Face "
         "model directory (safetensors, sharded or not, or pytorch_model*.bin)",
     )
     p.add_argument(

@@ -11,7 +11,8 @@ HELP = "loss of a model (built-in name, HF directory, or qmoe-compressed directo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="built-in model name (tiny-switch) or a local model directory")
+    p.add_argument("source", help="built-in model name (tiny-switch, tiny-qwen3-moe) or a local model "
+                   "directory")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", default="validation", choices=["train", "calibration", "validation", "test",
                                                                   "pydoc"],

@@ -10,7 +10,8 @@ HELP = "generate text from a model (built-in name, HF directory, or qmoe-compres
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="built-in model name (tiny-switch), a model directory or a compressed one")
+    p.add_argument("source", help="built-in model name (tiny-switch, tiny-qwen3-moe), a model directory or a "
+                   "compressed one")
     p.add_argument("--prompt", required=True, help="input text (for T5-style models: the encoder input)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="stop after N generated tokens (default %(default)s), or earlier at end of sequence")

@@ -256,7 +256,8 @@ def _item_t1(m, words, lut, lut2, bo, rd, lv16, lv32, x, out, r0, r1):  # pragma
         e3 = np.int64(0)
         a3 = np.float32(0.0)
         c3 = np.float32(0.0)
-        while ((cols - 1 - p0) | (cols - 1 - p1) | (cols - 1 - p2) | (cols - 1 - p3) | (z0 - b0) | (z1 - b1) | (z2 - b2) | (z3 - b3)) >= 0:
+        while ((cols - 1 - p0) | (cols - 1 - p1) | (cols - 1 - p2) | (cols - 1 - p3)
+               | (z0 - b0) | (z1 - b1) | (z2 - b2) | (z3 - b3)) >= 0:
             e0 = _entry2(words, lut2, b0)
             e1 = _entry2(words, lut2, b1)
             e2 = _entry2(words, lut2, b2)
