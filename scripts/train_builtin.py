@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +37,38 @@ LM_LENGTH = 128  # qmoe eval's causal-LM window
 
 @dataclass(frozen=True)
 class Recipe:
+    """AdamW with linear warm-up and cosine decay to 10% of the peak, in one or more cycles (warm restarts):
+    the schedule is a function of the step alone, so a run resumed with more cycles is the same as a fresh
+    run with them."""
+
     name: str
-    steps: int
+    cycles: tuple[int, ...]  # steps of each cosine cycle
     batch: int
-    lr: float
-    warmup: int
+    lr: float  # peak of the first cycle
+    warmup: int  # steps of the first cycle's warm-up (later cycles: a third of it)
+    restart_lr: float = 0.5  # peak of each later cycle, as a fraction of ``lr``
+
+    @property
+    def steps(self) -> int:
+        return sum(self.cycles)
+
+    def lr_at(self, step: int) -> float:
+        start = 0
+        for i, n in enumerate(self.cycles):
+            if step < start + n or i == len(self.cycles) - 1:
+                break
+            start += n
+        s = step - start
+        peak, warm = (self.lr, self.warmup) if i == 0 else (self.lr * self.restart_lr, self.warmup // 3)
+        if s < warm:
+            return peak * (s + 1) / warm
+        frac = min(1.0, (s - warm) / max(1, n - warm))
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 RECIPES = {
-    "switch": Recipe("tiny-switch", steps=3000, batch=32, lr=1e-3, warmup=300),
-    "qwen3-moe": Recipe("tiny-qwen3-moe", steps=1600, batch=32, lr=2e-3, warmup=100),
+    "switch": Recipe("tiny-switch", cycles=(3000,), batch=32, lr=1e-3, warmup=300),
+    "qwen3-moe": Recipe("tiny-qwen3-moe", cycles=(1600,), batch=32, lr=2e-3, warmup=100),
 }
 
 
@@ -202,7 +224,9 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing --log")
     args = ap.parse_args()
     recipe = RECIPES[args.family]
-    steps = args.steps or recipe.steps
+    if args.steps:  # a single cycle of that length
+        recipe = replace(recipe, cycles=(args.steps,))
+    steps = recipe.steps
     run_dir = Path(args.run_dir or f"runs/{recipe.name}")
     out_dir = Path(args.out or run_dir / "model")
     log_path = Path(args.log or f"docs/{recipe.name}-training.json")
@@ -253,19 +277,13 @@ def main() -> None:
         print(f"params {n_params:,} (experts {n_expert:,} = {n_expert / n_params:.0%}); untrained "
               f"{log['eval'][0]}; unigram {log['val_loss_unigram']:.3f}", flush=True)
 
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < recipe.warmup:
-            return recipe.lr * (step + 1) / recipe.warmup
-        frac = (step - recipe.warmup) / max(1, steps - recipe.warmup)
-        return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
     model.train()
     t_seg = time.time()
     epoch = 0
     for step in range(start, steps):
         epoch, tensors = data.batch_at(step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = recipe.lr_at(step)
         loss = forward_loss(model, args.family, tensors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,7 +313,8 @@ def main() -> None:
     model.half().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log.update(command="python " + " ".join(sys.argv), family=args.family, steps=steps, batch=recipe.batch,
-               lr=recipe.lr, warmup=recipe.warmup, seed=args.seed, epochs_started=epoch + 1,
+               cycles=list(recipe.cycles), lr=recipe.lr, warmup=recipe.warmup, seed=args.seed,
+               epochs_started=epoch + 1,
                params=n_params, expert_params=n_expert, val_samples=DEFAULT_SAMPLES,
                torch_threads=args.threads)
     log_path.parent.mkdir(parents=True, exist_ok=True)

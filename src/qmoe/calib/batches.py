@@ -46,13 +46,14 @@ class SpanBatch:
 
 
 def span_corruption_samples(tokenizer: Any, texts: Sequence[str], n_samples: int | None, seed: int,
-                            raw_length: int = DEFAULT_RAW_LENGTH) -> SpanBatch:
+                            raw_length: int = DEFAULT_RAW_LENGTH, noise_density: float = 0.15,
+                            mean_span: float = 3.0) -> SpanBatch:
     """``n_samples`` span-corrupted segments of ``texts`` (all of them if None)."""
     stream = token_stream(tokenizer, texts)
     segs = segments(stream, raw_length, n_samples, seed)
     rng = np.random.default_rng(seed + 1)
     sent = sentinel_ids(tokenizer)
-    pairs = [span_corrupt(s, rng, sent, tokenizer.eos_token_id) for s in segs]
+    pairs = [span_corrupt(s, rng, sent, tokenizer.eos_token_id, noise_density, mean_span) for s in segs]
     # Fixed raw length => fixed input/target lengths, so samples stack without padding.
     return SpanBatch(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
 
