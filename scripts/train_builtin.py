@@ -67,7 +67,7 @@ class Recipe:
 
 
 RECIPES = {
-    "switch": Recipe("tiny-switch", cycles=(3000,), batch=32, lr=1e-3, warmup=300),
+    "switch": Recipe("tiny-switch", cycles=(2400,), batch=32, lr=1e-3, warmup=300),
     "qwen3-moe": Recipe("tiny-qwen3-moe", cycles=(1600,), batch=32, lr=2e-3, warmup=100),
 }
 
@@ -101,6 +101,31 @@ def qwen3_config(vocab: int):
         decoder_sparse_step=1, router_aux_loss_coef=0.01, output_router_logits=False,
         pad_token_id=0, bos_token_id=None, eos_token_id=1, initializer_range=0.02,
     )
+
+
+def local_attention_init(model, strength: float = 8.0) -> None:
+    """Start four encoder heads as neighbour readers: relative-position bias ``strength`` at offset -1, +1,
+    -2, +2 (heads 0-3), zero elsewhere; the other heads keep their random init.
+
+    Span corruption is learnable only through a two-step circuit: the decoder finds the sentinel it is
+    filling by content (cross-attention), and reads there what the encoder gathered from the sentinel's
+    neighbours (self-attention by relative position). Neither step pays off without the other, so from a
+    random init T5-style models sit on a long plateau as decoder-only span LMs (our earlier tiny-switch:
+    another sample's encoder input cost 0.056 nats after 2000 steps; a synthetic find-the-marker lookup was
+    still unlearned after 1100 steps). With the neighbour heads in place the content step pays off at once
+    (the same lookup: learned in ~150 steps). Training is free to change the biases afterwards.
+    """
+    att = model.encoder.block[0].layer[0].SelfAttention  # holds the bias table shared by all encoder blocks
+    cfg = model.config
+    offsets = torch.tensor([-1, 1, -2, 2])
+    buckets = att._relative_position_bucket(offsets, bidirectional=True,
+                                            num_buckets=cfg.relative_attention_num_buckets,
+                                            max_distance=cfg.relative_attention_max_distance)
+    with torch.no_grad():
+        w = att.relative_attention_bias.weight  # [buckets, heads]
+        for head, bucket in enumerate(buckets.tolist()):
+            w[:, head] = 0.0
+            w[bucket, head] = strength
 
 
 class Data:
@@ -253,6 +278,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.family == "switch":
         model = SwitchTransformersForConditionalGeneration(switch_config(vocab))
+        local_attention_init(model)
     else:
         model = Qwen3MoeForCausalLM(qwen3_config(vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -313,8 +339,8 @@ def main() -> None:
     model.half().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log.update(command="python " + " ".join(sys.argv), family=args.family, steps=steps, batch=recipe.batch,
-               cycles=list(recipe.cycles), lr=recipe.lr, warmup=recipe.warmup, seed=args.seed,
-               epochs_started=epoch + 1,
+               cycles=list(recipe.cycles), lr=recipe.lr, warmup=recipe.warmup,
+               seed=args.seed, epochs_started=epoch + 1,
                params=n_params, expert_params=n_expert, val_samples=DEFAULT_SAMPLES,
                torch_threads=args.threads)
     log_path.parent.mkdir(parents=True, exist_ok=True)
