@@ -1,4 +1,4 @@
-"""Quality, size and speed of ``qmoe compress`` on tiny-switch: reference vs RTN and GPTQ at both widths.
+"""Quality, size and speed of ``qmoe compress`` on a built-in model (tiny-switch by default): reference vs RTN and GPTQ at both widths.
 
     python benchmarks/quality.py [--source tiny-switch] [--calib-samples 1024] [--work DIR] [--grids ternary]
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument(
         "--grids", nargs="+", default=["ternary"], help="ternary grids to try (ternary, ternary-opt)"
     )
+    ap.add_argument("--no-2bit", action="store_true", help="ternary runs only (skip RTN/GPTQ 2-bit)")
     ap.add_argument("--work", default=None, help="keep outputs here (default: a temporary directory)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = ap.parse_args()
@@ -47,7 +48,8 @@ def main() -> None:
     runs = []
     for grid in args.grids:
         runs += [("RTN", "ternary", grid), ("GPTQ", "ternary", grid)]
-    runs += [("RTN", "2", "int2"), ("GPTQ", "2", "int2")]
+    if not args.no_2bit:
+        runs += [("RTN", "2", "int2"), ("GPTQ", "2", "int2")]
     results = {}
     for method, bits, grid in runs:
         name = f"{method} {grid}"
@@ -92,7 +94,8 @@ def main() -> None:
             f"{t['experts_fallback']}/{t['experts']} | {rep['wall_seconds']:.0f} |"
         )
     print()
-    for rtn_name, gptq_name in [(f"RTN {g}", f"GPTQ {g}") for g in args.grids] + [("RTN int2", "GPTQ int2")]:
+    pairs = [(f"RTN {g}", f"GPTQ {g}") for g in args.grids] + ([] if args.no_2bit else [("RTN int2", "GPTQ int2")])
+    for rtn_name, gptq_name in pairs:
         d_rtn = results[rtn_name]["eval"]["loss_compressed"] - ref_val
         d_gptq = results[gptq_name]["eval"]["loss_compressed"] - ref_val
         ok = d_gptq <= 0.5 * d_rtn

@@ -48,7 +48,7 @@ from qmoe.pipeline.state import PARTIAL_DIR, RunState, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 1234  # evaluation samples: the seed tiny-switch's training log uses for its validation loss
+EVAL_SEED = 1234  # evaluation samples: as qmoe eval and the built-in models' training logs
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 KILL_ENV = "QMOE_TEST_KILL"  # "after:G" / "during:G": SIGKILL ourselves at block G (resume tests)
 
