@@ -1,4 +1,5 @@
-"""Quality, size and speed of ``qmoe compress`` on a built-in model (tiny-switch by default): reference vs RTN and GPTQ at both widths.
+"""Quality, size and speed of ``qmoe compress`` on a built-in model (tiny-switch by default): reference vs
+RTN and GPTQ at both widths.
 
     python benchmarks/quality.py [--source tiny-switch] [--calib-samples 1024] [--work DIR] [--grids ternary]
 
@@ -94,7 +95,8 @@ def main() -> None:
             f"{t['experts_fallback']}/{t['experts']} | {rep['wall_seconds']:.0f} |"
         )
     print()
-    pairs = [(f"RTN {g}", f"GPTQ {g}") for g in args.grids] + ([] if args.no_2bit else [("RTN int2", "GPTQ int2")])
+    pairs = [(f"RTN {g}", f"GPTQ {g}") for g in args.grids]
+    pairs += [] if args.no_2bit else [("RTN int2", "GPTQ int2")]
     for rtn_name, gptq_name in pairs:
         d_rtn = results[rtn_name]["eval"]["loss_compressed"] - ref_val
         d_gptq = results[gptq_name]["eval"]["loss_compressed"] - ref_val
