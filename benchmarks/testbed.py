@@ -89,34 +89,38 @@ DAMAGE = {
 }
 
 
+def mean_loss(per: np.ndarray) -> float:
+    """Token-mean loss of ``sample_losses`` output [N, 2] (summed loss, tokens)."""
+    return float(per[:, 0].sum() / per[:, 1].sum())
+
+
 def paired(base: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """Mean per-token loss of ``other`` minus ``base`` (same samples), with a 95% interval over samples."""
     d = other[:, 0] / other[:, 1] - base[:, 0] / base[:, 1]  # equal token counts per sample
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
-    return {"loss": float(other[:, 0].sum() / other[:, 1].sum()), "delta": float(d.mean()),
+    return {"loss": mean_loss(other), "delta": float(d.mean()),
             "ci95": float(half)}
 
 
 def report(name: str, samples: int) -> dict:
     t0 = time.time()
     model, tokenizer, _ = load_model(name)
-    encdec = bool(getattr(model.config, "is_encoder_decoder", False))
     val_obj, val = eval_samples(model, tokenizer, load_texts("validation"), samples, DEFAULT_SEED)
     _, test = eval_samples(model, tokenizer, load_texts("test"), samples, DEFAULT_SEED)
     base = sample_losses(model, val)
+    groups = expert_groups(model)
     res: dict = {
         "model": name, "objective": val_obj, "samples": samples, "tokens": int(base[:, 1].sum()),
         "params": sum(p.numel() for p in model.parameters()),
-        "expert_params": sum(p.numel() for g in expert_groups(model).values() for p in g),
-        "val": float(base[:, 0].sum() / base[:, 1].sum()),
-        "test": float(sample_losses(model, test)[:, 0].sum() / (len(test[0]) * base[0, 1])),
+        "expert_params": sum(p.numel() for g in groups.values() for p in g),
+        "val": mean_loss(base),
+        "test": mean_loss(sample_losses(model, test)),
         "unigram": unigram_baseline(tokenizer, val_obj, val),
         "variants": {},
     }
-    if encdec:  # another sample's encoder input: the rolled batch keeps every target the same
+    if len(val) == 2:  # encoder-decoder: another sample's encoder input; rolling keeps every target
         res["variants"]["another sample's encoder input"] = paired(
             base, sample_losses(model, (np.roll(val[0], 1, axis=0), val[1])))
-    groups = expert_groups(model)
     originals = {k: stacked(g) for k, g in groups.items()}
     for label, fn in DAMAGE.items():
         for k, g in groups.items():
