@@ -39,3 +39,37 @@ def save_tiny_switch(path: Path, tokenizer_dir: Path, seed: int = 0, **overrides
 @pytest.fixture(scope="session")
 def tiny_switch_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     return save_tiny_switch(tmp_path_factory.mktemp("tiny-switch"), tokenizer_dir)
+
+
+def save_tiny_qwen3_moe(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    import json
+    import shutil
+
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, bos_token_id=2,
+                         eos_token_id=1, pad_token_id=0)
+    model = Qwen3MoeForCausalLM(cfg)
+    # Random-init experts are tiny (std 0.02); scale them so the MoE path visibly changes the logits.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.mul_(20)
+            layer.mlp.experts.down_proj.mul_(20)
+    model.save_pretrained(path)
+    # transformers 5 writes the expert count as "num_local_experts"; Qwen3-MoE checkpoints on the Hub (and
+    # qmoe's adapter) use "num_experts". Keep both, as a Hub config.json has.
+    cfg_file = path / "config.json"
+    cfg_dict = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg_dict, "num_experts": cfg_dict["num_local_experts"]}, indent=2))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return save_tiny_qwen3_moe(tmp_path_factory.mktemp("qwen3-dense"), tokenizer_dir)

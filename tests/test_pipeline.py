@@ -189,7 +189,7 @@ def starved_out(tmp_path_factory: pytest.TempPathFactory, switch_dir: Path) -> t
     from qmoe.pipeline import compress
 
     out = tmp_path_factory.mktemp("starved") / "out"
-    cfg = CompressConfig(bits="2", min_tokens=10**9, token_cap=1.0, **FAST)
+    cfg = CompressConfig(bits="2", min_tokens=10**9, token_cap=1.0, rate=0.0, skip_sentinels=False, **FAST)
     return out, compress(switch_dir, out, cfg, device="cpu", progress=False)
 
 
@@ -235,6 +235,9 @@ def test_cli_compress(
         str(FAST["batch_size"]),
         "--token-cap",
         "1",
+        "--rate",
+        "0",
+        "--keep-sentinels",
         "--device",
         "cpu",
         "--quiet",

@@ -13,7 +13,16 @@ from typing import Any
 
 from qmoe.errors import ConfigError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# Settings that version 1 lacked, with the values version-1 runs used: read old configs as they ran.
+_V1_DEFAULTS = {
+    "rate": 0.0,
+    "refit": False,
+    "target_bits": None,
+    "no_drop": False,
+    "skip_sentinels": False,
+    "gate_weighted": False,
+}
 
 BITS = ("ternary", "2")
 METHODS = ("gptq", "rtn")
@@ -35,6 +44,16 @@ class CompressConfig:
       (QMoE uses 4); ``0`` means no cap. ``min_tokens``: experts with fewer calibration tokens fall back to
       round-to-nearest (reported).
     - ``damp``, ``block_size``, ``act_order``: GPTQ's relative damping, lazy-batch width, column order.
+    - ``rate``: price of one coded bit in each rounding decision (entropy-constrained rounding,
+      ``qmoe.gptq.rate``); ``0`` is nearest rounding (QMoE). ``target_bits``: instead of a fixed ``rate``,
+      search it per expert matrix group so that the group's stored expert bits/weight (every byte counted)
+      land on this value. ``refit``: re-solve each row's levels for its final codes (``qmoe.gptq.refit``).
+    - ``no_drop``: lift the router's expert capacity during calibration passes, so no calibration token is
+      dropped (QMoE); evaluation runs keep the model's capacity. ``skip_sentinels``: leave span-corruption
+      sentinel positions out of the Hessians (QMoE). Both only matter for families that have them (Switch).
+    - ``gate_weighted``: weight each token in an expert's Hessian by its squared gate value: the layer's
+      output is ``sum_e g_e(x) expert_e(x)``, so an error on a token the router gave weight ``g`` costs
+      ``g^2`` times as much.
     - ``eval``: measure the loss of the reference and the compressed model on ``eval_data`` (first entry is
       the report's ``eval``; the rest go to ``eval_extra``) in the same streaming pass, with ``eval_samples``
       samples each. Evaluation samples never enter a Hessian.
@@ -52,7 +71,13 @@ class CompressConfig:
     min_tokens: int = 32
     damp: float = 0.1
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
+    rate: float = 0.05
+    target_bits: float | None = None
+    refit: bool = False
+    no_drop: bool = True
+    gate_weighted: bool = True
+    skip_sentinels: bool = True
     eval: bool = True
     eval_data: tuple[str, ...] = ("validation",)
     eval_samples: int = 256
@@ -89,6 +114,15 @@ class CompressConfig:
             )
         if not 0 <= self.damp < 10:
             raise ConfigError(f"damp must lie in [0, 10), got {self.damp}")
+        if not (isinstance(self.rate, (int, float)) and 0 <= self.rate < 1e6):
+            raise ConfigError(f"rate must be a number >= 0 (0: nearest rounding), got {self.rate!r}")
+        if self.target_bits is not None:
+            if self.bits != "ternary":
+                raise ConfigError("target_bits needs bits='ternary' (2-bit codes have a fixed size grid)")
+            if not (isinstance(self.target_bits, (int, float)) and 0.2 <= self.target_bits <= 2.5):
+                raise ConfigError(
+                    f"target_bits must lie in [0.2, 2.5] expert bits/weight, got {self.target_bits!r}"
+                )
         if self.eval and not self.eval_data:
             raise ConfigError("eval_data is empty; give at least one text source or set eval=False")
 
@@ -101,7 +135,9 @@ class CompressConfig:
     def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
-        if version != CONFIG_VERSION:
+        if version == 1:
+            d = {**_V1_DEFAULTS, **d}
+        elif version != CONFIG_VERSION:
             raise ConfigError(
                 f"compress config version {version} is not supported (this qmoe reads "
                 f"{CONFIG_VERSION}); upgrade qmoe"

@@ -126,3 +126,23 @@ def evaluate(source: Any, split: str | None = "validation", data: str | None = N
     if not math.isfinite(loss):
         raise DataError(f"the loss on {name} is not finite ({loss}); the model's weights may be corrupt")
     return EvalResult(loss=loss, tokens=tokens, samples=len(arrays[0]), split=name, objective=objective)
+
+
+def paired_delta(reference: Any, other: Any, tokens: Any) -> tuple[float, float]:
+    """Loss increase of ``other`` over ``reference`` (nats per token) and the half-width of its 95% interval.
+
+    ``reference``/``other``: summed nats per evaluation sample (the same samples, the same tokens), ``tokens``
+    per sample. The increase is ``sum(other - reference) / sum(tokens)``; its interval is paired over samples
+    (ratio estimator: the variance of ``d_i - delta * t_i`` over samples, normal approximation).
+    """
+    import numpy as np
+
+    r, o, t = (np.asarray(a, dtype=np.float64) for a in (reference, other, tokens))
+    if not (r.shape == o.shape == t.shape) or r.ndim != 1 or len(r) < 2:
+        shapes = f"{r.shape} {o.shape} {t.shape}"
+        raise ValueError(f"need equal 1-D per-sample arrays (>= 2 samples), got {shapes}")
+    d = o - r
+    delta = d.sum() / t.sum()
+    resid = d - delta * t
+    se = np.sqrt(len(d) / (len(d) - 1) * (resid**2).sum()) / t.sum()
+    return float(delta), float(1.96 * se)

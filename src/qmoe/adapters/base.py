@@ -103,6 +103,9 @@ class Adapter(ABC):
     architectures: tuple[str, ...]
     experts: ExpertLayout
     is_encoder_decoder: bool
+    # Attribute of the router holding a per-expert token capacity (tokens beyond it are dropped), if any;
+    # calibration lifts it (``CompressConfig.no_drop``).
+    capacity_attribute: str | None = None
 
     # -- structure -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -159,6 +162,11 @@ class Adapter(ABC):
         self, tokenizer: Any, texts: Sequence[str], n: int, seed: int, seq_len: int
     ) -> dict[str, np.ndarray]:
         """Token arrays ``[N, *]`` keyed by field (``StackSpec.inputs`` fields plus ``labels``)."""
+
+    def hessian_mask(self, tokenizer: Any, ids: np.ndarray) -> np.ndarray | None:
+        """``[N, S]`` bool, False at input positions whose tokens stay out of the Hessians
+        (``CompressConfig.skip_sentinels``); ``None``: every position counts."""
+        return None
 
     @abstractmethod
     def loss(

@@ -29,6 +29,7 @@ class SwitchAdapter(Adapter):
     model_types = ("switch_transformers",)
     architectures = ("SwitchTransformersForConditionalGeneration",)
     is_encoder_decoder = True
+    capacity_attribute = "expert_capacity"  # SwitchTransformersTop1Router drops tokens beyond it
     experts = ExpertLayout(
         container="experts",
         key="experts.expert_{e}.{proj}.weight",
@@ -149,6 +150,13 @@ class SwitchAdapter(Adapter):
         start = 0  # T5's decoder_start_token_id (= pad); checked against the config in loss()
         dec_in = np.concatenate([np.full((len(labels), 1), start, dtype=np.int64), labels[:, :-1]], axis=1)
         return {"input_ids": batch.input_ids, "decoder_input_ids": dec_in, "labels": labels}
+
+    def hessian_mask(self, tokenizer: Any, ids: np.ndarray) -> np.ndarray | None:
+        # QMoE leaves the span-corruption sentinels (<extra_id_k>) out of the Hessians: they are markers,
+        # not text, and in a span-corrupted sample every few tokens is one.
+        from qmoe.calib.tokenizer import sentinel_ids
+
+        return ~np.isin(ids, np.asarray(sentinel_ids(tokenizer)))
 
     def loss(
         self, hf_config: Any, head: dict[str, Tensor], hidden: Tensor, labels: Tensor

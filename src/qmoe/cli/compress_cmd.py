@@ -13,6 +13,7 @@ HELP = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qmoe.config import CompressConfig
+    from qmoe.recipes import RECIPES
 
     d = CompressConfig()
     p.add_argument(
@@ -28,16 +29,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="output directory (new or empty; rerunning the same command on an unfinished DIR resumes it)",
     )
     p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="default",
+        help="the quantization settings to start from: qmoe's default, or QMoE's (Frantar & Alistarh 2023: "
+        "nearest rounding on the min/max ternary grid, 10%% dampening, token cap 4); the options below "
+        "override single settings (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        metavar="B",
+        help="size knob: search the rate per expert matrix group so that the stored expert bits/weight "
+        "(all metadata counted) land on B, e.g. 0.8 (ternary only)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="price of one coded bit in each rounding decision (entropy-constrained rounding); 0: nearest "
+        f"rounding, higher: smaller and coarser (default recipe: {d.rate})",
+    )
+    p.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"re-solve each row's levels for its final codes by Hessian least squares (default recipe: "
+        f"{'on' if d.refit else 'off'})",
+    )
+    p.add_argument(
         "--bits",
         choices=("ternary", "2"),
-        default=d.bits,
-        help="ternary {lo, 0, hi} per row, entropy coded (QMoE), or 2-bit (default: %(default)s)",
+        default=None,
+        help=f"ternary {{lo, 0, hi}} per row, entropy coded (QMoE), or 2-bit (default: {d.bits})",
     )
     p.add_argument(
         "--method",
         choices=("gptq", "rtn"),
-        default=d.method,
-        help="GPTQ with per-expert Hessians, or round-to-nearest (default: %(default)s)",
+        default=None,
+        help=f"GPTQ with per-expert Hessians, or round-to-nearest (default: {d.method})",
     )
     p.add_argument(
         "--grid",
@@ -69,28 +100,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-cap",
         type=float,
-        default=d.token_cap,
+        default=None,
         metavar="X",
-        help="at most X times the mean tokens per expert enter its Hessian; 0: no cap (default: %(default)s)",
+        help=f"at most X times the mean tokens per expert enter its Hessian; 0: no cap "
+        f"(default: {d.token_cap})",
     )
     p.add_argument(
         "--min-tokens",
         type=int,
-        default=d.min_tokens,
+        default=None,
         metavar="N",
-        help="experts with fewer calibration tokens are rounded to nearest (default: %(default)s)",
+        help=f"experts with fewer calibration tokens are rounded to nearest (default: {d.min_tokens})",
     )
     p.add_argument(
         "--damp",
         type=float,
-        default=d.damp,
-        help="GPTQ dampening, relative to the mean Hessian diagonal (default: %(default)s)",
+        default=None,
+        help=f"GPTQ dampening, relative to the mean Hessian diagonal (default: {d.damp})",
     )
     p.add_argument(
-        "--block-size", type=int, default=d.block_size, help="GPTQ lazy-batch columns (default: %(default)s)"
+        "--block-size", type=int, default=None, help=f"GPTQ lazy-batch columns (default: {d.block_size})"
     )
     p.add_argument(
-        "--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal"
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ: quantize columns by decreasing Hessian diagonal",
+    )
+    p.add_argument(
+        "--keep-capacity",
+        action="store_true",
+        help="calibrate with the router's own expert capacity (tokens beyond it are dropped) instead of "
+        "lifting it",
+    )
+    p.add_argument(
+        "--keep-sentinels",
+        action="store_true",
+        help="let span-corruption sentinel positions into the Hessians (both recipes leave them out)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the validation loss before/after")
     p.add_argument(
@@ -131,20 +177,32 @@ def run(args: argparse.Namespace) -> int:
     from qmoe.config import CompressConfig
     from qmoe.pipeline import compress
     from qmoe.pipeline.report import summary
+    from qmoe.recipes import recipe_settings
 
+    given = {
+        "bits": args.bits,
+        "method": args.method,
+        "grid": args.grid,
+        "token_cap": args.token_cap,
+        "min_tokens": args.min_tokens,
+        "damp": args.damp,
+        "block_size": args.block_size,
+        "act_order": args.act_order,
+        "rate": args.rate,
+        "target_bits": args.target_bits,
+        "refit": args.refit,
+        "no_drop": False if args.keep_capacity else None,
+        "skip_sentinels": False if args.keep_sentinels else None,
+    }
+    settings = recipe_settings(args.recipe)
+    if args.bits is not None and args.grid is None and args.bits != settings["bits"]:
+        settings["grid"] = None  # the other width's default grid
     config = CompressConfig(
-        bits=args.bits,
-        method=args.method,
-        grid=args.grid,
+        **{**settings, **{k: v for k, v in given.items() if v is not None}},
         calib_data=args.calib_data,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
         seed=args.seed,
-        token_cap=args.token_cap,
-        min_tokens=args.min_tokens,
-        damp=args.damp,
-        block_size=args.block_size,
-        act_order=args.act_order,
         eval=not args.no_eval,
         eval_data=tuple(args.eval_data),
         eval_samples=args.eval_samples,

@@ -154,3 +154,52 @@ def load_shard(path: str | os.PathLike, verify: bool = True) -> Shard:
         raise FormatError(f"{path}: tensors {stray[:5]} look like parts of an unlisted encoded matrix")
     shard.tensors = raw
     return shard
+
+
+# -- size accounting ---------------------------------------------------------------------------------------
+_ST_DTYPES = {"uint32": "U32", "uint16": "U16", "uint8": "U8", "float16": "F16", "float32": "F32"}
+
+
+def _escaped_len(fragment: str) -> int:
+    """Characters ``fragment`` takes inside the JSON string that carries the qmoe header."""
+    return len(json.dumps(fragment)) - 2
+
+
+def _tensor_entry_len(name: str, dtype: str, shape: list[int], offsets: list[int]) -> int:
+    entry = json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": offsets}},
+                       separators=(",", ":"))
+    return len(entry) - 2 + 1  # without the braces, with the separating comma
+
+
+def matrix_header_bytes(name: str, enc: EncodedMatrix, offset_digits: int = 8) -> int:
+    """Estimated header bytes one encoded matrix adds to its shard: its safetensors entries (offsets taken
+    as ``offset_digits`` digits), its checksums and its kind in the qmoe header. ``header_share`` measures
+    the same on a written file."""
+    n = _escaped_len(f'"{name}":"{enc.kind}",')
+    for field_name, arr in enc.to_arrays().items():
+        t = f"{name}{SEP}{field_name}"
+        off = 10 ** (offset_digits - 1)
+        n += _tensor_entry_len(t, _ST_DTYPES[arr.dtype.name], list(arr.shape), [off, off])
+        n += _escaped_len(f'"{t}":"00000000",')
+    return n
+
+
+def header_share(path: str | os.PathLike, matrices: list[str]) -> int:
+    """Bytes of ``path``'s safetensors header that belong to the encoded matrices ``matrices``.
+
+    Counted: each of their tensors' entries (name, dtype, shape, offsets), their crc32 entries and kind
+    entries in the qmoe header (as escaped inside it). Not counted: the header's fixed part and padding.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    qh = json.loads(header["__metadata__"][HEADER_KEY])
+    wanted = set(matrices)
+    total = 0
+    for key, entry in header.items():
+        if key != "__metadata__" and key.split(SEP)[0] in wanted and SEP in key:
+            total += _tensor_entry_len(key, entry["dtype"], entry["shape"], entry["data_offsets"])
+            total += _escaped_len(f'"{key}":"{qh["checksums"][key]}",')
+    for name in matrices:
+        total += _escaped_len(f'"{name}":"{qh["encoded"][name]}",')
+    return total

@@ -14,7 +14,9 @@ In the two capture modes the output is not needed (the MoE layer is the last op 
 supported family and the block's output is thrown away), so it returns zeros and skips the expert math.
 
 Token cap (QMoE): an expert's Hessian takes at most ``cap`` tokens, the first ones in sample order; the
-same tokens in both capture passes, since routing does not depend on the expert weights.
+same tokens in both capture passes, since routing does not depend on the expert weights. ``token_mask``
+(``[T]`` bool for the current batch, set by the pipeline) keeps masked positions (span-corruption
+sentinels) out of the Hessians and out of the cap's count; the Hessians' own ``counts`` are what entered.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class MoELayerCalibration:
         w_second: Tensor,
         act: Callable[[Tensor], Tensor],
         cap: int | None,
+        gate_weighted: bool = False,
     ) -> None:
         self.adapter = adapter
         self.w_first, self.w_second = w_first, w_second
@@ -47,9 +50,11 @@ class MoELayerCalibration:
         self.gated = adapter.experts.gated
         self.n_experts = w_first.shape[0]
         self.cap = cap
+        self.gate_weighted = gate_weighted
         self.mode = "run"
         self.count_tokens = False
         self.hessian: HessianAccumulator | None = None
+        self.token_mask: Tensor | None = None  # [T] bool for the current batch; None: every token counts
         self.routed = torch.zeros(self.n_experts, dtype=torch.int64)  # [E] tokens the router sent, all passes
         self._seen = torch.zeros(self.n_experts, dtype=torch.int64)  # [E] routed so far in this capture pass
 
@@ -81,7 +86,10 @@ class MoELayerCalibration:
 
     def _capture(self, r: Routing) -> None:
         xs, es = [], []
-        for e, tok, _ in group_by_expert(r):
+        for e, tok, gate in group_by_expert(r):
+            if self.token_mask is not None:
+                keep = self.token_mask.to(tok.device)[tok]
+                tok, gate = tok[keep], gate[keep]
             take = (
                 tok.numel() if self.cap is None else max(0, min(tok.numel(), self.cap - int(self._seen[e])))
             )
@@ -91,6 +99,8 @@ class MoELayerCalibration:
             x = r.x[tok[:take]]  # [t, d]: the first tokens in sample order
             if self.mode == "second":
                 x = expert_hidden(x, self.w_first[e], self.act, self.gated)  # [t, I]
+            if self.gate_weighted:  # the layer adds g * expert(x): a token's error counts g^2 times
+                x = x * gate[:take, None].to(x.dtype)
             xs.append(x)
             es.append(torch.full((take,), e, dtype=torch.int64, device=x.device))
         if xs:

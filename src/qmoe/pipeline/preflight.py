@@ -148,6 +148,32 @@ def _output_state(out: Path, fp: str) -> tuple[RunState | None, bool]:
     return None, False
 
 
+def _check_target_bits(target: float, matrices: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse a size target below what storing the experts costs with every code zero (levels, row offsets,
+    tables, headers): no rate reaches it on these shapes."""
+    import numpy as np
+
+    from qmoe.codec import encode_ternary
+    from qmoe.codec.container import matrix_header_bytes
+
+    zero: dict[tuple[int, ...], Any] = {}  # shape -> the all-zero encoded matrix
+    total = weights = 0
+    for key, shape in matrices:
+        if shape not in zero:
+            rows = shape[0]
+            ones = np.ones(rows, np.float32)
+            zero[shape] = encode_ternary(np.zeros(shape, np.int8), -ones, ones)
+        total += zero[shape].nbytes + matrix_header_bytes(key, zero[shape])
+        weights += int(np.prod(shape))
+    least = 8 * total / weights
+    if target < 1.15 * least:
+        raise ConfigError(
+            f"--target-bits {target:g} is out of reach: with every code zero these expert matrices still "
+            f"take {least:.2f} bits/weight (per-row levels and offsets, tables, headers); choose at least "
+            f"{1.15 * least:.2f}"
+        )
+
+
 def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_version: str) -> Plan:
     src = resolve_source(source)
     cfg = read_config(src)
@@ -177,6 +203,8 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
     rest_keys = [k for k in reader.keys() if k not in in_blocks]
     expert_params = sum(reader.numel(k) for b in blocks for k in b.expert_keys)
     params = sum(reader.numel(k) for k in reader.keys())
+    if config.target_bits is not None:
+        _check_target_bits(config.target_bits, [(k, reader.shape(k)) for b in blocks for k in b.expert_keys])
 
     from qmoe.codec import FORMAT_VERSION
 

@@ -3,16 +3,25 @@
 Report layout (``REPORT_VERSION`` 1)::
 
     {"report_version", "qmoe_version", "source", "adapter", "config": CompressConfig.to_dict(),
+     "execution": {"device", "threads"},
      "layers": [{"name", "stack", "block", "experts", "tokens": {min, median, max, total}, "fallbacks",
                  "objective_mean": {proj: float|None}, "bits_per_weight", "zero_fraction", "bytes",
+                 "array_bytes", "header_bytes", "rate": {proj: float},
                  "seconds", "rss_bytes",
                  "per_expert": [{"expert", "tokens", "tokens_used", "fallback", "objective": {proj: ...},
                                  "zero_fraction", "bits_per_weight", "bytes"}]}],
      "totals": {"params", "expert_params", "bytes", "bits_per_param", "expert_bits_per_weight",
                 "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback"},
-     "eval": {"split", "samples", "tokens", "loss_reference", "loss_compressed"} | null,
+     "eval": {"split", "samples", "tokens", "loss_reference", "loss_compressed", "sample_tokens",
+              "sample_loss_reference", "sample_loss_compressed"} | null,   # per-sample summed nats
      "eval_extra": [same as eval, for further eval_data],
      "wall_seconds", "cpu_seconds", "peak_rss_bytes", "resumed_from_block"}
+
+What the sizes count: a layer's ``bytes`` are every byte its experts occupy in the shard file, i.e. the
+encoded arrays (stream, code table, row offsets, levels, the matrix header with its crc32) plus the
+experts' entries in the safetensors header and in the qmoe header (names, shapes, offsets, crc32 strings);
+``totals.expert_bits_per_weight`` is 8 x their sum over the expert weights. ``totals.bytes`` is the size
+of all shard files.
 
 ``wall_seconds`` (plus the compute time of killed attempts), ``cpu_seconds`` (user + system time of this
 process: on a shared machine the honest measure of the work) and ``peak_rss_bytes`` describe the process
@@ -70,8 +79,14 @@ def layer_row(
     objectives: list[list[float | None]],
     sizes: list[dict[str, Any]],
     seconds: float,
+    header_bytes: int = 0,
+    rates: list[float] | None = None,
 ) -> dict[str, Any]:
-    """A layer's report entry; ``fallbacks``/``objectives`` hold one list per projection group."""
+    """A layer's report entry; ``fallbacks``/``objectives``/``rates`` hold one entry per projection group.
+
+    ``bytes`` (and ``bits_per_weight``) count the encoded arrays plus ``header_bytes``, the experts' share
+    of the shard's header (``codec.container.header_share``); per-expert sizes count the arrays only.
+    """
     E = len(routed)
     per_expert = []
     for e in range(E):
@@ -88,7 +103,8 @@ def layer_row(
                 "bytes": s["bytes"],
             }
         )
-    nbytes = sum(s["bytes"] for s in sizes)
+    array_bytes = sum(s["bytes"] for s in sizes)
+    nbytes = array_bytes + header_bytes
     weights = sum(s["weights"] for s in sizes)
     zeros = sum(s["zero_fraction"] * s["weights"] for s in sizes)
 
@@ -112,6 +128,9 @@ def layer_row(
         "bits_per_weight": 8 * nbytes / weights,
         "zero_fraction": zeros / weights,
         "bytes": nbytes,
+        "array_bytes": array_bytes,
+        "header_bytes": header_bytes,
+        "rate": dict(zip(objective_names, rates or [0.0] * len(objective_names), strict=True)),
         "seconds": seconds,
         "rss_bytes": current_rss_bytes(),
         "per_expert": per_expert,

@@ -21,13 +21,14 @@ of the *same* stream: reference decoder on the reference encoder, compressed on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qmoe.codec.container import header_share
 from qmoe.config import CompressConfig
 from qmoe.errors import ConfigError, SourceError
+from qmoe.gptq import QuantizedExperts
 from qmoe.pipeline import output, report
 from qmoe.pipeline.buffers import ActivationBuffer, MemoryBudget, to_device
 from qmoe.pipeline.moe import MoELayerCalibration
 from qmoe.pipeline.preflight import BlockPlan, Plan, plan
-from qmoe.pipeline.quantize import encode_experts, fallback_list, objective_list, quantize, stack_experts
+from qmoe.pipeline.quantize import (
+    encode_experts,
+    fallback_list,
+    group_bits,
+    objective_list,
+    quantize,
+    quantize_to_size,
+    stack_experts,
+)
 from qmoe.pipeline.state import PARTIAL_DIR, RunState, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,6 +81,22 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but no CUDA GPU is available; use --device cpu")
     return dev
+
+
+@contextlib.contextmanager
+def _capacity_lifted(block: torch.nn.Module, attribute: str | None) -> Iterator[None]:
+    """Lift every router's token capacity in ``block`` (so no token is dropped) for the duration."""
+    saved = []
+    if attribute:
+        for m in block.modules():
+            if hasattr(m, attribute):
+                saved.append((m, getattr(m, attribute)))
+                setattr(m, attribute, 2**62)
+    try:
+        yield
+    finally:
+        for m, v in saved:
+            setattr(m, attribute, v)
 
 
 def _kill_hook(stage: str, g: int) -> None:
@@ -139,13 +166,34 @@ class _Run:
 
     # -- running a block -------------------------------------------------------------------------------------
     def _propagate(
-        self, block: torch.nn.Module, bp: BlockPlan, stream: Stream, write: bool, what: str
+        self,
+        block: torch.nn.Module,
+        bp: BlockPlan,
+        stream: Stream,
+        write: bool,
+        what: str,
+        cal: MoELayerCalibration | None = None,
+    ) -> None:
+        """Run ``stream`` through ``block``; ``cal`` (capturing Hessians) gets each batch's token mask."""
+        lift = stream.data == "calib" and self.config.no_drop and self.p.adapter.capacity_attribute
+        with _capacity_lifted(block, self.p.adapter.capacity_attribute if lift else None):
+            self._propagate_batches(block, bp, stream, write, what, cal)
+
+    def _propagate_batches(
+        self,
+        block: torch.nn.Module,
+        bp: BlockPlan,
+        stream: Stream,
+        write: bool,
+        what: str,
+        cal: MoELayerCalibration | None,
     ) -> None:
         from tqdm import tqdm
 
         stack = bp.stack
         buf = self.buffers[f"{stack.name}/{stream.name}"]
         mem = self.buffers.get(f"{stack.memory}/{stream.name}") if stack.memory else None
+        mask = self.samples[stream.data].get(f"mask:{stack.inputs}") if cal is not None else None
         for i0, i1 in tqdm(
             buf.batches(self.config.batch_size),
             desc=f"  {what} {stream.name}",
@@ -154,6 +202,8 @@ class _Run:
             unit="batch",
         ):
             h = to_device(buf.data[i0:i1], self.device)  # [B, S, d]
+            if cal is not None:
+                cal.token_mask = None if mask is None else torch.from_numpy(mask[i0:i1].reshape(-1))
             m = None
             if mem is not None:
                 w = self.norm_weights[stack.memory].to(self.device)
@@ -194,11 +244,12 @@ class _Run:
         w_first, w_second = stack_experts(
             self.p.reader.get_many(bp.expert_keys), layout, bp.moe_path, E, self.device
         )
-        n_tokens = int(np.prod(self.samples["calib"][bp.stack.inputs].shape))
+        mask = self.samples["calib"].get(f"mask:{bp.stack.inputs}")
+        n_tokens = int(np.prod(self.samples["calib"][bp.stack.inputs].shape) if mask is None else mask.sum())
         cap = None
         if config.token_cap > 0:  # QMoE: at most token_cap x the mean routed tokens per expert
             cap = int(np.ceil(config.token_cap * n_tokens * adapter.top_k(self.p.source_cfg) / E))
-        cal = MoELayerCalibration(adapter, w_first, w_second, self.act, cap)
+        cal = MoELayerCalibration(adapter, w_first, w_second, self.act, cap, config.gate_weighted)
         cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
 
         cal.start("run")
@@ -206,20 +257,23 @@ class _Run:
             self._propagate(block, bp, s, write=True, what="reference")
         gptq = config.method == "gptq"
         H1 = None
+        used = [0] * E  # tokens that entered the Hessians, read from the accumulator's own counts
         if gptq:
             cal.start("first", count_tokens=True)
-            self._propagate(block, bp, calib, write=False, what="H first")
+            self._propagate(block, bp, calib, write=False, what="H first", cal=cal)
             H1 = cal.hessian
-        q1 = quantize(w_first, None if H1 is None else H1.H, None if H1 is None else H1.counts, config)
+            used = [int(v) for v in H1.counts.tolist()]
+        q1, rate1 = self._quantize(w_first, H1, list(layout.first), bp.moe_path)
         del H1
         cal.w_first = q1.dequantized.to(self.device)
         _kill_hook("during", bp.g)
         H2 = None
         if gptq:
             cal.start("second")
-            self._propagate(block, bp, calib, write=False, what="H second")
+            self._propagate(block, bp, calib, write=False, what="H second", cal=cal)
             H2 = cal.hessian
-        q2 = quantize(w_second, None if H2 is None else H2.H, None if H2 is None else H2.counts, config)
+            assert H2.counts.tolist() == used, "both capture passes must see the same tokens"
+        q2, rate2 = self._quantize(w_second, H2, [layout.second], bp.moe_path)
         del H2, w_first, w_second
         cal.w_second = q2.dequantized.to(self.device)
         cal.start("run")
@@ -228,9 +282,9 @@ class _Run:
             self._propagate(block, bp, s, write=True, what="quantized")
 
         encoded, sizes = encode_experts(layout, bp.moe_path, q1, q2, config.bits)
-        output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, encoded)
+        shard = output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, encoded)
+        header = header_share(self.p.out / shard, sorted(encoded))
         routed = [int(v) for v in cal.routed.tolist()]
-        used = routed if cap is None else [min(v, cap) for v in routed]
         names = ["+".join(layout.first), layout.second]
         return report.layer_row(
             bp.moe_path,
@@ -243,7 +297,26 @@ class _Run:
             [objective_list(q1), objective_list(q2)],
             sizes,
             time.perf_counter() - t0,
+            header_bytes=header,
+            rates=[rate1, rate2],
         )
+
+    def _quantize(
+        self, W: Tensor, acc: Any, projections: list[str], moe_path: str
+    ) -> tuple[QuantizedExperts, float]:
+        """Quantize one group (fused first projections, or the second) at the configured rate, or at the
+        rate that lands its stored size on ``target_bits``."""
+        config = self.config
+        H, counts = (None, None) if acc is None else (acc.H, acc.counts)
+        if config.target_bits is None:
+            return quantize(W, H, counts, config), config.rate
+        layout = self.p.adapter.experts
+
+        def bits_of(q: QuantizedExperts) -> float:
+            return group_bits(layout, moe_path, q, projections, config.bits)
+
+        q, rate, _ = quantize_to_size(W, H, counts, config, bits_of)
+        return q, rate
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> float:
@@ -298,24 +371,33 @@ class _Run:
         results = []
         for name in self.config.eval_data:
             labels = torch.from_numpy(self.samples[name]["labels"])
-            losses = {}
+            sums: dict[str, list[float]] = {}
+            tokens: list[int] = []
             for kind in ("ref", "q"):
                 buf = self.buffers[f"{last.name}/{kind}:{name}"]
-                total, count = 0.0, 0
+                sums[kind] = []
                 for i0, i1 in buf.batches(self.config.batch_size):
                     h = self.p.adapter.final_norm(
                         self.p.hf_config, norm, to_device(buf.data[i0:i1], self.device)
                     )
-                    s, c = self.p.adapter.loss(self.p.hf_config, head, h, labels[i0:i1].to(self.device))
-                    total, count = total + s, count + c
-                losses[kind] = (total / count, count)
+                    lab = labels[i0:i1].to(self.device)
+                    for j in range(i1 - i0):  # per sample, for intervals paired over samples
+                        s, c = self.p.adapter.loss(self.p.hf_config, head, h[j : j + 1], lab[j : j + 1])
+                        sums[kind].append(s)
+                        if kind == "ref":
+                            tokens.append(c)
+            count = sum(tokens)
             results.append(
                 {
                     "split": name,
                     "samples": int(labels.shape[0]),
-                    "tokens": losses["ref"][1],
-                    "loss_reference": losses["ref"][0],
-                    "loss_compressed": losses["q"][0],
+                    "tokens": count,
+                    "loss_reference": sum(sums["ref"]) / count,
+                    "loss_compressed": sum(sums["q"]) / count,
+                    # Summed nats per sample (same samples, same tokens): paired differences need them.
+                    "sample_tokens": tokens,
+                    "sample_loss_reference": sums["ref"],
+                    "sample_loss_compressed": sums["q"],
                 }
             )
         return results
@@ -345,6 +427,12 @@ def _quantization_config(p: Plan, config: CompressConfig, version: str) -> dict[
             "block_size": config.block_size,
             "act_order": config.act_order,
             "batch_size": config.batch_size,
+            "rate": config.rate,
+            "target_bits": config.target_bits,
+            "refit": config.refit,
+            "no_drop": config.no_drop,
+            "skip_sentinels": config.skip_sentinels,
+            "gate_weighted": config.gate_weighted,
         },
         "experts": {
             "layers": p.adapter.moe_layers(cfg),
@@ -384,6 +472,11 @@ def _load_samples(p: Plan, config: CompressConfig) -> dict[str, dict[str, np.nda
             tokenizer, load_texts(config.calib_data), config.calib_samples, config.seed, config.seq_len
         )
     }
+    if config.skip_sentinels:
+        for stack in p.stacks:
+            mask = p.adapter.hessian_mask(tokenizer, out["calib"][stack.inputs])
+            if mask is not None:
+                out["calib"][f"mask:{stack.inputs}"] = mask
     if config.eval:
         for name in config.eval_data:
             out[name] = make(tokenizer, load_texts(name), config.eval_samples, EVAL_SEED, config.seq_len)
@@ -426,9 +519,18 @@ def compress(
         return json.loads((p.out / report.REPORT_FILE).read_text())
     samples = _load_samples(p, config)
 
+    execution = {"device": dev.type, "threads": torch.get_num_threads()}
+    if p.state is not None and p.state.execution and p.state.execution != execution:
+        was = p.state.execution
+        raise ConfigError(
+            f"{p.out} holds an unfinished run started on {was['device']} with {was['threads']} "
+            f"threads; this process has {execution['device']} with {execution['threads']}, and the bytes "
+            f"depend on both. Resume with the same device and thread count (e.g. "
+            f"OMP_NUM_THREADS={was['threads']}), or delete {p.out} to start over"
+        )
     partial = p.out / PARTIAL_DIR
     partial.mkdir(parents=True, exist_ok=True)
-    state = p.state or RunState(p.fingerprint)
+    state = p.state or RunState(p.fingerprint, execution=execution)
     resumed_from = p.state.done if p.state else None
     prior_seconds = p.state.seconds if p.state else 0.0
     if buffer_gb is None:
@@ -459,6 +561,7 @@ def compress(
         "source": str(source),
         "adapter": p.adapter.name,
         "config": config.to_dict(),
+        "execution": execution,  # the bytes depend on the device and thread count (float reduction order)
         "layers": state.layers,
         "totals": report.totals(p.params, p.expert_params, total_bytes, expert_bytes, state.layers),
         "eval": evals[0] if evals else None,

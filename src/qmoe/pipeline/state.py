@@ -41,6 +41,9 @@ class RunState:
     buffers: dict[str, str] = field(default_factory=dict)  # buffer name -> snapshot file in the partial dir
     layers: list[dict[str, Any]] = field(default_factory=list)  # report rows of the MoE layers done
     seconds: float = 0.0  # compute time spent by earlier (killed) attempts
+    # Where the run computes: {"device": "cpu"|"cuda", "threads": N}. Float reductions (GEMMs, Cholesky)
+    # round differently with another thread count or device, so a resume must run under the same one.
+    execution: dict[str, Any] = field(default_factory=dict)
 
     def save(self, partial: Path) -> None:
         atomic_write_text(partial / STATE_FILE, json.dumps(asdict(self), indent=1, sort_keys=True))

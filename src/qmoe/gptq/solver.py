@@ -14,6 +14,10 @@ units.
 
 Rows are output features, columns are input features (``nn.Linear.weight`` layout): ``H`` is ``[cols, cols]``.
 No model knowledge here; the pipeline captures inputs and calls ``HessianAccumulator.add``.
+
+Two refinements beyond GPTQ, both off by default here (the recipes in ``qmoe.recipes`` choose): ``rate``
+prices each rounding decision by its coded bits (``qmoe.gptq.rate``), and ``refit`` re-solves each row's
+levels for its final codes (``qmoe.gptq.refit``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import torch
 from torch import Tensor
 
 from qmoe.errors import ConfigError, QuantizationError
+from qmoe.gptq import rate as rd
+from qmoe.gptq.refit import refit_levels
 from qmoe.grids import Grid, get_grid
 
-__all__ = ["HessianAccumulator", "QuantizedExperts", "gptq_quantize", "rtn_quantize"]
+__all__ = ["QuantizedExperts", "gptq_quantize", "rtn_quantize"]
 
 log = logging.getLogger(__name__)
 
@@ -36,79 +42,6 @@ _RETRY_FACTOR = 10.0  # damping growth per Cholesky retry
 _RETRIES = 3
 _BATCH_BYTES = 4 << 30  # working-memory budget that sizes the default expert batch
 _CPU_BLOCK_BYTES = 2 << 20  # CPU: the [experts, block_size, rows] column block should stay in cache
-_PAD_ELEMS = 1 << 26  # cap on the padded [experts, tokens, cols] buffer in HessianAccumulator.add
-
-
-class HessianAccumulator:
-    """Streams ``sum x x^T`` per expert over token batches: ``[E, cols, cols]`` plus a token count per expert.
-
-    ``add`` takes the tokens of many experts at once; they are grouped by expert and multiplied as one padded,
-    batched GEMM (experts sorted by token count, so padding stays small), never token by token.
-    """
-
-    def __init__(
-        self,
-        n_experts: int,
-        cols: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self._sum = torch.zeros(n_experts, cols, cols, device=device, dtype=dtype)  # [E, cols, cols]
-        self.counts = torch.zeros(n_experts, dtype=torch.int64, device=self._sum.device)  # [E]
-
-    @property
-    def H(self) -> Tensor:
-        """``2/n * sum x x^T`` per expert ``[E, cols, cols]``; all zeros for an expert with no tokens."""
-        scale = 2.0 / self.counts.clamp(min=1).to(self._sum.dtype)  # [E]
-        return self._sum * scale[:, None, None]
-
-    def add(self, expert_idx: Tensor, x: Tensor) -> None:
-        """Add tokens ``x [T, cols]``, token ``t`` routed to expert ``expert_idx[t]`` (``[T]`` integer)."""
-        E, cols = self._sum.shape[0], self._sum.shape[-1]
-        if x.dim() != 2 or x.shape[1] != cols or expert_idx.shape != (x.shape[0],):
-            raise ConfigError(
-                f"HessianAccumulator.add expects expert_idx [T] and x [T, {cols}], "
-                f"got {tuple(expert_idx.shape)} and {tuple(x.shape)}"
-            )
-        if x.shape[0] == 0:
-            return
-        idx = expert_idx.to(self._sum.device, torch.int64)
-        if int(idx.min()) < 0 or int(idx.max()) >= E:
-            lo, hi = int(idx.min()), int(idx.max())
-            raise ConfigError(f"expert indices must lie in [0, {E}), got values in [{lo}, {hi}]")
-        x = x.to(self._sum.device, self._sum.dtype)
-        counts = torch.bincount(idx, minlength=E)  # [E]
-        self.counts += counts
-
-        # Rank experts by token count (descending) and sort tokens by that rank: each chunk of consecutive
-        # ranks is a contiguous token range whose padded [m, c_max, cols] buffer wastes at most half its rows.
-        by_count = torch.argsort(counts, descending=True, stable=True)  # [E] expert at each rank
-        rank = torch.empty_like(by_count)
-        rank[by_count] = torch.arange(E, device=idx.device)
-        key = rank[idx]  # [T]
-        order = torch.argsort(key, stable=True)
-        xs, key = x[order], key[order]  # [T, cols], [T] (ascending rank)
-        sorted_counts = counts[by_count].tolist()
-        starts = [0]
-        for c in sorted_counts:
-            starts.append(starts[-1] + c)
-        n_present = sum(1 for c in sorted_counts if c > 0)
-        r0 = 0
-        while r0 < n_present:
-            c_max, r1, total = sorted_counts[r0], r0 + 1, sorted_counts[r0]
-            while r1 < n_present:
-                m, total_next = r1 - r0 + 1, total + sorted_counts[r1]
-                if m * c_max > 2 * total_next or m * c_max * cols > _PAD_ELEMS:
-                    break
-                r1, total = r1 + 1, total_next
-            t0, t1 = starts[r0], starts[r1]
-            slot = key[t0:t1] - r0  # [t] chunk slot of each token
-            first_token = torch.tensor(starts, device=idx.device)[key[t0:t1]]
-            pos = torch.arange(t0, t1, device=idx.device) - first_token  # [t] row within its expert
-            padded = xs.new_zeros(r1 - r0, c_max, cols)  # [m, c_max, cols]
-            padded[slot, pos] = xs[t0:t1]
-            self._sum.index_add_(0, by_count[r0:r1], padded.transpose(1, 2) @ padded)  # [m, cols, cols]
-            r0 = r1
 
 
 @dataclass(frozen=True)
@@ -205,15 +138,23 @@ def _upper_cholesky_of_inverse(H: Tensor, lam: Tensor, todo: Tensor, first: int)
 
 
 def _gptq_columns(
-    WT: Tensor, U: Tensor, grid: Grid, levels: Tensor, block_size: int
+    WT: Tensor,
+    U: Tensor,
+    grid: Grid,
+    levels: Tensor,
+    block_size: int,
+    pricing: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """GPTQ's blocked column loop on transposed weights ``WT [B, cols, rows]`` (modified in place).
 
     Transposed so that a column is a contiguous ``[B, rows]`` slice. Returns codes ``[B, cols, rows]`` int8
     and dequantized ``[B, cols, rows]``. ``U = I`` for an expert makes this round-to-nearest for it.
+    ``pricing = (rate * s_r [B, rows], relative bits [B, L], 1 / c_j [B, cols])`` switches nearest rounding
+    to entropy-constrained rounding (``qmoe.gptq.rate``).
     """
     B, cols, rows = WT.shape
     thr = grid.thresholds(levels)  # [B, rows, L-1]
+    lock = None if pricing is None else rd.zero_locks(levels, grid.code_offset)
     codes = torch.empty(B, cols, rows, dtype=torch.int8, device=WT.device)
     Q = torch.empty_like(WT)
     for i1 in range(0, cols, block_size):
@@ -223,7 +164,14 @@ def _gptq_columns(
         U1 = U[:, i1:i2, i1:i2]  # [B, c, c]
         for i in range(i2 - i1):
             w = W1[:, i].unsqueeze(-1)  # [B, rows, 1]
-            code = grid.quantize(w, levels, thr)  # [B, rows, 1]
+            if pricing is None:
+                code = grid.quantize(w, levels, thr)  # [B, rows, 1]
+            else:
+                scale, rel, inv_c = pricing
+                price = scale[:, :, None, None] * rel[:, None, None, :] * inv_c[:, i1 + i, None, None, None]
+                code = rd.rd_codes(
+                    w, levels, torch.nan_to_num(price, nan=0.0, posinf=torch.inf), grid.code_offset, lock
+                )
             q = grid.dequantize(code, levels)
             err = (w - q) / U1[:, i, i, None, None]  # [B, rows, 1]
             # Spread the error over the rest of the block: W1[:, j] -= err * U[i, j] for j > i.
@@ -236,6 +184,20 @@ def _gptq_columns(
     return codes, Q
 
 
+def _free_levels(grid: Grid) -> Tensor:
+    """``[L]`` bool: levels a refit may move (all but a ternary grid's zero, the codec's background)."""
+    free = torch.ones(grid.n_levels, dtype=torch.bool)
+    if grid.code_offset:
+        free[grid.code_offset] = False
+    return free
+
+
+def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: float) -> Tensor:
+    """Relative bit prices ``[B, L]`` (cheapest level 0) for ``W [B, rows, cols]``, column weights ``d``."""
+    bits = rd.fit_prices(W, levels, rd.column_weights(d), rate, grid.code_offset)
+    return bits - bits.amin(-1, keepdim=True)
+
+
 def _gptq_batch(
     W: Tensor,
     H: Tensor,
@@ -245,6 +207,8 @@ def _gptq_batch(
     act_order: bool,
     fallback: Tensor,
     first: int,
+    rate: float = 0.0,
+    refit: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GPTQ for one batch of experts ``W [B, rows, cols]`` float32, ``H [B, cols, cols]`` on W's device."""
     B, rows, cols = W.shape
@@ -258,6 +222,8 @@ def _gptq_batch(
     Hw = H.clone()
     Hw.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     WT = W.transpose(1, 2).masked_fill(dead[:, :, None], 0.0)  # [B, cols, rows] copy
+    if rate > 0:  # bit prices consistent with the decisions, on H's diagonal (no feedback yet)
+        rel_bits = _prices(WT.transpose(1, 2), levels, hdiag.masked_fill(dead, 0.0), grid, rate)
 
     if act_order:  # quantize the columns with the largest H_ii first
         perm = torch.argsort(Hw.diagonal(dim1=-2, dim2=-1), dim=1, descending=True, stable=True)  # [B, cols]
@@ -272,7 +238,14 @@ def _gptq_batch(
     del Hw
     fallback = fallback | ~ok
     U[fallback] = torch.eye(cols, dtype=U.dtype, device=U.device)  # U = I: round to nearest
-    codes, Q = _gptq_columns(WT, U.to(torch.float32), grid, levels, block_size)
+    U = U.to(torch.float32)
+    pricing = None
+    if rate > 0:  # GPTQ's per-column cost of a unit error is 1 / U_jj^2
+        d = U.diagonal(dim1=-2, dim2=-1).pow(-2)  # [B, cols] (in the order the columns are quantized)
+        c = rd.column_weights(d)
+        inv_c = 1.0 / c.clamp(min=torch.finfo(c.dtype).tiny)
+        pricing = (rate * rd.row_scale(W), rel_bits, inv_c)
+    codes, Q = _gptq_columns(WT, U, grid, levels, block_size, pricing)
     del U, WT
 
     if act_order:  # back to storage order
@@ -280,6 +253,17 @@ def _gptq_batch(
         codes, Q = codes.gather(1, inv), Q.gather(1, inv)
     codes = codes.transpose(1, 2).contiguous()  # [B, rows, cols]
     Q = Q.transpose(1, 2).contiguous()
+    if refit:
+        has_data = ~(H == 0).flatten(1).all(1)  # [B]: experts without tokens have nothing to fit to
+        if has_data.any():
+            Hd = H[has_data].double()
+            Hd.diagonal(dim1=-2, dim2=-1).add_(lam[has_data, None].double())  # GPTQ's damping
+            Hd.diagonal(dim1=-2, dim2=-1)[dead[has_data]] = 1.0
+            Wm = W[has_data].masked_fill(dead[has_data][:, None, :], 0.0)
+            levels[has_data] = refit_levels(
+                Wm, codes[has_data], levels[has_data], Hd, grid.code_offset, _free_levels(grid)
+            )
+            Q = grid.dequantize(codes, levels)
     return Q, codes, levels, _objective(W, Q, H), fallback
 
 
@@ -303,6 +287,8 @@ def gptq_quantize(
     counts: Tensor | None = None,
     min_tokens: int = 1,
     expert_batch: int | None = None,
+    rate: float = 0.0,
+    refit: bool = False,
 ) -> QuantizedExperts:
     """GPTQ-quantize every expert of ``W [E, rows, cols]`` against its Hessian ``H [E, cols, cols]``.
 
@@ -312,6 +298,8 @@ def gptq_quantize(
     - ``counts [E]`` / ``min_tokens``: experts with fewer tokens (or an all-zero ``H``) are rounded to
       nearest; so are experts whose damped Hessian stays non-positive-definite after retries. Both set
       ``fallback``.
+    - ``rate``: price of a coded bit in entropy-constrained rounding (``qmoe.gptq.rate``; 0: nearest).
+    - ``refit``: re-solve each row's levels for its final codes (``qmoe.gptq.refit``).
     - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working
       memory, and on CPU so that a column block stays in cache (batching only pays off on GPUs).
 
@@ -320,10 +308,16 @@ def gptq_quantize(
     """
     _check_stack(W, H)
     g = get_grid(grid)
-    if damp < 0 or block_size < 1 or min_tokens < 0 or (expert_batch is not None and expert_batch < 1):
+    if (
+        damp < 0
+        or block_size < 1
+        or min_tokens < 0
+        or (expert_batch is not None and expert_batch < 1)
+        or not rate >= 0
+    ):
         raise ConfigError(
-            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1; got {damp}, {block_size}, "
-            f"{min_tokens}, {expert_batch}"
+            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1, rate >= 0; got {damp}, "
+            f"{block_size}, {min_tokens}, {expert_batch}, {rate}"
         )
     E, rows, cols = W.shape
     if counts is not None and counts.shape != (E,):
@@ -345,7 +339,9 @@ def gptq_quantize(
         _check_finite(Hb, "Hessian entries", s)
         Hb = Hb if Hb.dtype == torch.float64 else Hb.float()
         parts.append(
-            _gptq_batch(W[s:e].float(), Hb, g, damp, block_size, act_order, starved[s:e].to(W.device), s)
+            _gptq_batch(
+                W[s:e].float(), Hb, g, damp, block_size, act_order, starved[s:e].to(W.device), s, rate, refit
+            )
         )
     Q, codes, levels, objective, fallback = (torch.cat(p) for p in zip(*parts, strict=True))
     if fallback.any():
@@ -354,20 +350,47 @@ def gptq_quantize(
     return QuantizedExperts(g.name, Q, codes, levels, objective, fallback)
 
 
-def rtn_quantize(W: Tensor, grid: str | Grid = "ternary", H: Tensor | None = None) -> QuantizedExperts:
+def rtn_quantize(
+    W: Tensor,
+    grid: str | Grid = "ternary",
+    H: Tensor | None = None,
+    rate: float = 0.0,
+    refit: bool = False,
+    damp: float = 0.1,
+) -> QuantizedExperts:
     """Round every weight of ``W [E, rows, cols]`` to its row's nearest level (``fallback`` all False).
 
     With ``H [E, cols, cols]`` the objective is computed, and ``H``'s diagonal weights grids that use it.
+    ``rate > 0`` prices each decision by its coded bits (column weights ``H_jj``, or uniform without ``H``);
+    ``refit`` (needs ``H``) re-solves the levels for the codes against ``H`` damped by ``damp``.
     """
     _check_stack(W, H)
     g = get_grid(grid)
+    if not rate >= 0:
+        raise ConfigError(f"rate must be >= 0, got {rate}")
     _check_finite(W, "weights", 0)
     if H is not None:
         _check_finite(H, "Hessian entries", 0)
     Wf = W.float()
-    hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device)
+    hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device).float()
     levels = g.fit(Wf, hdiag)
-    codes = g.quantize(Wf, levels)
+    if rate > 0:
+        d = torch.ones(W.shape[0], W.shape[2], device=W.device) if hdiag is None else hdiag
+        rel_bits = _prices(Wf, levels, d, g, rate)
+        price = rd.price_of(rate, rd.row_scale(Wf), rel_bits, rd.column_weights(d))
+        codes = rd.rd_codes(Wf, levels, price, g.code_offset, rd.zero_locks(levels, g.code_offset))
+    else:
+        codes = g.quantize(Wf, levels)
+    if refit and H is not None:
+        Hd = H.to(W.device, torch.float64)
+        mean_diag = Hd.diagonal(dim1=-2, dim2=-1).mean(-1)  # [E]
+        has_data = mean_diag > 0
+        if has_data.any():
+            Hd = Hd[has_data]
+            Hd.diagonal(dim1=-2, dim2=-1).add_((mean_diag[has_data] * max(damp, _MIN_DAMP))[:, None])
+            levels[has_data] = refit_levels(
+                Wf[has_data], codes[has_data], levels[has_data], Hd, g.code_offset, _free_levels(g)
+            )
     Q = g.dequantize(codes, levels)
     objective = None if H is None else _objective(Wf, Q, H)
     fallback = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
