@@ -2,7 +2,7 @@
 samples and several calibration seeds (the protocol behind docs/results.md's recipe table).
 
     python benchmarks/quality.py [--models tiny-qwen3-moe tiny-switch] [--seeds 0 1 2] \
-        [--sweep 0.6 0.8 1.0 1.2] [--work DIR] [--json FILE] [--figure FILE] [--only NAME ...]
+        [--sweep 0.8 1.0 1.2 1.4] [--work DIR] [--json FILE] [--figure FILE] [--only NAME ...]
 
 Protocol:
 - every variant compresses the same model on the same calibration text (``--calib-data``, default the held-out
@@ -34,7 +34,7 @@ import numpy as np
 SPLITS = ("validation", "test", "pydoc")
 
 
-def variants(sweep: list[float]) -> dict[str, dict[str, Any]]:
+def variants(sweep: list[float], sweep_seeds: int) -> dict[str, dict[str, Any]]:
     """name -> (recipe, overrides, calibrated). Calibration-free variants run for the first seed only."""
     v: dict[str, dict[str, Any]] = {
         "RTN ternary": {"recipe": "qmoe", "over": {"method": "rtn"}, "calibrated": False},
@@ -48,7 +48,12 @@ def variants(sweep: list[float]) -> dict[str, dict[str, Any]]:
         "GPTQ 2-bit": {"recipe": "qmoe", "over": {"bits": "2", "grid": "int2"}, "calibrated": True},
     }
     for b in sweep:
-        v[f"target {b:g}"] = {"recipe": "default", "over": {"target_bits": b}, "calibrated": True}
+        v[f"target {b:g}"] = {
+            "recipe": "default",
+            "over": {"target_bits": b},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
     return v
 
 
@@ -184,9 +189,10 @@ def main() -> None:
         "--sweep",
         nargs="*",
         type=float,
-        default=[0.6, 0.8, 1.0, 1.2],
+        default=[0.8, 1.0, 1.2, 1.4],
         help="--target-bits values for the default recipe's size curve",
     )
+    ap.add_argument("--sweep-seeds", type=int, default=2, help="calibration seeds per sweep point")
     ap.add_argument("--calib-data", default="calibration")
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=256)
@@ -198,7 +204,7 @@ def main() -> None:
 
     import torch
 
-    specs = variants(args.sweep)
+    specs = variants(args.sweep, args.sweep_seeds)
     if args.only:
         unknown = sorted(set(args.only) - set(specs))
         if unknown:
@@ -208,7 +214,7 @@ def main() -> None:
     for model in args.models:
         runs: dict[str, list[dict]] = {}
         for name, spec in specs.items():
-            seeds = args.seeds if spec["calibrated"] else args.seeds[:1]
+            seeds = args.seeds[: spec.get("seeds", len(args.seeds))] if spec["calibrated"] else args.seeds[:1]
             runs[name] = [run_one(model, name, spec, s, args) for s in seeds]
         summary = {name: summarize(r) for name, r in runs.items()}
         comparisons = {}

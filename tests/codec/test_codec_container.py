@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmoe import codec
+from qmoe.codec.container import SHARD_VERSION
 from qmoe.errors import FormatError
 
 
@@ -66,7 +67,7 @@ def test_newer_version(tmp_path: Path) -> None:
 
     def bump(h: dict) -> None:
         q = json.loads(h["__metadata__"]["qmoe"])
-        q["format_version"] = codec.FORMAT_VERSION + 1
+        q["format_version"] = SHARD_VERSION + 1
         h["__metadata__"]["qmoe"] = json.dumps(q)
     _rewrite_header(path, bump)
     with pytest.raises(FormatError, match="newer"):
@@ -140,3 +141,43 @@ def test_corrupt_file(tmp_path: Path, shard_bytes: bytes, edits: list, cut: floa
         assert torch.equal(shard.tensors[k], v)
     assert np.array_equal(codec.decode(shard.encoded["experts.0.wi"])[0], raw["ternary"])
     assert np.array_equal(codec.decode(shard.encoded["experts.0.wo"])[0], raw["int2"])
+
+
+def _save_version_1(path: Path, tensors: dict, encoded: dict) -> None:
+    """A shard as qmoe wrote it before version 2: six tensors per encoded matrix."""
+    import zlib
+
+    from safetensors.torch import save_file
+
+    out = {k: v.contiguous() for k, v in tensors.items()}
+    for name, enc in encoded.items():
+        for field_name, arr in enc.to_arrays().items():
+            out[f"{name}#{field_name}"] = torch.from_numpy(np.ascontiguousarray(arr).copy())
+    crc = {n: f"{zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()):08x}" for n, t in sorted(out.items())}
+    header = {"format": "qmoe-shard", "format_version": 1, "encoded": {n: e.kind for n, e in encoded.items()},
+              "checksums": crc}
+    save_file(out, str(path), metadata={"qmoe": json.dumps(header)})
+
+
+def test_version_1_shards_still_load(tmp_path: Path) -> None:
+    tensors, encoded, raw = _content()
+    _save_version_1(tmp_path / "v1", tensors, encoded)
+    shard = codec.load_shard(tmp_path / "v1")
+    assert np.array_equal(codec.decode(shard.encoded["experts.0.wi"])[0], raw["ternary"])
+    assert np.array_equal(codec.decode(shard.encoded["experts.0.wo"])[0], raw["int2"])
+    assert shard.tensors.keys() == tensors.keys()
+
+
+def test_one_tensor_per_encoded_matrix(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors, encoded, _ = _content()
+    codec.save_shard(tmp_path / "s", tensors, encoded)
+    with safe_open(str(tmp_path / "s"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(tensors) | {f"{n}#qmoe" for n in encoded}
+    for enc in encoded.values():  # the blob is exactly the six arrays, nothing else
+        assert codec.EncodedMatrix.from_blob(enc.to_blob()).to_blob().tobytes() == enc.to_blob().tobytes()
+        assert enc.to_blob().nbytes == enc.nbytes
+    with pytest.raises(FormatError, match="blob holds"):
+        codec.EncodedMatrix.from_blob(encoded["experts.0.wi"].to_blob()[:-1])

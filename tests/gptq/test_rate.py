@@ -85,3 +85,28 @@ def test_rate_zero_is_the_plain_recipe() -> None:
     H = (2 / 500 * X.T @ X).expand(2, 32, 32).contiguous()
     a, b = gptq_quantize(W, H), gptq_quantize(W, H, rate=0.0, refit=False)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.levels, b.levels)
+
+
+def test_gptq_column_loop_prices_like_the_reference() -> None:
+    """With U = I (no error feedback) GPTQ's inlined priced decision equals rd.rd_codes on whole matrices."""
+    from qmoe.gptq.solver import _gptq_columns
+
+    g = get_grid("ternary")
+    torch.manual_seed(4)
+    B, rows, cols = 3, 20, 40
+    W = torch.randn(B, rows, cols)
+    W[0, 3] = W[0, 3].abs()  # lo == 0: the locked code must never appear
+    levels = g.fit(W)
+    bits = torch.tensor([[0.0, 1.5, 2.0], [0.3, 0.0, 2.5], [4.0, 0.0, 0.2]])
+    c = torch.rand(B, cols) + 0.2
+    scale = 0.4 * rd.row_scale(W)
+    U = torch.eye(cols).expand(B, cols, cols).contiguous()
+    codes, _ = _gptq_columns(W.transpose(1, 2).contiguous(), U, g, levels, 16, (scale, bits, 1.0 / c))
+    ref = rd.rd_codes(
+        W,
+        levels,
+        rd.price_of(0.4, rd.row_scale(W), bits - bits.amin(-1, keepdim=True), c),
+        1,
+        rd.zero_locks(levels, 1),
+    )
+    assert torch.equal(codes.transpose(1, 2), ref)

@@ -38,6 +38,8 @@ H_MAGIC, H_VERSION, H_KIND, H_ROWS, H_COLS, H_RUN_LIMIT, H_BACKGROUND, H_MAX_LEN
 H_LEVEL_DTYPE, H_BLOCK_LOG2, H_BITS, H_NSYM, H_CRC = range(8, 13)
 
 ARRAY_NAMES = ("header", "stream", "lengths", "block_offsets", "row_deltas", "levels")
+# Order of the arrays in ``to_blob``: widest elements first, so each array starts aligned to its element size.
+BLOB_ORDER = ("header", "stream", "block_offsets", "levels", "row_deltas", "lengths")
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,6 +142,47 @@ class EncodedMatrix:
         body = {"stream": self.stream, "lengths": self.table.lengths, "block_offsets": self.block_offsets,
                 "row_deltas": self.row_deltas, "levels": self.levels}
         return {"header": self._header(_crc(self._header(0), body)), **body}
+
+    def to_blob(self) -> np.ndarray:
+        """The matrix as one ``uint8`` array: the arrays of ``to_arrays`` back to back in ``BLOB_ORDER``
+        (each starts at a multiple of its element size); ``from_blob`` inverts it."""
+        arrays = self.to_arrays()
+        parts = [np.ascontiguousarray(arrays[n]).view(np.uint8).reshape(-1) for n in BLOB_ORDER]
+        return np.concatenate(parts)
+
+    @classmethod
+    def from_blob(cls, blob: np.ndarray, verify: bool = True) -> EncodedMatrix:
+        """Rebuild from ``to_blob`` bytes; FormatError if the sizes its header implies do not add up."""
+        b = np.ascontiguousarray(np.asarray(blob))
+        if b.dtype != np.uint8 or b.ndim != 1 or b.size < 4 * HEADER_WORDS:
+            raise FormatError(
+                f"encoded-matrix blob must be uint8[>= {4 * HEADER_WORDS}], got {b.dtype}{b.shape}"
+            )
+        h = b[: 4 * HEADER_WORDS].view("<u4")
+        kind_id, level_id = int(h[H_KIND]), int(h[H_LEVEL_DTYPE])
+        if level_id >= len(LEVEL_DTYPES) or kind_id >= len(KINDS) or int(h[H_BLOCK_LOG2]) > 31:
+            raise _bad("header field out of range (kind, level dtype or block size)")
+        rows, bits, g = int(h[H_ROWS]), int(h[H_BITS]), int(h[H_BLOCK_LOG2])
+        n_levels = 2 if KINDS[int(h[H_KIND])] == "ternary" else 4
+        level_dtype = LEVEL_DTYPES[int(h[H_LEVEL_DTYPE])]
+        layout = {  # name -> (dtype, shape)
+            "header": (np.dtype("<u4"), (HEADER_WORDS,)),
+            "stream": (np.dtype("<u4"), ((bits + 31) // 32 + 1,)),
+            "block_offsets": (np.dtype("<u4"), (((rows + (1 << g) - 1) >> g) + 1,)),
+            "levels": (level_dtype, (rows, n_levels)),
+            "row_deltas": (np.dtype("<u2"), (rows,)),
+            "lengths": (np.dtype("u1"), (int(h[H_NSYM]),)),
+        }
+        need = sum(dt.itemsize * int(np.prod(shape)) for dt, shape in layout.values())
+        if need != b.size:
+            raise _bad(f"blob holds {b.size} bytes, its header implies {need}")
+        arrays, at = {}, 0
+        for name in BLOB_ORDER:
+            dt, shape = layout[name]
+            n = dt.itemsize * int(np.prod(shape))
+            arrays[name] = b[at : at + n].copy().view(dt).reshape(shape)
+            at += n
+        return cls.from_arrays(arrays, verify=verify)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], verify: bool = True) -> EncodedMatrix:

@@ -154,7 +154,12 @@ def _gptq_columns(
     """
     B, cols, rows = WT.shape
     thr = grid.thresholds(levels)  # [B, rows, L-1]
-    lock = None if pricing is None else rd.zero_locks(levels, grid.code_offset)
+    if pricing is not None:
+        scale, rel, inv_c = pricing
+        # Price of each level before the column factor, with forbidden levels (rd.zero_locks) at +inf.
+        base = (scale[:, :, None] * rel[:, None, :]).masked_fill(
+            rd.zero_locks(levels, grid.code_offset), torch.inf
+        )
     codes = torch.empty(B, cols, rows, dtype=torch.int8, device=WT.device)
     Q = torch.empty_like(WT)
     for i1 in range(0, cols, block_size):
@@ -166,12 +171,9 @@ def _gptq_columns(
             w = W1[:, i].unsqueeze(-1)  # [B, rows, 1]
             if pricing is None:
                 code = grid.quantize(w, levels, thr)  # [B, rows, 1]
-            else:
-                scale, rel, inv_c = pricing
-                price = scale[:, :, None, None] * rel[:, None, None, :] * inv_c[:, i1 + i, None, None, None]
-                code = rd.rd_codes(
-                    w, levels, torch.nan_to_num(price, nan=0.0, posinf=torch.inf), grid.code_offset, lock
-                )
+            else:  # rd.rd_codes for one column, inlined: this loop is GPTQ's hot path on CPU
+                cost = (w - levels).square_().add_(base * inv_c[:, i1 + i, None, None])  # [B, rows, L]
+                code = (cost.argmin(-1, keepdim=True) - grid.code_offset).to(torch.int8)
             q = grid.dequantize(code, levels)
             err = (w - q) / U1[:, i, i, None, None]  # [B, rows, 1]
             # Spread the error over the rest of the block: W1[:, j] -= err * U[i, j] for j > i.

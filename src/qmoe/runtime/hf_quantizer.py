@@ -53,7 +53,7 @@ class QMoEHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> Any:
-        from qmoe.codec.container import SEP
+        from qmoe.codec.container import BLOB, SEP
         from qmoe.codec.format import ARRAY_NAMES
         from qmoe.runtime.load import check_dir, convert
 
@@ -61,9 +61,10 @@ class QMoEHfQuantizer(HfQuantizer):
             raise ConfigError("a qmoe model loads from a compressed checkpoint directory, not a state dict")
         path, cfg, files = check_dir(Path(checkpoint_files[0]).parent)
         convert(model, path, cfg, files)
-        # The arrays of each encoded matrix (``<key>#stream``, ...) are in the shards next to the ordinary
-        # tensors; convert() has consumed them, transformers should neither load nor report them.
-        pattern = rf"{SEP}({'|'.join(ARRAY_NAMES)})$"
+        # Each encoded matrix (``<key>#qmoe``; ``<key>#stream``, ... in version-1 shards) is in the shards
+        # next to the ordinary tensors; convert() has consumed them: transformers should neither load nor
+        # report them.
+        pattern = rf"{SEP}({'|'.join((BLOB, *ARRAY_NAMES))})$"
         ignored = set(model._keys_to_ignore_on_load_unexpected or ())
         model._keys_to_ignore_on_load_unexpected = ignored | {pattern}
         return model
