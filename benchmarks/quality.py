@@ -2,7 +2,7 @@
 samples and several calibration seeds (the protocol behind docs/results.md's recipe table).
 
     python benchmarks/quality.py [--models tiny-qwen3-moe tiny-switch] [--seeds 0 1 2] \
-        [--sweep 0.8 1.0 1.2 1.4] [--work DIR] [--json FILE] [--figure FILE] [--only NAME ...]
+        [--sweep 0.8 1.0 1.2 1.4] [--ablations] [--work DIR] [--json FILE] [--figure FILE] [--only NAME ...]
 
 Protocol:
 - every variant compresses the same model on the same calibration text (``--calib-data``, default the held-out
@@ -34,7 +34,7 @@ import numpy as np
 SPLITS = ("validation", "test", "pydoc")
 
 
-def variants(sweep: list[float], sweep_seeds: int) -> dict[str, dict[str, Any]]:
+def variants() -> dict[str, dict[str, Any]]:
     """name -> (recipe, overrides, calibrated). Calibration-free variants run for the first seed only."""
     v: dict[str, dict[str, Any]] = {
         "RTN ternary": {"recipe": "qmoe", "over": {"method": "rtn"}, "calibrated": False},
@@ -46,7 +46,29 @@ def variants(sweep: list[float], sweep_seeds: int) -> dict[str, dict[str, Any]]:
             "calibrated": False,
         },
         "GPTQ 2-bit": {"recipe": "qmoe", "over": {"bits": "2", "grid": "int2"}, "calibrated": True},
+        "qmoe default 2-bit": {
+            "recipe": "default",
+            "over": {"bits": "2", "grid": "int2"},
+            "calibrated": True,
+        },
     }
+    return v
+
+
+ABLATIONS: dict[str, dict[str, Any]] = {  # the default recipe with one setting changed
+    "default, no act-order": {"act_order": False},
+    "default, no gate weighting": {"gate_weighted": False},
+    "default, rate 0": {"rate": 0.0},
+    "default + refit": {"refit": True},
+    "default, ternary-opt levels": {"grid": "ternary-opt"},
+    "default, damp 0.03": {"damp": 0.03},
+    "default, damp 0.2": {"damp": 0.2},
+    "default, no token cap": {"token_cap": 0.0},
+}
+
+
+def sweep_variants(sweep: list[float], sweep_seeds: int) -> dict[str, dict[str, Any]]:
+    v: dict[str, dict[str, Any]] = {}
     for b in sweep:
         v[f"target {b:g}"] = {
             "recipe": "default",
@@ -118,8 +140,9 @@ def summarize(reps: list[dict]) -> dict[str, Any]:
 
 
 def compare(a: list[dict], b: list[dict], split: str) -> dict[str, float]:
-    """Paired difference of loss increases ``a - b`` on ``split`` (seed-averaged per sample), with its 95%
-    interval, and the ratio of the increases."""
+    """Paired difference of loss increases ``a - b`` on ``split``: per sample (seed-averaged) with its 95%
+    interval; where both ran the same seeds (the same calibration text per seed), the spread of the per-seed
+    differences is added as for single variants. Also the ratio of the increases."""
     from qmoe.evaluation import paired_delta
 
     ea = [_evals(r)[split] for r in a]
@@ -128,9 +151,41 @@ def compare(a: list[dict], b: list[dict], split: str) -> dict[str, float]:
     ca = np.mean([np.asarray(e["sample_loss_compressed"]) for e in ea], 0)
     cb = np.mean([np.asarray(e["sample_loss_compressed"]) for e in eb], 0)
     diff, h = paired_delta(cb, ca, tok)
+    if len(ea) == len(eb) > 1:
+        per_seed = [
+            paired_delta(y["sample_loss_compressed"], x["sample_loss_compressed"], tok)[0]
+            for x, y in zip(ea, eb, strict=True)
+        ]
+        h = float(np.hypot(h, 1.96 * np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))))
     ref = np.asarray(ea[0]["sample_loss_reference"])
     da, db = paired_delta(ref, ca, tok)[0], paired_delta(ref, cb, tok)[0]
     return {"difference": diff, "ci95": h, "ratio": da / db if db else float("nan")}
+
+
+MARK_BEGIN, MARK_END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+def markdown(model: str, res: dict[str, Any], args: argparse.Namespace) -> str:
+    """One model's table (every variant, every split) and its paired comparisons, as markdown."""
+    summary, comparisons = res["variants"], res["comparisons"]
+    lines = [
+        f"\n**{model}**: calibration `{args.calib_data}` x {args.calib_samples} samples, seeds {args.seeds} "
+        f"(sweep points {args.sweep_seeds} seeds, ablations 1); loss increase in nats over "
+        f"{args.eval_samples} samples per split, 95% interval over samples and seeds\n",
+        f"| variant | expert bits/w | {' | '.join(SPLITS)} | RTN fallbacks per seed |",
+        "|---|---|" + "---|" * len(SPLITS) + "---|",
+    ]
+    for name, v in summary.items():
+        cells = " | ".join(f"{v[s]['delta']:+.4f} ± {v[s]['ci95']:.4f}" for s in SPLITS)
+        lines.append(f"| {name} | {v['expert_bits_per_weight']:.3f} | {cells} | {v['fallbacks']} |")
+    lines += ["", "| paired comparison (A vs B) | " + " | ".join(f"{s}: A - B (A/B)" for s in SPLITS) + " |"]
+    lines.append("|---|" + "---|" * len(SPLITS))
+    for key, c in comparisons.items():
+        cells = " | ".join(
+            f"{c[s]['difference']:+.4f} ± {c[s]['ci95']:.4f} ({c[s]['ratio']:.2f}x)" for s in SPLITS
+        )
+        lines.append(f"| {key} | {cells} |")
+    return "\n".join(lines)
 
 
 def figure(results: dict[str, Any], path: Path) -> None:
@@ -156,6 +211,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
             "QMoE recipe": ("C3", "s"),
             "RTN ternary": ("C7", "v"),
             "GPTQ 2-bit": ("C2", "D"),
+            "qmoe default 2-bit": ("C0", "D"),
             "RTN 2-bit": ("C8", "^"),
         }
         for k, (color, marker) in styles.items():
@@ -193,6 +249,8 @@ def main() -> None:
         help="--target-bits values for the default recipe's size curve",
     )
     ap.add_argument("--sweep-seeds", type=int, default=2, help="calibration seeds per sweep point")
+    ap.add_argument("--ablations", action="store_true", help="also the default recipe with one change each")
+    ap.add_argument("--write-docs", action="store_true", help="rewrite the tables in docs/results.md")
     ap.add_argument("--calib-data", default="calibration")
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=256)
@@ -204,7 +262,14 @@ def main() -> None:
 
     import torch
 
-    specs = variants(args.sweep, args.sweep_seeds)
+    specs = {**variants(), **sweep_variants(args.sweep, args.sweep_seeds)}
+    if args.ablations:
+        specs.update(
+            {
+                k: {"recipe": "default", "over": o, "calibrated": True, "seeds": 1}
+                for k, o in ABLATIONS.items()
+            }
+        )
     if args.only:
         unknown = sorted(set(args.only) - set(specs))
         if unknown:
@@ -223,29 +288,16 @@ def main() -> None:
             ("QMoE recipe", "RTN ternary"),
             ("qmoe default", "RTN ternary"),
             ("GPTQ 2-bit", "RTN 2-bit"),
+            ("qmoe default 2-bit", "RTN 2-bit"),
         ]
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith("target ")]
+        pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
         for a, b in pairs:
             if a in runs and b in runs:
                 comparisons[f"{a} vs {b}"] = {s: compare(runs[a], runs[b], s) for s in SPLITS}
         results[model] = {"variants": summary, "comparisons": comparisons}
 
-        print(
-            f"\n{model}: calibration {args.calib_data} x {args.calib_samples} samples, seeds {args.seeds}; "
-            f"loss increase in nats, 95% CI (samples and seeds)"
-        )
-        print(f"| variant | expert bits/w | {' | '.join(SPLITS)} | fallbacks |")
-        print("|---|---|" + "---|" * len(SPLITS) + "---|")
-        for name, v in summary.items():
-            cells = " | ".join(f"{v[s]['delta']:+.4f} ± {v[s]['ci95']:.4f}" for s in SPLITS)
-            print(f"| {name} | {v['expert_bits_per_weight']:.3f} | {cells} | {v['fallbacks']} |")
-        print()
-        for key, c in comparisons.items():
-            cells = "; ".join(
-                f"{s} {c[s]['difference']:+.4f} ± {c[s]['ci95']:.4f} (ratio {c[s]['ratio']:.2f})"
-                for s in SPLITS
-            )
-            print(f"  {key}: {cells}")
+        print(markdown(model, results[model], args), flush=True)
 
     if args.json:
         meta = {
@@ -261,6 +313,13 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     if args.figure:
         figure(results, Path(args.figure))
+    if args.write_docs:
+        doc = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+        text = doc.read_text()
+        i, j = text.index(MARK_BEGIN), text.index(MARK_END)
+        body = "\n".join(markdown(m, r, args) for m, r in results.items())
+        command = "python " + " ".join(sys.argv)
+        doc.write_text(f"{text[: i + len(MARK_BEGIN)]}\n`{command}`\n{body}\n{text[j:]}")
 
 
 if __name__ == "__main__":

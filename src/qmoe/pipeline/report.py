@@ -196,6 +196,25 @@ def load_report(directory: str | Path) -> dict[str, Any]:
     return report
 
 
+def _recipe_line(c: dict[str, Any]) -> str:
+    size = (
+        f"target {c['target_bits']:g} bits/weight" if c.get("target_bits") else f"rate {c.get('rate', 0):g}"
+    )
+    flags = [
+        name
+        for name, on in (
+            ("act-order", c.get("act_order")),
+            ("gate-weighted Hessians", c.get("gate_weighted")),
+            ("level refit", c.get("refit")),
+        )
+        if on
+    ]
+    return (
+        f"recipe      {size}, damp {c['damp']:g}, token cap {c['token_cap']:g}x, "
+        f"min tokens {c['min_tokens']}{', ' if flags else ''}{', '.join(flags)}"
+    )
+
+
 def summary(report: dict[str, Any], table: bool = True) -> str:
     """Readable multi-line summary of a report (``qmoe inspect``), with the per-layer table if ``table``."""
     t = report["totals"]
@@ -204,9 +223,10 @@ def summary(report: dict[str, Any], table: bool = True) -> str:
         f"method      {report['config']['method']} on grid {report['config']['grid']} "
         f"(bits={report['config']['bits']}), {report['config']['calib_samples']} calibration samples "
         f"of {report['config']['calib_data']!r}",
+        _recipe_line(report["config"]),
         f"params      {t['params']:,} ({t['expert_params']:,} in experts)",
         f"size        {t['bytes']:,} bytes: {t['bits_per_param']:.3f} bits/param overall, "
-        f"{t['expert_bits_per_weight']:.3f} bits/weight in experts, "
+        f"{t['expert_bits_per_weight']:.3f} bits/weight in experts (every stored byte), "
         f"ratio {t['ratio_vs_bf16']:.1f}x vs bf16",
         f"experts     {t['experts']} quantized: {t['experts_gptq']} by {report['config']['method']}, "
         f"{t['experts_fallback']} fell back to round-to-nearest",
