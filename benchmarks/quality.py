@@ -64,6 +64,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {  # the default recipe with one setting 
     "default, damp 0.03": {"damp": 0.03},
     "default, damp 0.2": {"damp": 0.2},
     "default, no token cap": {"token_cap": 0.0},
+    "default, min tokens 1": {"min_tokens": 1},
 }
 
 

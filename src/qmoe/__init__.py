@@ -10,17 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 from qmoe.errors import FormatError, QMoEError
+from qmoe.recipes import recipe
 from qmoe.runtime.hook import install as _register_with_transformers
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "QMoEError", "FormatError", "compress", "load", "evaluate"]
+__all__ = ["__version__", "QMoEError", "FormatError", "compress", "load", "evaluate", "recipe"]
 
 _register_with_transformers()
 
 
 def compress(source: str, out: str, config: Any = None, **kwargs: Any) -> Any:
-    """Compress ``source`` (built-in name or HF directory) into ``out``. See ``qmoe.pipeline``."""
+    """Compress ``source`` (built-in name or HF directory) into ``out``. See ``qmoe.pipeline``.
+
+    ``config``: a ``CompressConfig``, e.g. ``qmoe.recipe("qmoe", calib_samples=512)`` or
+    ``qmoe.recipe("default", target_bits=0.9)``; default ``qmoe.recipe("default")``.
+    """
     from qmoe.pipeline import compress as _compress
 
     return _compress(source, out, config=config, **kwargs)

@@ -22,6 +22,7 @@ _V1_DEFAULTS = {
     "no_drop": False,
     "skip_sentinels": False,
     "gate_weighted": False,
+    "level_scale": 1.0,
 }
 
 BITS = ("ternary", "2")
@@ -47,7 +48,10 @@ class CompressConfig:
     - ``rate``: price of one coded bit in each rounding decision (entropy-constrained rounding,
       ``qmoe.gptq.rate``); ``0`` is nearest rounding (QMoE). ``target_bits``: instead of a fixed ``rate``,
       search it per expert matrix group so that the group's stored expert bits/weight (every byte counted)
-      land on this value. ``refit``: re-solve each row's levels for its final codes (``qmoe.gptq.refit``).
+      land on this value (below the grid's own size by raising the rate, above it by shrinking the
+      levels). ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more weights
+      get a nonzero code, each smaller; more bits, less error). ``refit``: re-solve each row's levels for
+      its final codes (``qmoe.gptq.refit``).
     - ``no_drop``: lift the router's expert capacity during calibration passes, so no calibration token is
       dropped (QMoE); evaluation runs keep the model's capacity. ``skip_sentinels``: leave span-corruption
       sentinel positions out of the Hessians (QMoE). Both only matter for families that have them (Switch).
@@ -73,6 +77,7 @@ class CompressConfig:
     block_size: int = 128
     act_order: bool = True
     rate: float = 0.05
+    level_scale: float = 1.0
     target_bits: float | None = None
     refit: bool = False
     no_drop: bool = True
@@ -116,6 +121,8 @@ class CompressConfig:
             raise ConfigError(f"damp must lie in [0, 10), got {self.damp}")
         if not (isinstance(self.rate, (int, float)) and 0 <= self.rate < 1e6):
             raise ConfigError(f"rate must be a number >= 0 (0: nearest rounding), got {self.rate!r}")
+        if not (isinstance(self.level_scale, (int, float)) and 0 < self.level_scale <= 4):
+            raise ConfigError(f"level_scale must lie in (0, 4], got {self.level_scale!r}")
         if self.target_bits is not None:
             if self.bits != "ternary":
                 raise ConfigError("target_bits needs bits='ternary' (2-bit codes have a fixed size grid)")

@@ -29,6 +29,7 @@ from qmoe.errors import ConfigError
 RECIPE_FIELDS = (
     "bits", "method", "grid", "token_cap", "min_tokens", "damp", "block_size", "act_order", "rate",
     "target_bits", "refit", "no_drop", "skip_sentinels", "gate_weighted",
+    "level_scale",
 )
 
 _QMOE: dict[str, Any] = {
@@ -46,6 +47,7 @@ _QMOE: dict[str, Any] = {
     "no_drop": True,
     "skip_sentinels": True,
     "gate_weighted": False,
+    "level_scale": 1.0,
 }
 
 RECIPES = ("default", "qmoe")

@@ -52,6 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"rounding, higher: smaller and coarser (default recipe: {d.rate})",
     )
     p.add_argument(
+        "--level-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="multiply the grid's levels by S before quantizing; below 1: more, smaller nonzero codes "
+        f"(more bits, less error) (default recipe: {d.level_scale})",
+    )
+    p.add_argument(
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -189,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "block_size": args.block_size,
         "act_order": args.act_order,
         "rate": args.rate,
+        "level_scale": args.level_scale,
         "target_bits": args.target_bits,
         "refit": args.refit,
         "no_drop": False if args.keep_capacity else None,

@@ -194,6 +194,13 @@ def _free_levels(grid: Grid) -> Tensor:
     return free
 
 
+def _scaled(levels: Tensor, level_scale: float) -> Tensor:
+    """Levels ``[B, rows, L]`` times ``level_scale``, rounded to fp16 as the codec stores them."""
+    if level_scale == 1.0:
+        return levels
+    return (levels * level_scale).to(torch.float16).float()
+
+
 def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: float) -> Tensor:
     """Relative bit prices ``[B, L]`` (cheapest level 0) for ``W [B, rows, cols]``, column weights ``d``."""
     bits = rd.fit_prices(W, levels, rd.column_weights(d), rate, grid.code_offset)
@@ -211,12 +218,13 @@ def _gptq_batch(
     first: int,
     rate: float = 0.0,
     refit: bool = False,
+    level_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GPTQ for one batch of experts ``W [B, rows, cols]`` float32, ``H [B, cols, cols]`` on W's device."""
     B, rows, cols = W.shape
     hdiag = H.diagonal(dim1=-2, dim2=-1)  # [B, cols]
     fallback = fallback | (H == 0).flatten(1).all(1)
-    levels = grid.fit(W, hdiag)  # [B, rows, L] from the original rows, before any error feedback
+    levels = _scaled(grid.fit(W, hdiag), level_scale)  # [B, rows, L] from the original rows
 
     # Dead inputs (H_ii == 0, the feature was always zero): weight irrelevant, set to zero as in GPTQ.
     # Not for experts without data, whose every column would look dead.
@@ -291,6 +299,7 @@ def gptq_quantize(
     expert_batch: int | None = None,
     rate: float = 0.0,
     refit: bool = False,
+    level_scale: float = 1.0,
 ) -> QuantizedExperts:
     """GPTQ-quantize every expert of ``W [E, rows, cols]`` against its Hessian ``H [E, cols, cols]``.
 
@@ -302,6 +311,7 @@ def gptq_quantize(
       ``fallback``.
     - ``rate``: price of a coded bit in entropy-constrained rounding (``qmoe.gptq.rate``; 0: nearest).
     - ``refit``: re-solve each row's levels for its final codes (``qmoe.gptq.refit``).
+    - ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more, smaller nonzeros).
     - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working
       memory, and on CPU so that a column block stays in cache (batching only pays off on GPUs).
 
@@ -316,10 +326,12 @@ def gptq_quantize(
         or min_tokens < 0
         or (expert_batch is not None and expert_batch < 1)
         or not rate >= 0
+        or not 0 < level_scale <= 4
     ):
         raise ConfigError(
-            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1, rate >= 0; got {damp}, "
-            f"{block_size}, {min_tokens}, {expert_batch}, {rate}"
+            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1, rate >= 0, "
+            f"0 < level_scale <= 4; got {damp}, {block_size}, {min_tokens}, {expert_batch}, {rate}, "
+            f"{level_scale}"
         )
     E, rows, cols = W.shape
     if counts is not None and counts.shape != (E,):
@@ -342,7 +354,17 @@ def gptq_quantize(
         Hb = Hb if Hb.dtype == torch.float64 else Hb.float()
         parts.append(
             _gptq_batch(
-                W[s:e].float(), Hb, g, damp, block_size, act_order, starved[s:e].to(W.device), s, rate, refit
+                W[s:e].float(),
+                Hb,
+                g,
+                damp,
+                block_size,
+                act_order,
+                starved[s:e].to(W.device),
+                s,
+                rate,
+                refit,
+                level_scale,
             )
         )
     Q, codes, levels, objective, fallback = (torch.cat(p) for p in zip(*parts, strict=True))
@@ -359,6 +381,7 @@ def rtn_quantize(
     rate: float = 0.0,
     refit: bool = False,
     damp: float = 0.1,
+    level_scale: float = 1.0,
 ) -> QuantizedExperts:
     """Round every weight of ``W [E, rows, cols]`` to its row's nearest level (``fallback`` all False).
 
@@ -375,7 +398,7 @@ def rtn_quantize(
         _check_finite(H, "Hessian entries", 0)
     Wf = W.float()
     hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device).float()
-    levels = g.fit(Wf, hdiag)
+    levels = _scaled(g.fit(Wf, hdiag), level_scale)
     if rate > 0:
         d = torch.ones(W.shape[0], W.shape[2], device=W.device) if hdiag is None else hdiag
         rel_bits = _prices(Wf, levels, d, g, rate)

@@ -19,13 +19,21 @@ from qmoe.gptq import QuantizedExperts, gptq_quantize, rtn_quantize
 
 
 def quantize(
-    W: Tensor, H: Tensor | None, counts: Tensor | None, config: CompressConfig, rate: float | None = None
+    W: Tensor,
+    H: Tensor | None,
+    counts: Tensor | None,
+    config: CompressConfig,
+    rate: float | None = None,
+    level_scale: float | None = None,
 ) -> QuantizedExperts:
-    """``W [E, rows, cols]`` quantized on ``config.grid`` by ``config.method`` at ``rate`` (default
-    ``config.rate``)."""
+    """``W [E, rows, cols]`` quantized on ``config.grid`` by ``config.method`` at ``rate`` and
+    ``level_scale`` (default: the config's)."""
     rate = config.rate if rate is None else rate
+    scale = config.level_scale if level_scale is None else level_scale
     if config.method == "rtn" or H is None:
-        return rtn_quantize(W, grid=config.grid, H=H, rate=rate, refit=config.refit, damp=config.damp)
+        return rtn_quantize(
+            W, grid=config.grid, H=H, rate=rate, refit=config.refit, damp=config.damp, level_scale=scale
+        )
     return gptq_quantize(
         W,
         H,
@@ -37,14 +45,14 @@ def quantize(
         min_tokens=config.min_tokens,
         rate=rate,
         refit=config.refit,
+        level_scale=scale,
     )
 
 
-_SEARCH_START = 1.0  # first rate tried by the size search (any positive value works; it only sets the path)
-_SEARCH_STEP = 4.0  # bracketing factor
 _SEARCH_TOL = 0.01  # relative bits/weight error at which the search stops
-_SEARCH_EVALS = 12
-_RATE_MAX = 1e4  # beyond this every weight of a normal row is zero
+_SEARCH_EVALS = 10  # GPTQ runs per regime, at most
+_RATE_RANGE = (1e-4, 1e4)  # beyond 1e4 every weight of a normal row is zero
+_SCALE_MIN = 0.25  # smallest level scale tried when the target is above the grid's own size
 
 
 def _rtn_guess(
@@ -55,12 +63,54 @@ def _rtn_guess(
     lo, hi = 1e-3, 1e3  # log-space bisection over this range: 12 halvings reach a factor of ~1.3
     for _ in range(12):
         mid = float(np.sqrt(lo * hi))
-        q = rtn_quantize(W, grid=config.grid, H=H, rate=mid)
+        q = rtn_quantize(W, grid=config.grid, H=H, rate=mid, level_scale=config.level_scale)
         if bits_of(q) > target:
             lo = mid
         else:
             hi = mid
     return float(np.sqrt(lo * hi))
+
+
+def _solve_decreasing(
+    g: Callable[[float], float],
+    x: float,
+    step: float,
+    x_min: float,
+    x_max: float,
+    tol: float,
+    known: tuple[float, float] | None = None,
+) -> None:
+    """Drive a decreasing ``g`` to within ``tol`` of 0: step by ``step`` until the root is bracketed
+    (within ``[x_min, x_max]``), then regula falsi with the Illinois correction. ``known``: a point
+    ``(x, g(x))`` already evaluated. The caller's ``g`` records what it sees; nothing is returned."""
+    lo = hi = None  # (x, g) with g > 0 (x too small) and g < 0 (x too large)
+    if known is not None:
+        lo, hi = (known, None) if known[1] > 0 else (None, known)
+    side_prev = None
+    for _ in range(_SEARCH_EVALS):
+        v = g(x)
+        if abs(v) <= tol:
+            return
+        side = "lo" if v > 0 else "hi"
+        if side == "lo":
+            lo = (x, v)
+        else:
+            hi = (x, v)
+        if lo is not None and hi is not None and side == side_prev:  # Illinois: damp the stale end
+            hi, lo = ((hi[0], hi[1] / 2), lo) if side == "lo" else (hi, (lo[0], lo[1] / 2))
+        side_prev = side
+        if lo is None:
+            if x <= x_min:
+                return
+            x = max(x - step, x_min)
+        elif hi is None:
+            if x >= x_max:
+                return
+            x = min(x + step, x_max)
+        else:
+            (x0, g0), (x1, g1) = lo, hi
+            x = x0 - g0 * (x1 - x0) / (g1 - g0)
+            x = min(max(x, x0 + 0.02 * (x1 - x0)), x1 - 0.02 * (x1 - x0))  # stay strictly inside
 
 
 def quantize_to_size(
@@ -69,61 +119,57 @@ def quantize_to_size(
     counts: Tensor | None,
     config: CompressConfig,
     bits_of: Callable[[QuantizedExperts], float],
-) -> tuple[QuantizedExperts, float, float]:
-    """Quantize at the rate whose stored size ``bits_of(q)`` (bits/weight) is closest to
-    ``config.target_bits``: bracket the rate by factors of 4, then regula falsi on (log rate, bits) with the
-    Illinois correction. Size falls as the rate rises (more zeros); the search is deterministic.
+) -> tuple[QuantizedExperts, float, float, float]:
+    """Quantize so that the stored size ``bits_of(q)`` (bits/weight) is closest to ``config.target_bits``.
 
-    Returns ``(q, rate, bits/weight)`` of the closest result seen. A target outside what the grid can
-    reach returns the nearest end (rate 0, or the largest rate tried).
+    Nearest rounding on the grid (rate 0, the configured level scale) is the first try. Smaller than that:
+    search the bit price ``rate`` (more zeros as it rises), in log space from where priced round-to-nearest
+    has the target size. Larger than that: keep rate 0 and shrink the grid's levels (``level_scale`` below
+    the configured one: more weights take a nonzero code, each smaller). Measured on tiny-qwen3-moe, large
+    levels with a price win below the grid's own size and smaller levels above it (docs/recipes.md).
+
+    Returns ``(q, rate, level_scale, bits/weight)`` of the closest result seen. A target out of reach
+    returns the nearest end. Deterministic.
     """
     target = float(config.target_bits)  # type: ignore[arg-type]
-    seen: list[tuple[float, float, QuantizedExperts]] = []
+    tol = _SEARCH_TOL * target
+    best: list[tuple[float, float, float, QuantizedExperts]] = []
 
-    def f(r: float) -> float:
-        q = quantize(W, H, counts, config, rate=r)
+    def run(rate: float, scale: float) -> float:
+        q = quantize(W, H, counts, config, rate=rate, level_scale=scale)
         b = bits_of(q)
-        seen.append((abs(b - target), r, q))
-        seen.sort(key=lambda t: (t[0], t[1]))
-        del seen[1:]  # keep only the best (bounded memory)
+        best.append((abs(b - target), rate, scale, q))
+        best.sort(key=lambda t: t[:3])
+        del best[1:]  # keep only the closest (bounded memory)
         return b - target
 
-    r = (
-        _rtn_guess(W, H, config, bits_of, target)
-        if config.method == "gptq" and H is not None
-        else _SEARCH_START
-    )
-    g, evals = f(r), 1
-    lo = hi = None  # (log rate, residual) ends of the bracket: residual > 0 (too big) and < 0 (too small)
-    side_prev = None
-    while abs(g) > _SEARCH_TOL * target and evals < _SEARCH_EVALS:
-        side = "lo" if g > 0 else "hi"
-        if side == "lo":
-            lo = (float(np.log(r)), g)
-        else:
-            hi = (float(np.log(r)), g)
-        if lo is not None and hi is not None and side == side_prev:  # Illinois: damp the stale end
-            if side == "lo":
-                hi = (hi[0], hi[1] / 2)
-            else:
-                lo = (lo[0], lo[1] / 2)
-        side_prev = side
-        if lo is None:  # smaller than the target: lower the rate, down to nearest rounding
-            r /= _SEARCH_STEP
-            if r < 1e-4:
-                f(0.0)
-                break
-        elif hi is None:
-            r *= _SEARCH_STEP
-            if r > _RATE_MAX:
-                break
-        else:
-            (x0, g0), (x1, g1) = lo, hi
-            x = x0 - g0 * (x1 - x0) / (g1 - g0)
-            r = float(np.exp(min(max(x, x0 + 0.02 * (x1 - x0)), x1 - 0.02 * (x1 - x0))))
-        g, evals = f(r), evals + 1
-    _, best_rate, best = seen[0]
-    return best, best_rate, bits_of(best)
+    scale0 = config.level_scale
+    g0 = run(0.0, scale0)
+    if g0 > tol:  # too big at nearest rounding: price the bits
+        start = (
+            _rtn_guess(W, H, config, bits_of, target) if config.method == "gptq" and H is not None else 1.0
+        )
+        lo, hi = np.log(_RATE_RANGE[0]), np.log(_RATE_RANGE[1])
+        _solve_decreasing(
+            lambda x: run(float(np.exp(x)), scale0),
+            float(np.clip(np.log(start), lo, hi)),
+            np.log(4.0),
+            lo,
+            hi,
+            tol,
+        )
+    elif g0 < -tol:  # too small even so: shrink the levels
+        _solve_decreasing(
+            lambda s: run(0.0, s),
+            0.85 * scale0,
+            0.15 * scale0,
+            _SCALE_MIN * scale0,
+            scale0,
+            tol,
+            known=(scale0, g0),
+        )
+    _, rate, scale, q = best[0]
+    return q, rate, scale, bits_of(q)
 
 
 def _encode(codes: np.ndarray, levels: np.ndarray, bits: str) -> Any:

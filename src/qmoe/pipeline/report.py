@@ -6,7 +6,7 @@ Report layout (``REPORT_VERSION`` 1)::
      "execution": {"device", "threads"},
      "layers": [{"name", "stack", "block", "experts", "tokens": {min, median, max, total}, "fallbacks",
                  "objective_mean": {proj: float|None}, "bits_per_weight", "zero_fraction", "bytes",
-                 "array_bytes", "header_bytes", "rate": {proj: float},
+                 "array_bytes", "header_bytes", "rate": {proj: float}, "level_scale": {proj: float},
                  "seconds", "rss_bytes",
                  "per_expert": [{"expert", "tokens", "tokens_used", "fallback", "objective": {proj: ...},
                                  "zero_fraction", "bits_per_weight", "bytes"}]}],
@@ -81,6 +81,7 @@ def layer_row(
     seconds: float,
     header_bytes: int = 0,
     rates: list[float] | None = None,
+    level_scales: list[float] | None = None,
 ) -> dict[str, Any]:
     """A layer's report entry; ``fallbacks``/``objectives``/``rates`` hold one entry per projection group.
 
@@ -131,6 +132,7 @@ def layer_row(
         "array_bytes": array_bytes,
         "header_bytes": header_bytes,
         "rate": dict(zip(objective_names, rates or [0.0] * len(objective_names), strict=True)),
+        "level_scale": dict(zip(objective_names, level_scales or [1.0] * len(objective_names), strict=True)),
         "seconds": seconds,
         "rss_bytes": current_rss_bytes(),
         "per_expert": per_expert,

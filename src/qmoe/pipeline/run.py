@@ -263,7 +263,7 @@ class _Run:
             self._propagate(block, bp, calib, write=False, what="H first", cal=cal)
             H1 = cal.hessian
             used = [int(v) for v in H1.counts.tolist()]
-        q1, rate1 = self._quantize(w_first, H1, list(layout.first), bp.moe_path)
+        q1, rate1, scale1 = self._quantize(w_first, H1, list(layout.first), bp.moe_path)
         del H1
         cal.w_first = q1.dequantized.to(self.device)
         _kill_hook("during", bp.g)
@@ -273,7 +273,7 @@ class _Run:
             self._propagate(block, bp, calib, write=False, what="H second", cal=cal)
             H2 = cal.hessian
             assert H2.counts.tolist() == used, "both capture passes must see the same tokens"
-        q2, rate2 = self._quantize(w_second, H2, [layout.second], bp.moe_path)
+        q2, rate2, scale2 = self._quantize(w_second, H2, [layout.second], bp.moe_path)
         del H2, w_first, w_second
         cal.w_second = q2.dequantized.to(self.device)
         cal.start("run")
@@ -299,24 +299,25 @@ class _Run:
             time.perf_counter() - t0,
             header_bytes=header,
             rates=[rate1, rate2],
+            level_scales=[scale1, scale2],
         )
 
     def _quantize(
         self, W: Tensor, acc: Any, projections: list[str], moe_path: str
-    ) -> tuple[QuantizedExperts, float]:
-        """Quantize one group (fused first projections, or the second) at the configured rate, or at the
-        rate that lands its stored size on ``target_bits``."""
+    ) -> tuple[QuantizedExperts, float, float]:
+        """Quantize one group (fused first projections, or the second) at the configured rate and level
+        scale, or at those that land its stored size on ``target_bits``: ``(q, rate, level_scale)``."""
         config = self.config
         H, counts = (None, None) if acc is None else (acc.H, acc.counts)
         if config.target_bits is None:
-            return quantize(W, H, counts, config), config.rate
+            return quantize(W, H, counts, config), config.rate, config.level_scale
         layout = self.p.adapter.experts
 
         def bits_of(q: QuantizedExperts) -> float:
             return group_bits(layout, moe_path, q, projections, config.bits)
 
-        q, rate, _ = quantize_to_size(W, H, counts, config, bits_of)
-        return q, rate
+        q, rate, scale, _ = quantize_to_size(W, H, counts, config, bits_of)
+        return q, rate, scale
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> float:
@@ -433,6 +434,7 @@ def _quantization_config(p: Plan, config: CompressConfig, version: str) -> dict[
             "no_drop": config.no_drop,
             "skip_sentinels": config.skip_sentinels,
             "gate_weighted": config.gate_weighted,
+            "level_scale": config.level_scale,
         },
         "experts": {
             "layers": p.adapter.moe_layers(cfg),
