@@ -141,13 +141,14 @@ def summarize(reps: list[dict]) -> dict[str, Any]:
 
 
 def compare(a: list[dict], b: list[dict], split: str) -> dict[str, float]:
-    """Paired difference of loss increases ``a - b`` on ``split``: per sample (seed-averaged) with its 95%
-    interval; where both ran the same seeds (the same calibration text per seed), the spread of the per-seed
-    differences is added as for single variants. Also the ratio of the increases."""
+    """Paired difference of loss increases ``a - b`` on ``split`` over the seeds both ran (the same
+    calibration text per seed): per sample (seed-averaged) with its 95% interval, plus the spread of the
+    per-seed differences as for single variants when there are several. Also the ratio of the increases."""
     from qmoe.evaluation import paired_delta
 
-    ea = [_evals(r)[split] for r in a]
-    eb = [_evals(r)[split] for r in b]
+    n = min(len(a), len(b))  # the seeds both ran (the first n of --seeds): the same calibration text each
+    ea = [_evals(r)[split] for r in a[:n]]
+    eb = [_evals(r)[split] for r in b[:n]]
     tok = np.asarray(ea[0]["sample_tokens"])
     ca = np.mean([np.asarray(e["sample_loss_compressed"]) for e in ea], 0)
     cb = np.mean([np.asarray(e["sample_loss_compressed"]) for e in eb], 0)
