@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="B",
-        help="size knob: search the rate per expert matrix group so that the stored expert bits/weight "
-        "(all metadata counted) land on B, e.g. 0.8 (ternary only)",
+        help="size knob: per expert matrix group, search the bit price (below the grid's own size) or the "
+        "level scale (above it) so that the stored expert bits/weight (every byte counted) land on B, "
+        "e.g. 1.2 (ternary only)",
     )
     p.add_argument(
         "--rate",
@@ -63,8 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--refit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"re-solve each row's levels for its final codes by Hessian least squares (default recipe: "
-        f"{'on' if d.refit else 'off'})",
+        help=f"re-solve each row's levels for its final codes by Hessian least squares, keeping the row's "
+        f"output energy (default recipe: {'on' if d.refit else 'off'})",
     )
     p.add_argument(
         "--bits",
