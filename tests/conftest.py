@@ -18,9 +18,14 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def save_tiny_switch(path: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+def _copy_tokenizer(tokenizer_dir: Path, path: Path) -> None:
     import shutil
 
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+
+
+def save_tiny_switch(path: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
@@ -31,8 +36,7 @@ def save_tiny_switch(path: Path, tokenizer_dir: Path, seed: int = 0, **overrides
     cfg.update(overrides)
     model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**cfg))
     model.save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
+    _copy_tokenizer(tokenizer_dir, path)
     return path
 
 
@@ -43,7 +47,6 @@ def tiny_switch_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
 
 def save_tiny_qwen3_moe(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     import json
-    import shutil
 
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -65,8 +68,7 @@ def save_tiny_qwen3_moe(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     cfg_file = path / "config.json"
     cfg_dict = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**cfg_dict, "num_experts": cfg_dict["num_local_experts"]}, indent=2))
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
+    _copy_tokenizer(tokenizer_dir, path)
     return path
 
 

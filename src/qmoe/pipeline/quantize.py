@@ -133,12 +133,12 @@ def quantize_to_size(
     """
     target = float(config.target_bits)  # type: ignore[arg-type]
     tol = _SEARCH_TOL * target
-    best: list[tuple[float, float, float, QuantizedExperts]] = []
+    best: list[tuple[float, float, float, float, QuantizedExperts]] = []  # (|miss|, rate, scale, bits, q)
 
     def run(rate: float, scale: float) -> float:
         q = quantize(W, H, counts, config, rate=rate, level_scale=scale)
         b = bits_of(q)
-        best.append((abs(b - target), rate, scale, q))
+        best.append((abs(b - target), rate, scale, b, q))
         best.sort(key=lambda t: t[:3])
         del best[1:]  # keep only the closest (bounded memory)
         return b - target
@@ -168,8 +168,8 @@ def quantize_to_size(
             tol,
             known=(scale0, g0),
         )
-    _, rate, scale, q = best[0]
-    return q, rate, scale, bits_of(q)
+    _, rate, scale, bits, q = best[0]
+    return q, rate, scale, bits
 
 
 def _encode(codes: np.ndarray, levels: np.ndarray, bits: str) -> Any:

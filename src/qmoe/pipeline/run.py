@@ -174,43 +174,38 @@ class _Run:
         what: str,
         cal: MoELayerCalibration | None = None,
     ) -> None:
-        """Run ``stream`` through ``block``; ``cal`` (capturing Hessians) gets each batch's token mask."""
-        lift = stream.data == "calib" and self.config.no_drop and self.p.adapter.capacity_attribute
-        with _capacity_lifted(block, self.p.adapter.capacity_attribute if lift else None):
-            self._propagate_batches(block, bp, stream, write, what, cal)
+        """Run ``stream`` through ``block``; ``cal`` (capturing Hessians) gets each batch's token mask.
 
-    def _propagate_batches(
-        self,
-        block: torch.nn.Module,
-        bp: BlockPlan,
-        stream: Stream,
-        write: bool,
-        what: str,
-        cal: MoELayerCalibration | None,
-    ) -> None:
+        The calibration stream runs with every router's capacity lifted when the recipe says so.
+        """
         from tqdm import tqdm
 
         stack = bp.stack
         buf = self.buffers[f"{stack.name}/{stream.name}"]
         mem = self.buffers.get(f"{stack.memory}/{stream.name}") if stack.memory else None
         mask = self.samples[stream.data].get(f"mask:{stack.inputs}") if cal is not None else None
-        for i0, i1 in tqdm(
+        lift = stream.data == "calib" and self.config.no_drop
+        batches = tqdm(
             buf.batches(self.config.batch_size),
             desc=f"  {what} {stream.name}",
             leave=False,
             disable=not self.progress,
             unit="batch",
-        ):
-            h = to_device(buf.data[i0:i1], self.device)  # [B, S, d]
-            if cal is not None:
-                cal.token_mask = None if mask is None else torch.from_numpy(mask[i0:i1].reshape(-1))
-            m = None
-            if mem is not None:
-                w = self.norm_weights[stack.memory].to(self.device)
-                m = self.p.adapter.final_norm(self.p.hf_config, w, to_device(mem.data[i0:i1], self.device))
-            y = self.p.adapter.block_forward(block, bp.i, h, m, self.stack_state[stack.name])
-            if write:
-                buf.data[i0:i1] = y.to("cpu", torch.float32)
+        )
+        with _capacity_lifted(block, self.p.adapter.capacity_attribute if lift else None):
+            for i0, i1 in batches:
+                h = to_device(buf.data[i0:i1], self.device)  # [B, S, d]
+                if cal is not None:
+                    cal.token_mask = None if mask is None else torch.from_numpy(mask[i0:i1].reshape(-1))
+                m = None
+                if mem is not None:
+                    w = self.norm_weights[stack.memory].to(self.device)
+                    m = self.p.adapter.final_norm(
+                        self.p.hf_config, w, to_device(mem.data[i0:i1], self.device)
+                    )
+                y = self.p.adapter.block_forward(block, bp.i, h, m, self.stack_state[stack.name])
+                if write:
+                    buf.data[i0:i1] = y.to("cpu", torch.float32)
 
     def _load_block(self, bp: BlockPlan) -> tuple[torch.nn.Module, dict[str, Tensor]]:
         raw = self.p.reader.get_many(bp.tensor_keys)  # source dtype: written to the output as they are
