@@ -101,20 +101,42 @@ def peer_jobs(args: argparse.Namespace, work: Path, calib: dict) -> dict[str, li
     for t, imat in LLAMA_TYPES:
         for seed in calibrated_seeds if imat else calibrated_seeds[:1]:
             name = f"llama.cpp {t}" + (" (imatrix)" if imat else "")
-            jobs["llama.cpp"].append({"name": name, "type": t, "imatrix": imat, "seed": seed,
-                                      "out": str(work / "llama.cpp" / f"{t}-s{seed}")})
+            jobs["llama.cpp"].append(
+                {
+                    "name": name,
+                    "type": t,
+                    "imatrix": imat,
+                    "seed": seed,
+                    "out": str(work / "llama.cpp" / f"{t}-s{seed}"),
+                }
+            )
     for bits, group in GPTQ_SETTINGS:
         for seed in calibrated_seeds:
-            jobs["gptq"].append({"name": f"GPTQ {bits}-bit g{group}", "bits": bits, "group": group,
-                                 "seed": seed, "out": str(work / "gptq" / f"w{bits}g{group}-s{seed}")})
+            jobs["gptq"].append(
+                {
+                    "name": f"GPTQ {bits}-bit g{group}",
+                    "bits": bits,
+                    "group": group,
+                    "seed": seed,
+                    "out": str(work / "gptq" / f"w{bits}g{group}-s{seed}"),
+                }
+            )
     for bits, group in HQQ_SETTINGS:
-        jobs["hqq"].append({"name": f"HQQ {bits}-bit g{group}", "nbits": bits, "group": group,
-                            "seed": calibrated_seeds[0], "out": str(work / "hqq" / f"{bits}bit-g{group}")})
+        jobs["hqq"].append(
+            {
+                "name": f"HQQ {bits}-bit g{group}",
+                "nbits": bits,
+                "group": group,
+                "seed": calibrated_seeds[0],
+                "out": str(work / "hqq" / f"{bits}bit-g{group}"),
+            }
+        )
     return jobs
 
 
-def run_peer(tool: str, variants: list[dict], args: argparse.Namespace, work: Path, calib: dict,
-             src: Path) -> str | None:
+def run_peer(
+    tool: str, variants: list[dict], args: argparse.Namespace, work: Path, calib: dict, src: Path
+) -> str | None:
     """Set the tool up and run its worker on every variant not yet done. Returns an error or None."""
     import subprocess
 
@@ -139,19 +161,32 @@ def run_peer(tool: str, variants: list[dict], args: argparse.Namespace, work: Pa
             widths = pad_qwen3_moe(src, padded)
             (work / "llama.cpp" / "widths.json").write_text(json.dumps(widths))
         widths = json.loads((work / "llama.cpp" / "widths.json").read_text())
-        job.update(t.extra, padded=str(padded), work=str(work / "llama.cpp" / "files"), ctx=args.seq_len,
-                   threads=args.threads, bench=args.speed, bench_tokens=args.gen_tokens,
-                   real={"hidden": widths["hidden"], "intermediate": widths["intermediate"]},
-                   calib={s: c["txt"] for s, c in calib.items()})
+        job.update(
+            t.extra,
+            padded=str(padded),
+            work=str(work / "llama.cpp" / "files"),
+            ctx=args.seq_len,
+            threads=args.threads,
+            bench=args.speed,
+            bench_tokens=args.gen_tokens,
+            real={"hidden": widths["hidden"], "intermediate": widths["intermediate"]},
+            calib={s: c["txt"] for s, c in calib.items()},
+        )
     else:
         job.update(model=str(src), calib={s: c["npy"] for s, c in calib.items()})
-    worker = Path(__file__).resolve().parent / "peerlib" / "workers" / {
-        "llama.cpp": "llamacpp_worker.py", "gptq": "llmcompressor_worker.py", "hqq": "hqq_worker.py"}[tool]
+    worker = (
+        Path(__file__).resolve().parent
+        / "peerlib"
+        / "workers"
+        / {"llama.cpp": "llamacpp_worker.py", "gptq": "llmcompressor_worker.py", "hqq": "hqq_worker.py"}[tool]
+    )
     job_file = work / f"job-{tool}.json"
     job_file.write_text(json.dumps(job, indent=1))
     log = work / f"{tool}.log"
-    print(f"  {tool}: running {sum(not done(Path(v['out'])) for v in variants)} variants (log: {log})",
-          flush=True)
+    print(
+        f"  {tool}: running {sum(not done(Path(v['out'])) for v in variants)} variants (log: {log})",
+        flush=True,
+    )
     with open(log, "a") as f:
         r = subprocess.run([str(t.python), str(worker), str(job_file)], stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
@@ -179,15 +214,15 @@ class Evaluator:
         self.model, self.tokenizer, _ = load_model(src)
         self.adapter = get_adapter(read_config(src))
         self.arrays = {
-            s: (self.adapter.samples(self.tokenizer, load_texts(s), samples, EVAL_SEED, seq_len)["input_ids"],)
+            s: (
+                self.adapter.samples(self.tokenizer, load_texts(s), samples, EVAL_SEED, seq_len)["input_ids"],
+            )
             for s in eval_data
         }
         self.original = {}
         for f in sorted(src.glob("*.safetensors")):
             self.original.update(load_file(str(f)))
-        self._score = lambda: {
-            s: sample_losses(self.model, a) for s, a in self.arrays.items()
-        }
+        self._score = lambda: {s: sample_losses(self.model, a) for s, a in self.arrays.items()}
         self.set_experts(self.original)  # the mapping must reproduce the loaded model exactly
         for name, p in self.model.named_parameters():
             assert torch.equal(p, self._loaded[name]), f"{name}: expert mapping does not round-trip"
@@ -205,8 +240,17 @@ class Evaluator:
             ex = layer.mlp.experts
             n_exp = ex.gate_up_proj.shape[0]
             key = f"model.layers.{i}.mlp.experts.{{}}.{{}}_proj.weight"
-            gate_up = torch.stack([torch.cat([torch.as_tensor(weights[key.format(e, "gate")]),
-                                              torch.as_tensor(weights[key.format(e, "up")])]) for e in range(n_exp)])
+            gate_up = torch.stack(
+                [
+                    torch.cat(
+                        [
+                            torch.as_tensor(weights[key.format(e, "gate")]),
+                            torch.as_tensor(weights[key.format(e, "up")]),
+                        ]
+                    )
+                    for e in range(n_exp)
+                ]
+            )
             down = torch.stack([torch.as_tensor(weights[key.format(e, "down")]) for e in range(n_exp)])
             with torch.no_grad():
                 ex.gate_up_proj.copy_(gate_up.float())
@@ -236,8 +280,12 @@ def interval(reference: np.ndarray, per_seed: list[np.ndarray]) -> dict[str, Any
 def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
     specs = {k: v for k, v in quality.variants().items() if k in QMOE_VARIANTS}
     specs.update(quality.sweep_variants(list(QMOE_TARGETS), len(args.seeds)))
-    qargs = argparse.Namespace(work=args.qmoe_work, calib_data=args.calib_data, calib_samples=args.calib_samples,
-                               eval_samples=args.eval_samples)
+    qargs = argparse.Namespace(
+        work=args.qmoe_work,
+        calib_data=args.calib_data,
+        calib_samples=args.calib_samples,
+        eval_samples=args.eval_samples,
+    )
     rows = []
     for name, spec in specs.items():
         reps = [quality.run_one(args.model, name, spec, s, qargs) for s in args.seeds]
@@ -248,9 +296,20 @@ def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
             drift = float(np.abs(ref[:, 0] - ev.reference[split][:, 0]).max())
             assert np.array_equal(ref[:, 1], ev.reference[split][:, 1]), f"{split}: different tokens"
             per_seed = [np.stack([e["sample_loss_compressed"], e["sample_tokens"]], 1) for e in evs]
-            rows.append({"tool": "qmoe", "variant": name, "expert_bits_per_weight": bits, "split": split,
-                         **interval(ref, per_seed), "seeds": len(reps), "reference_drift": drift,
-                         "dir": str(Path(args.qmoe_work) / args.model / f"{name.replace(' ', '_')}-s{args.seeds[0]}")})
+            rows.append(
+                {
+                    "tool": "qmoe",
+                    "variant": name,
+                    "expert_bits_per_weight": bits,
+                    "split": split,
+                    **interval(ref, per_seed),
+                    "seeds": len(reps),
+                    "reference_drift": drift,
+                    "dir": str(
+                        Path(args.qmoe_work) / args.model / f"{name.replace(' ', '_')}-s{args.seeds[0]}"
+                    ),
+                }
+            )
     return rows
 
 
@@ -277,10 +336,19 @@ def peer_rows(tool: str, variants: list[dict], error: str | None, ev: Evaluator)
             scores.append(dict(np.load(cache)))
         bits = float(np.mean([i["expert_bits_per_weight"] for i in infos]))
         for split in ev.arrays:
-            rows.append({"tool": tool, "variant": name, "expert_bits_per_weight": bits, "split": split,
-                         **interval(ev.reference[split], [s[split] for s in scores]), "seeds": len(ok),
-                         "detail": {k: infos[0][k] for k in infos[0] if k not in ("generation", "generation_f16")},
-                         "generation": infos[0].get("generation"), "generation_f16": infos[0].get("generation_f16")})
+            rows.append(
+                {
+                    "tool": tool,
+                    "variant": name,
+                    "expert_bits_per_weight": bits,
+                    "split": split,
+                    **interval(ev.reference[split], [s[split] for s in scores]),
+                    "seeds": len(ok),
+                    "detail": {k: infos[0][k] for k in infos[0] if k not in ("generation", "generation_f16")},
+                    "generation": infos[0].get("generation"),
+                    "generation_f16": infos[0].get("generation_f16"),
+                }
+            )
     return rows
 
 
@@ -293,16 +361,29 @@ def qmoe_speed(args: argparse.Namespace, rows: list[dict], src: Path) -> dict[st
 
     torch.set_num_threads(args.threads)
     dirs = {"dense (fp32, transformers)": src}
-    dirs.update({r["variant"]: Path(r["dir"]) for r in rows if r["tool"] == "qmoe" and r["split"] == SPLITS[0]
-                 and r["variant"] in ("qmoe default", "qmoe default 2-bit")})
+    dirs.update(
+        {
+            r["variant"]: Path(r["dir"])
+            for r in rows
+            if r["tool"] == "qmoe"
+            and r["split"] == SPLITS[0]
+            and r["variant"] in ("qmoe default", "qmoe default 2-bit")
+        }
+    )
     out = {}
     for name, d in dirs.items():
         model, tok, _ = load_model(d)
         generate(model, tok, "In the beginning", max_new_tokens=8, exact=True)  # warm-up
-        runs = [generate(model, tok, "In the beginning", max_new_tokens=args.gen_tokens, exact=True).tokens_per_s
-                for _ in range(3)]
-        out[name] = {"tokens_per_second": float(np.mean(runs)), "stddev": float(np.std(runs)),
-                     "threads": args.threads, "tokens": args.gen_tokens}
+        runs = [
+            generate(model, tok, "In the beginning", max_new_tokens=args.gen_tokens, exact=True).tokens_per_s
+            for _ in range(3)
+        ]
+        out[name] = {
+            "tokens_per_second": float(np.mean(runs)),
+            "stddev": float(np.std(runs)),
+            "threads": args.threads,
+            "tokens": args.gen_tokens,
+        }
         print(f"  speed {name}: {out[name]['tokens_per_second']:.1f} tokens/s", flush=True)
     return out
 
@@ -320,49 +401,71 @@ def targets(rows: list[dict]) -> list[str]:
         if not peers or "qmoe default" not in mine:
             continue
         d = mine["qmoe default"]
-        dominating = [p["variant"] for p in peers
-                      if p["expert_bits_per_weight"] < d["expert_bits_per_weight"] and p["delta"] < d["delta"]]
+        dominating = [
+            p["variant"]
+            for p in peers
+            if p["expert_bits_per_weight"] < d["expert_bits_per_weight"] and p["delta"] < d["delta"]
+        ]
         smallest = min(peers, key=lambda p: p["expert_bits_per_weight"])
-        at = [m for m in mine.values() if m["expert_bits_per_weight"] <= smallest["expert_bits_per_weight"] * 1.01]
+        limit = smallest["expert_bits_per_weight"] * 1.01  # "at that size": within 1% of it, or below
+        at = [m for m in mine.values() if m["expert_bits_per_weight"] <= limit]
         best = min(at, key=lambda m: m["delta"]) if at else None
-        rivals = [p for p in peers if best and p["expert_bits_per_weight"] <= best["expert_bits_per_weight"] * 1.01]
+        rivals = [p for p in peers if p["expert_bits_per_weight"] <= limit]
         beaten = best is not None and all(best["ci95"][1] < p["ci95"][0] for p in rivals)
         ratio = d["expert_bits_per_weight"] / smallest["expert_bits_per_weight"]
         lines.append(
             f"{split}: default ternary ({d['expert_bits_per_weight']:.3f} b/w, {d['delta']:+.4f}) "
             f"{'dominated by ' + ', '.join(dominating) if dominating else 'not dominated'}; smallest peer "
             f"{smallest['variant']} {smallest['expert_bits_per_weight']:.3f} b/w {smallest['delta']:+.4f}; "
-            + (f"qmoe at that size: {best['variant']} {best['expert_bits_per_weight']:.3f} b/w {best['delta']:+.4f} "
-               f"{'beats' if beaten else 'does NOT beat (intervals overlap or worse)'} all "
-               f"{len(rivals)} peer variants at or below it; " if best else "no qmoe point at that size; ")
-            + f"ternary/smallest-peer bits {ratio:.2f}x (target <= 0.6x)")
+            + (
+                f"qmoe at that size: {best['variant']} {best['expert_bits_per_weight']:.3f} b/w "
+                f"{best['delta']:+.4f} "
+                f"{'beats' if beaten else 'does NOT beat (intervals overlap or worse)'} all "
+                f"{len(rivals)} peer variants at or below that size; "
+                if best
+                else "no qmoe point at that size; "
+            )
+            + f"ternary/smallest-peer bits {ratio:.2f}x (target <= 0.6x)"
+        )
     return lines
 
 
 def markdown(rows: list[dict], speed: dict, meta: dict) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     names = list(dict.fromkeys((r["tool"], r["variant"]) for r in rows))
-    lines = [f"`{meta['command']}` ({meta['machine']}; seeds {meta['seeds']}; {meta['eval_samples']} samples "
-             "per split)\n",
-             "| tool | variant | expert bits/w | " + " | ".join(f"{s}: loss increase [95% CI]" for s in splits)
-             + " | seeds |",
-             "|---|---|---|" + "---|" * len(splits) + "---|"]
-    for tool, variant in sorted(names, key=lambda n: min(
-            (r.get("expert_bits_per_weight", 99) for r in rows if (r["tool"], r["variant"]) == n))):
+    lines = [
+        f"`{meta['command']}` ({meta['machine']}; seeds {meta['seeds']}; {meta['eval_samples']} samples "
+        "per split)\n",
+        "| tool | variant | expert bits/w | "
+        + " | ".join(f"{s}: loss increase [95% CI]" for s in splits)
+        + " | seeds |",
+        "|---|---|---|" + "---|" * len(splits) + "---|",
+    ]
+    for tool, variant in sorted(
+        names,
+        key=lambda n: min(
+            r.get("expert_bits_per_weight", 99) for r in rows if (r["tool"], r["variant"]) == n
+        ),
+    ):
         rs = {r["split"]: r for r in rows if (r["tool"], r["variant"]) == (tool, variant)}
         first = rs[splits[0]]
         if "error" in first:
             lines.append(f"| {tool} | {variant} | failed | {first['error'][:160]} |" + " |" * len(splits))
             continue
-        cells = " | ".join(f"{rs[s]['delta']:+.4f} [{rs[s]['ci95'][0]:+.4f}, {rs[s]['ci95'][1]:+.4f}]"
-                           for s in splits)
+        cells = " | ".join(
+            f"{rs[s]['delta']:+.4f} [{rs[s]['ci95'][0]:+.4f}, {rs[s]['ci95'][1]:+.4f}]" for s in splits
+        )
         name = f"**{variant}**" if tool == "qmoe" else variant
-        lines.append(f"| {tool} | {name} | {first['expert_bits_per_weight']:.3f} | {cells} | {first['seeds']} |")
+        lines.append(
+            f"| {tool} | {name} | {first['expert_bits_per_weight']:.3f} | {cells} | {first['seeds']} |"
+        )
     if speed:
         lines += ["", "| generation, batch 1 | tokens/s | threads | note |", "|---|---|---|---|"]
         for name, s in speed.items():
-            lines.append(f"| {name} | {s['tokens_per_second']:.1f} ± {s['stddev']:.1f} | {s['threads']} | "
-                         f"{s.get('note', '')} |")
+            lines.append(
+                f"| {name} | {s['tokens_per_second']:.1f} ± {s['stddev']:.1f} | {s['threads']} | "
+                f"{s.get('note', '')} |"
+            )
     lines += ["", "Targets (from these rows):", ""] + [f"- {t}" for t in targets(rows)]
     return "\n".join(lines)
 
@@ -376,15 +479,28 @@ def figure(rows: list[dict], path: Path, split: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     style = {"qmoe": ("C0", "o"), "llama.cpp": ("C3", "s"), "gptq": ("C2", "D"), "hqq": ("C1", "^")}
     for tool, (color, marker) in style.items():
-        rs = sorted((r for r in rows if r["tool"] == tool and r["split"] == split and "error" not in r),
-                    key=lambda r: r["expert_bits_per_weight"])
+        rs = sorted(
+            (r for r in rows if r["tool"] == tool and r["split"] == split and "error" not in r),
+            key=lambda r: r["expert_bits_per_weight"],
+        )
         for i, r in enumerate(rs):
             lo, hi = r["ci95"]
-            ax.errorbar([r["expert_bits_per_weight"]], [r["delta"]], yerr=[[r["delta"] - lo], [hi - r["delta"]]],
-                        fmt=marker, color=color, capsize=3, label=tool if i == 0 else None)
-            ax.annotate(r["variant"].replace("llama.cpp ", "").replace(" (imatrix)", "*"),
-                        (r["expert_bits_per_weight"], r["delta"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.errorbar(
+                [r["expert_bits_per_weight"]],
+                [r["delta"]],
+                yerr=[[r["delta"] - lo], [hi - r["delta"]]],
+                fmt=marker,
+                color=color,
+                capsize=3,
+                label=tool if i == 0 else None,
+            )
+            ax.annotate(
+                r["variant"].replace("llama.cpp ", "").replace(" (imatrix)", "*"),
+                (r["expert_bits_per_weight"], r["delta"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_yscale("log")
     ax.set_xlabel("expert bits/weight (every stored byte)")
     ax.set_ylabel(f"{split} loss increase, nats (95% CI)")
@@ -400,10 +516,16 @@ def figure(rows: list[dict], path: Path, split: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny-qwen3-moe", help="a Qwen3-MoE checkpoint (built-in or directory)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="calibration seeds (same windows per tool)")
+    ap.add_argument(
+        "--model", default="tiny-qwen3-moe", help="a Qwen3-MoE checkpoint (built-in or directory)"
+    )
+    ap.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1], help="calibration seeds (same windows per tool)"
+    )
     ap.add_argument("--only", nargs="+", choices=TOOLS, default=list(TOOLS), help="rerun only these tools")
-    ap.add_argument("--data", default=None, help="your own .txt/.jsonl: half its documents calibrate, half evaluate")
+    ap.add_argument(
+        "--data", default=None, help="your own .txt/.jsonl: half its documents calibrate, half evaluate"
+    )
     ap.add_argument("--cache", default=str(envs.default_cache()), help="peer environments and builds")
     ap.add_argument("--work", default="runs/peers", help="peer outputs and scores, reused on rerun")
     ap.add_argument("--qmoe-work", default="runs/quality", help="qmoe outputs (shared with quality.py)")
@@ -455,17 +577,33 @@ def main() -> None:
                 speed["llama.cpp F16"] = {**r["generation_f16"], "note": note}
     meta = {
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "python": platform.python_version(), "torch": torch.__version__, "model": args.model,
-        "seeds": args.seeds, "eval_samples": args.eval_samples, "calib_samples": args.calib_samples,
-        "setup_seconds": envs.setup_seconds(Path(args.cache)), "wall_seconds": time.perf_counter() - t0,
+        "machine": f"{platform.machine()} {platform.processor()} {torch.get_num_threads()} threads",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "seeds": args.seeds,
+        "eval_samples": args.eval_samples,
+        "calib_samples": args.calib_samples,
+        "setup_seconds": envs.setup_seconds(Path(args.cache)),
+        "wall_seconds": time.perf_counter() - t0,
         "pins": {"llama.cpp": envs.LLAMA_CPP_PYTHON, "hqq": envs.HQQ, "llm-compressor": envs.LLMCOMPRESSOR},
     }
     text = markdown(rows, speed, meta)
     print(text)
     if args.json:
-        keep = ("tool", "variant", "expert_bits_per_weight", "split", "delta", "ci95", "seeds", "per_seed",
-                "error", "detail", "reference_drift")
+        keep = (
+            "tool",
+            "variant",
+            "expert_bits_per_weight",
+            "split",
+            "delta",
+            "ci95",
+            "seeds",
+            "per_seed",
+            "error",
+            "detail",
+            "reference_drift",
+        )
         out = [{("loss_increase" if k == "delta" else k): r[k] for k in keep if k in r} for r in rows]
         Path(args.json).write_text(json.dumps({"meta": meta, "speed": speed, "rows": out}, indent=1) + "\n")
     if args.figure:

@@ -47,7 +47,9 @@ def _run(cmd: list, log: Path, cwd: Path | None = None) -> None:
         r = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
     if r.returncode:
         tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-3:]
-        raise SetupError(f"{Path(str(cmd[0])).name} {cmd[1] if len(cmd) > 1 else ''} failed: {' | '.join(tail)}")
+        raise SetupError(
+            f"{Path(str(cmd[0])).name} {cmd[1] if len(cmd) > 1 else ''} failed: {' | '.join(tail)}"
+        )
 
 
 def _step(cache: Path, name: str, build) -> float:
@@ -82,22 +84,54 @@ def setup_llamacpp(cache: Path, threads: int) -> Tool:
 
     def fetch(log: Path) -> None:
         src.mkdir(parents=True, exist_ok=True)
-        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-              LLAMA_CPP_PYTHON, "-d", src], log)
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                LLAMA_CPP_PYTHON,
+                "-d",
+                src,
+            ],
+            log,
+        )
         with tarfile.open(src / f"llama_cpp_python-{version}.tar.gz") as tar:
             tar.extractall(src, filter="data")
 
     def compile_(log: Path) -> None:
-        _run(["cmake", "-S", root, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-              "-DLLAMA_BUILD_SERVER=OFF"], log)
+        _run(
+            [
+                "cmake",
+                "-S",
+                root,
+                "-B",
+                build,
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DGGML_NATIVE=ON",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+            ],
+            log,
+        )
         _run(["cmake", "--build", build, "-j", str(threads), "--target", *LLAMA_TARGETS], log)
 
     venv = cache / "venv-llamacpp"
     _step(cache, "llamacpp-fetch", fetch)
     _step(cache, "llamacpp-build", compile_)
-    _step(cache, "llamacpp-venv", lambda log: _venv(
-        venv, ["numpy", "safetensors", "sentencepiece", "transformers", str(root / "gguf-py")], log))
+    _step(
+        cache,
+        "llamacpp-venv",
+        lambda log: _venv(
+            venv, ["numpy", "safetensors", "sentencepiece", "transformers", str(root / "gguf-py")], log
+        ),
+    )
     return Tool("llama.cpp", venv / "bin" / "python", {"llama_dir": str(root), "bin": str(build / "bin")})
 
 

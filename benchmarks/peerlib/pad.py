@@ -61,8 +61,11 @@ def pad_qwen3_moe(src: Path, out: Path, multiple: int = 256) -> dict[str, int]:
         sd = load_file(str(f))
         new: dict[str, np.ndarray] = {}
         for k, v in sd.items():
-            if k.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")) or k == "model.norm.weight":
-                # float32: the scaled weights would lose ~5e-4 relative to fp16 rounding (llama.cpp keeps norms f32)
+            if (
+                k.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))
+                or k == "model.norm.weight"
+            ):
+                # float32: fp16 rounding of the scaled weights costs ~5e-4 relative (as llama.cpp, f32 norms)
                 v = _pad(v.astype(np.float32) * np.float32(norm_scale), (hp,))
             elif k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "mlp.gate.weight")):
                 v = _pad(v, (v.shape[0], hp))  # [out, H] reads the stream
@@ -75,14 +78,21 @@ def pad_qwen3_moe(src: Path, out: Path, multiple: int = 256) -> dict[str, int]:
             elif ".mlp.experts." in k and k.endswith("down_proj.weight"):
                 v = _pad(v, (hp, ip))  # [H, I]
             elif not k.endswith(("q_norm.weight", "k_norm.weight")):  # per-head norms keep head_dim
-                raise ValueError(f"{f.name}: no padding rule for {k} {v.shape}; the layout is not Qwen3-MoE's")
+                raise ValueError(
+                    f"{f.name}: no padding rule for {k} {v.shape}; the layout is not Qwen3-MoE's"
+                )
             new[k] = np.ascontiguousarray(v)
         save_file(new, str(out / f.name), metadata={"format": "pt"})
     # mean(x'^2) = mean(x^2) * H/H', so eps * H/H' keeps the stream's norms exact (see module docstring)
     cfg.update(hidden_size=hp, moe_intermediate_size=ip, rms_norm_eps=cfg["rms_norm_eps"] * h / hp)
     cfg.setdefault("head_dim", h // cfg["num_attention_heads"])  # keep the real head width explicit
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors.index.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+    ):
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     return {"hidden": h, "hidden_padded": hp, "intermediate": i, "intermediate_padded": ip}

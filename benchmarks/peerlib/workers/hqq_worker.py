@@ -33,15 +33,26 @@ def main() -> None:
         weights, nbytes, n = {}, 0, 0
         for k in keys:
             w = sd[k].float()
-            wq, meta = Quantizer.quantize(w, nbits=v["nbits"], group_size=v["group"], optimize=True, axis=1,
-                                          bitpack=True, compute_dtype=torch.float32, device="cpu")
+            wq, meta = Quantizer.quantize(
+                w,
+                nbits=v["nbits"],
+                group_size=v["group"],
+                optimize=True,
+                axis=1,
+                bitpack=True,
+                compute_dtype=torch.float32,
+                device="cpu",
+            )
             for m in ("scale", "zero"):
                 meta[m] = meta[m].to(torch.float16).float()  # stored 16-bit
             weights[k] = Quantizer.dequantize(wq, meta).reshape(w.shape).numpy()
             nbytes += wq.numel() * wq.element_size() + 2 * (meta["scale"].numel() + meta["zero"].numel())
             n += w.numel()
-        write_variant(out, weights, {"expert_bytes": nbytes, "expert_weights": n, "nbits": v["nbits"],
-                                     "group_size": v["group"]})
+        write_variant(
+            out,
+            weights,
+            {"expert_bytes": nbytes, "expert_weights": n, "nbits": v["nbits"], "group_size": v["group"]},
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,20 @@ def convert(job: dict, work: Path, log: Path) -> Path:
     f16 = work / "f16.gguf"
     if not f16.is_file():
         tmp = work / "f16.gguf.tmp"
-        run([sys.executable, "-c", CONVERT, job["llama_dir"], job["padded"], "--outtype", "f16",
-             "--outfile", tmp], log)
+        run(
+            [
+                sys.executable,
+                "-c",
+                CONVERT,
+                job["llama_dir"],
+                job["padded"],
+                "--outtype",
+                "f16",
+                "--outfile",
+                tmp,
+            ],
+            log,
+        )
         verify_f16(tmp, Path(job["padded"]))
         os.replace(tmp, f16)
     return f16
@@ -60,8 +72,23 @@ def imatrix(job: dict, work: Path, f16: Path, seed: str, log: Path) -> Path:
     out = work / f"imatrix-s{seed}.gguf"
     if not out.is_file():
         tmp = work / f"imatrix-s{seed}.tmp.gguf"
-        run([Path(job["bin"]) / "llama-imatrix", "-m", f16, "-f", job["calib"][seed], "-o", tmp,
-             "-c", str(job["ctx"]), "-t", str(job["threads"]), "--no-ppl"], log)
+        run(
+            [
+                Path(job["bin"]) / "llama-imatrix",
+                "-m",
+                f16,
+                "-f",
+                job["calib"][seed],
+                "-o",
+                tmp,
+                "-c",
+                str(job["ctx"]),
+                "-t",
+                str(job["threads"]),
+                "--no-ppl",
+            ],
+            log,
+        )
         os.replace(tmp, out)
     return out
 
@@ -81,7 +108,9 @@ def verify_f16(f16: Path, padded: Path) -> None:
         if GGUF_EXPERTS.fullmatch(t.name):
             for k, w in unstack_gguf(t.name, dequantize(t.data, t.tensor_type)).items():
                 if not np.array_equal(w, sd[k].astype(np.float32)):
-                    raise RuntimeError(f"{t.name} does not read back as {k}; the expert layout is not understood")
+                    raise RuntimeError(
+                        f"{t.name} does not read back as {k}; the expert layout is not understood"
+                    )
                 n += 1
     if n == 0:
         raise RuntimeError(f"{f16} holds no stacked expert tensors (blk.L.ffn_*_exps.weight)")
@@ -102,15 +131,36 @@ def quantize(job: dict, work: Path, f16: Path, v: dict, log: Path) -> Path:
 def bench(job: dict, gguf: Path, log: Path) -> dict:
     out = gguf.with_suffix(".bench.json")
     if not out.is_file():
-        r = subprocess.run([str(Path(job["bin"]) / "llama-bench"), "-m", str(gguf), "-p", "0", "-n",
-                            str(job["bench_tokens"]), "-r", "3", "-t", str(job["threads"]), "-o", "json"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                str(Path(job["bin"]) / "llama-bench"),
+                "-m",
+                str(gguf),
+                "-p",
+                "0",
+                "-n",
+                str(job["bench_tokens"]),
+                "-r",
+                "3",
+                "-t",
+                str(job["threads"]),
+                "-o",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             raise RuntimeError(f"llama-bench exited {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
         out.write_text(r.stdout)
     rows = json.loads(out.read_text())
-    return {"tokens_per_second": rows[0]["avg_ts"], "stddev": rows[0]["stddev_ts"],
-            "threads": rows[0]["n_threads"], "tokens": rows[0]["n_gen"], "file": gguf.name}
+    return {
+        "tokens_per_second": rows[0]["avg_ts"],
+        "stddev": rows[0]["stddev_ts"],
+        "threads": rows[0]["n_threads"],
+        "tokens": rows[0]["n_gen"],
+        "file": gguf.name,
+    }
 
 
 def read_back(gguf: Path, real: dict) -> tuple[dict, dict]:
@@ -126,8 +176,11 @@ def read_back(gguf: Path, real: dict) -> tuple[dict, dict]:
         if not m:
             continue
         dense = dequantize(t.data, t.tensor_type)  # [E, out, in] float32 (padded widths)
-        rows, cols = ((real["intermediate"], real["hidden"]) if m.group(2) != "down"
-                      else (real["hidden"], real["intermediate"]))
+        rows, cols = (
+            (real["intermediate"], real["hidden"])
+            if m.group(2) != "down"
+            else (real["hidden"], real["intermediate"])
+        )
         weights.update(unstack_gguf(t.name, crop(dense, rows, cols)))
     stored = [b for b in tensor_bytes(gguf) if GGUF_EXPERTS.fullmatch(b.name)]
     for b in stored:
@@ -158,8 +211,18 @@ def main() -> None:
             weights, acct = read_back(q, job["real"])
             speed = bench(job, q, log) if job.get("bench") else None
             f16_speed = bench(job, f16, log) if job.get("bench") else None
-            write_variant(out, weights, {**acct, "generation": speed, "generation_f16": f16_speed,
-                                         "type": v["type"], "imatrix": v["imatrix"], "file": q.name})
+            write_variant(
+                out,
+                weights,
+                {
+                    **acct,
+                    "generation": speed,
+                    "generation_f16": f16_speed,
+                    "type": v["type"],
+                    "imatrix": v["imatrix"],
+                    "file": q.name,
+                },
+            )
         except Exception as exc:  # noqa: BLE001 - reported per variant in the table, not fatal to the rest
             out.mkdir(parents=True, exist_ok=True)
             (out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")

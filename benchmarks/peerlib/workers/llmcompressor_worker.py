@@ -5,8 +5,8 @@ head stay as they are), integer weights with a per-group scale and zero point (a
 zero point is worth its bytes), llm-compressor's defaults otherwise (dampening, block size, and its MoE
 calibration that sends every token through every expert). Calibration: the token windows of the job (the
 same windows qmoe calibrates on). The model is saved in compressed-tensors' packed format; the bytes are
-those of the saved expert tensors; the weights read back are GPTQ's quantized values, checked to lie on
-the saved grid."""
+those of the saved expert tensors; the weights read back are GPTQ's quantized values (checked to lie on
+the saved grid) with their scales rounded to fp16."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from peerlib.experts import EXPERT_KEY, done, write_variant  # noqa: E402
 
 
-def saved_expert_bytes(out: Path) -> tuple[int, dict[str, int]]:
-    """Bytes of every saved tensor that belongs to an expert projection, data plus its header entry."""
-    total, parts = 0, {}
+def saved_expert_bytes(out: Path) -> tuple[int, dict[str, int], int]:
+    """Bytes of every saved tensor that belongs to an expert projection (data plus its header entry), the
+    same per tensor kind, and the data bytes of the scales."""
+    total, parts, scale_data = 0, {}, 0
     for f in sorted(out.glob("*.safetensors")):
         raw = f.read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
@@ -30,11 +31,15 @@ def saved_expert_bytes(out: Path) -> tuple[int, dict[str, int]]:
         for name, entry in header.items():
             if name == "__metadata__" or ".mlp.experts." not in name:
                 continue
-            b = entry["data_offsets"][1] - entry["data_offsets"][0] + len(json.dumps({name: entry}))
+            data = entry["data_offsets"][1] - entry["data_offsets"][0]
+            b = data + len(json.dumps({name: entry}))
+            if name.endswith("weight_scale"):
+                assert entry["dtype"] == "F32", f"{name} is {entry['dtype']}; expected float32 scales"
+                scale_data += data
             total += b
             suffix = name.rsplit(".", 1)[-1]
             parts[suffix] = parts.get(suffix, 0) + b
-    return total, parts
+    return total, parts, scale_data
 
 
 def main() -> None:
@@ -55,14 +60,23 @@ def main() -> None:
             continue
         ids = np.load(job["calib"][v["seed"]])  # [N, L] token windows
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
-        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")  # the checkpoint dtype (fp16), as users load it
-        args = QuantizationArgs(num_bits=v["bits"], type="int", symmetric=False, strategy="group",
-                                group_size=v["group"])
+        # float32: fp16 matmuls on this CPU made a run 4x slower; scales are rounded to fp16 below, as an fp16
+        # checkpoint stores them, and charged 16 bits
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+        args = QuantizationArgs(
+            num_bits=v["bits"], type="int", symmetric=False, strategy="group", group_size=v["group"]
+        )
         scheme = QuantizationScheme(targets=["Linear"], weights=args)
-        recipe = GPTQModifier(config_groups={"experts": scheme},
-                              ignore=["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"])
-        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=ids.shape[1],
-                num_calibration_samples=len(ids))
+        recipe = GPTQModifier(
+            config_groups={"experts": scheme}, ignore=["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"]
+        )
+        oneshot(
+            model=model,
+            dataset=ds,
+            recipe=recipe,
+            max_seq_length=ids.shape[1],
+            num_calibration_samples=len(ids),
+        )
         weights, names = {}, []
         for name, mod in model.named_modules():
             if not isinstance(mod, torch.nn.Linear) or not hasattr(mod, "weight_scale"):
@@ -71,23 +85,38 @@ def main() -> None:
             if not EXPERT_KEY.fullmatch(key):
                 raise RuntimeError(f"quantized module {name} is not an expert projection")
             w = mod.weight.detach()
-            # GPTQ leaves its quantized values in .weight; re-quantizing them on the saved grid must not move them
+            # GPTQ leaves its quantized values in .weight: re-quantizing on the saved grid must not move them
             requant = fake_quantize(w, mod.weight_scale, mod.weight_zero_point, args)
             err = (requant.float() - w.float()).abs().max().item()
             if err > 1e-3 * w.float().abs().max().item():
-                raise RuntimeError(f"{name}: weights are {err:.3g} off their saved grid; the read-back would be wrong")
-            weights[key] = w.float().numpy().copy()
+                raise RuntimeError(
+                    f"{name}: weights are {err:.3g} off their saved grid; the read-back would be wrong"
+                )
+            s16 = mod.weight_scale.detach().half().float()
+            weights[key] = fake_quantize(w, s16, mod.weight_zero_point, args).float().numpy().copy()
             names.append(name)
         saved = out / "compressed"
         model.save_pretrained(saved, save_compressed=True)
-        nbytes, parts = saved_expert_bytes(saved)
+        nbytes, parts, scale_data = saved_expert_bytes(saved)
+        nbytes -= scale_data // 2  # float32 scales as saved here -> 16-bit in an fp16 checkpoint
         n = sum(w.size for w in weights.values())
         if not weights or n == 0:
             raise RuntimeError("llm-compressor quantized no expert weights")
         cfg = json.loads((saved / "config.json").read_text()).get("quantization_config", {})
-        write_variant(out, weights, {"expert_bytes": nbytes, "expert_weights": n, "bytes_by_part": parts,
-                                     "bits": v["bits"], "group_size": v["group"], "modules": len(names),
-                                     "format": cfg.get("format"), "seed": v["seed"]})
+        write_variant(
+            out,
+            weights,
+            {
+                "expert_bytes": nbytes,
+                "expert_weights": n,
+                "bytes_by_part": parts,
+                "bits": v["bits"],
+                "group_size": v["group"],
+                "modules": len(names),
+                "format": cfg.get("format"),
+                "seed": v["seed"],
+            },
+        )
         for f in saved.glob("*.safetensors"):  # keep the accounting, not a second copy of the weights
             f.unlink()
         del model
