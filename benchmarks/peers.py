@@ -167,8 +167,6 @@ def run_peer(
             work=str(work / "llama.cpp" / "files"),
             ctx=args.seq_len,
             threads=args.threads,
-            bench=args.speed,
-            bench_tokens=args.gen_tokens,
             real={"hidden": widths["hidden"], "intermediate": widths["intermediate"]},
             calib={s: c["txt"] for s, c in calib.items()},
         )
@@ -344,33 +342,35 @@ def peer_rows(tool: str, variants: list[dict], error: str | None, ev: Evaluator)
                     "split": split,
                     **interval(ev.reference[split], [s[split] for s in scores]),
                     "seeds": len(ok),
-                    "detail": {k: infos[0][k] for k in infos[0] if k not in ("generation", "generation_f16")},
-                    "generation": infos[0].get("generation"),
-                    "generation_f16": infos[0].get("generation_f16"),
+                    "detail": infos[0],
                 }
             )
     return rows
 
 
-def qmoe_speed(args: argparse.Namespace, rows: list[dict], src: Path) -> dict[str, dict]:
-    """Batch-1 generation, tokens/s, for the dense model and the qmoe variants (3 timed runs each)."""
+def speed_phase(args: argparse.Namespace, rows: list[dict], src: Path, work: Path) -> dict[str, dict]:
+    """Batch-1 generation in tokens/s, measured one after the other in this phase: the dense model in
+    transformers and qmoe's outputs through ``qmoe.runtime.generate`` (3 timed runs of ``--gen-tokens``
+    after a warm-up), and every llama.cpp file (seed 0) and its F16 source through ``llama-bench -p 0 -n``
+    (5 repetitions). Saved to ``work/speed.json``; ``--no-speed`` reuses it."""
+    import subprocess
+
     import torch
 
     from qmoe.runtime.generate import generate
     from qmoe.sources import load_model
 
     torch.set_num_threads(args.threads)
-    dirs = {"dense (fp32, transformers)": src}
+    first = [r for r in rows if r["split"] == rows[0]["split"] and "error" not in r]
+    dirs = {"dense fp32 (transformers)": src}
     dirs.update(
         {
             r["variant"]: Path(r["dir"])
-            for r in rows
-            if r["tool"] == "qmoe"
-            and r["split"] == SPLITS[0]
-            and r["variant"] in ("qmoe default", "qmoe default 2-bit")
+            for r in first
+            if r["tool"] == "qmoe" and r["variant"] in ("qmoe default", "qmoe default 2-bit")
         }
     )
-    out = {}
+    out: dict[str, dict] = {}
     for name, d in dirs.items():
         model, tok, _ = load_model(d)
         generate(model, tok, "In the beginning", max_new_tokens=8, exact=True)  # warm-up
@@ -383,8 +383,45 @@ def qmoe_speed(args: argparse.Namespace, rows: list[dict], src: Path) -> dict[st
             "stddev": float(np.std(runs)),
             "threads": args.threads,
             "tokens": args.gen_tokens,
+            "note": "qmoe.runtime.generate",
         }
         print(f"  speed {name}: {out[name]['tokens_per_second']:.1f} tokens/s", flush=True)
+    files = work / "llama.cpp" / "files"
+    ggufs = {"llama.cpp F16": files / "f16.gguf"}
+    ggufs.update({r["variant"]: files / r["detail"]["file"] for r in first if r["tool"] == "llama.cpp"})
+    ggufs = {k: v for k, v in ggufs.items() if v.is_file()}
+    if ggufs:
+        bench = Path(envs.setup_llamacpp(Path(args.cache), args.threads).extra["bin"]) / "llama-bench"
+        for name, f in ggufs.items():
+            cmd = [
+                str(bench),
+                "-m",
+                str(f),
+                "-p",
+                "0",
+                "-n",
+                str(args.gen_tokens),
+                "-r",
+                "5",
+                "-t",
+                str(args.threads),
+                "-o",
+                "json",
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                out[name] = {"error": r.stderr.strip().splitlines()[-1:]}
+                continue
+            b = json.loads(r.stdout)[0]
+            out[name] = {
+                "tokens_per_second": b["avg_ts"],
+                "stddev": b["stddev_ts"],
+                "threads": b["n_threads"],
+                "tokens": b["n_gen"],
+                "note": "llama-bench, 256-padded model (1.8x the expert weights)",
+            }
+            print(f"  speed {name}: {b['avg_ts']:.1f} tokens/s", flush=True)
+    (work / "speed.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -462,6 +499,9 @@ def markdown(rows: list[dict], speed: dict, meta: dict) -> str:
     if speed:
         lines += ["", "| generation, batch 1 | tokens/s | threads | note |", "|---|---|---|---|"]
         for name, s in speed.items():
+            if "error" in s:
+                lines.append(f"| {name} | failed: {s['error']} | | |")
+                continue
             lines.append(
                 f"| {name} | {s['tokens_per_second']:.1f} ± {s['stddev']:.1f} | {s['threads']} | "
                 f"{s.get('note', '')} |"
@@ -569,12 +609,9 @@ def main() -> None:
 
     speed: dict[str, dict] = {}
     if args.speed:
-        speed = qmoe_speed(args, rows, src)
-        note = "llama-bench on the 256-padded model (1.8x the expert weights of the original)"
-        for r in rows:
-            if r["tool"] == "llama.cpp" and r["split"] == eval_data[0] and r.get("generation"):
-                speed[f"llama.cpp {r['detail']['type']}"] = {**r["generation"], "note": note}
-                speed["llama.cpp F16"] = {**r["generation_f16"], "note": note}
+        speed = speed_phase(args, rows, src, work)
+    elif (work / "speed.json").is_file():
+        speed = json.loads((work / "speed.json").read_text())
     meta = {
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": f"{platform.machine()} {platform.processor()} {torch.get_num_threads()} threads",

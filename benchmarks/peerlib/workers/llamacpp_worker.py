@@ -3,7 +3,7 @@
 Converts the (padded, see ``peerlib/pad.py``) checkpoint with llama.cpp's ``convert_hf_to_gguf.py``, builds an
 importance matrix per calibration seed with ``llama-imatrix``, quantizes with ``llama-quantize`` (llama.cpp's
 own per-tensor mix for each file type), reads the expert tensors back with the gguf package's dequantization,
-and times generation with ``llama-bench``. Every step's output is cached in the job's work directory.
+Every step's output is cached in the job's work directory.
 """
 
 from __future__ import annotations
@@ -128,41 +128,6 @@ def quantize(job: dict, work: Path, f16: Path, v: dict, log: Path) -> Path:
     return out
 
 
-def bench(job: dict, gguf: Path, log: Path) -> dict:
-    out = gguf.with_suffix(".bench.json")
-    if not out.is_file():
-        r = subprocess.run(
-            [
-                str(Path(job["bin"]) / "llama-bench"),
-                "-m",
-                str(gguf),
-                "-p",
-                "0",
-                "-n",
-                str(job["bench_tokens"]),
-                "-r",
-                "3",
-                "-t",
-                str(job["threads"]),
-                "-o",
-                "json",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode:
-            raise RuntimeError(f"llama-bench exited {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
-        out.write_text(r.stdout)
-    rows = json.loads(out.read_text())
-    return {
-        "tokens_per_second": rows[0]["avg_ts"],
-        "stddev": rows[0]["stddev_ts"],
-        "threads": rows[0]["n_threads"],
-        "tokens": rows[0]["n_gen"],
-        "file": gguf.name,
-    }
-
-
 def read_back(gguf: Path, real: dict) -> tuple[dict, dict]:
     """Dense real-corner expert weights and the bytes the file spends on expert tensors."""
     from gguf import GGUFReader
@@ -200,8 +165,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "llamacpp.log"
     f16 = convert(job, work, log)
-    if job.get("bench_f16") and not (work / "f16.bench.json").is_file():
-        bench(job, f16, log)
     for v in job["variants"]:
         out = Path(v["out"])
         if done(out):
@@ -209,15 +172,11 @@ def main() -> None:
         try:
             q = quantize(job, work, f16, v, log)
             weights, acct = read_back(q, job["real"])
-            speed = bench(job, q, log) if job.get("bench") else None
-            f16_speed = bench(job, f16, log) if job.get("bench") else None
             write_variant(
                 out,
                 weights,
                 {
                     **acct,
-                    "generation": speed,
-                    "generation_f16": f16_speed,
                     "type": v["type"],
                     "imatrix": v["imatrix"],
                     "file": q.name,

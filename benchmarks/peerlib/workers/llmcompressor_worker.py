@@ -43,6 +43,25 @@ def saved_expert_bytes(out: Path) -> tuple[int, dict[str, int], int]:
 
 
 def main() -> None:
+    import torch
+
+    job = json.loads(Path(sys.argv[1]).read_text())
+    torch.manual_seed(0)
+    for v in job["variants"]:
+        out = Path(v["out"])
+        if done(out):
+            continue
+        try:
+            one(job, v, out)
+        except Exception as exc:  # noqa: BLE001 - reported per variant in the table, not fatal to the rest
+            out.mkdir(parents=True, exist_ok=True)
+            first = str(exc).strip().splitlines()[:2]
+            (out / "error.txt").write_text(f"{type(exc).__name__}: {' '.join(first)}\n")
+            print(f"{v['name']} seed {v['seed']}: {exc}", file=sys.stderr)
+
+
+def one(job: dict, v: dict, out: Path) -> None:
+    """GPTQ of one variant into ``out`` (experts.safetensors + info.json)."""
     import numpy as np
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -52,74 +71,68 @@ def main() -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    job = json.loads(Path(sys.argv[1]).read_text())
-    torch.manual_seed(0)
-    for v in job["variants"]:
-        out = Path(v["out"])
-        if done(out):
+    ids = np.load(job["calib"][v["seed"]])  # [N, L] token windows
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
+    # float32: fp16 matmuls on this CPU made a run 4x slower; scales are rounded to fp16 below, as an fp16
+    # checkpoint stores them, and charged 16 bits
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    args = QuantizationArgs(
+        num_bits=v["bits"], type="int", symmetric=False, strategy="group", group_size=v["group"]
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    recipe = GPTQModifier(
+        config_groups={"experts": scheme}, ignore=["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"]
+    )
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=recipe,
+        max_seq_length=ids.shape[1],
+        num_calibration_samples=len(ids),
+    )
+    weights, names = {}, []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or not hasattr(mod, "weight_scale"):
             continue
-        ids = np.load(job["calib"][v["seed"]])  # [N, L] token windows
-        ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
-        # float32: fp16 matmuls on this CPU made a run 4x slower; scales are rounded to fp16 below, as an fp16
-        # checkpoint stores them, and charged 16 bits
-        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
-        args = QuantizationArgs(
-            num_bits=v["bits"], type="int", symmetric=False, strategy="group", group_size=v["group"]
-        )
-        scheme = QuantizationScheme(targets=["Linear"], weights=args)
-        recipe = GPTQModifier(
-            config_groups={"experts": scheme}, ignore=["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"]
-        )
-        oneshot(
-            model=model,
-            dataset=ds,
-            recipe=recipe,
-            max_seq_length=ids.shape[1],
-            num_calibration_samples=len(ids),
-        )
-        weights, names = {}, []
-        for name, mod in model.named_modules():
-            if not isinstance(mod, torch.nn.Linear) or not hasattr(mod, "weight_scale"):
-                continue
-            key = f"{name}.weight"
-            if not EXPERT_KEY.fullmatch(key):
-                raise RuntimeError(f"quantized module {name} is not an expert projection")
-            w = mod.weight.detach()
-            # GPTQ leaves its quantized values in .weight: re-quantizing on the saved grid must not move them
-            requant = fake_quantize(w, mod.weight_scale, mod.weight_zero_point, args)
-            err = (requant.float() - w.float()).abs().max().item()
-            if err > 1e-3 * w.float().abs().max().item():
-                raise RuntimeError(
-                    f"{name}: weights are {err:.3g} off their saved grid; the read-back would be wrong"
-                )
-            s16 = mod.weight_scale.detach().half().float()
-            weights[key] = fake_quantize(w, s16, mod.weight_zero_point, args).float().numpy().copy()
-            names.append(name)
-        saved = out / "compressed"
-        model.save_pretrained(saved, save_compressed=True)
-        nbytes, parts, scale_data = saved_expert_bytes(saved)
-        nbytes -= scale_data // 2  # float32 scales as saved here -> 16-bit in an fp16 checkpoint
-        n = sum(w.size for w in weights.values())
-        if not weights or n == 0:
-            raise RuntimeError("llm-compressor quantized no expert weights")
-        cfg = json.loads((saved / "config.json").read_text()).get("quantization_config", {})
-        write_variant(
-            out,
-            weights,
-            {
-                "expert_bytes": nbytes,
-                "expert_weights": n,
-                "bytes_by_part": parts,
-                "bits": v["bits"],
-                "group_size": v["group"],
-                "modules": len(names),
-                "format": cfg.get("format"),
-                "seed": v["seed"],
-            },
-        )
-        for f in saved.glob("*.safetensors"):  # keep the accounting, not a second copy of the weights
-            f.unlink()
-        del model
+        key = f"{name}.weight"
+        if not EXPERT_KEY.fullmatch(key):
+            raise RuntimeError(f"quantized module {name} is not an expert projection")
+        w = mod.weight.detach()
+        # GPTQ leaves its quantized values in .weight: re-quantizing on the saved grid must not move them
+        requant = fake_quantize(w, mod.weight_scale, mod.weight_zero_point, args)
+        err = (requant.float() - w.float()).abs().max().item()
+        if err > 1e-3 * w.float().abs().max().item():
+            raise RuntimeError(
+                f"{name}: weights are {err:.3g} off their saved grid; the read-back would be wrong"
+            )
+        s16 = mod.weight_scale.detach().half().float()
+        weights[key] = fake_quantize(w, s16, mod.weight_zero_point, args).float().numpy().copy()
+        names.append(name)
+    saved = out / "compressed"
+    model.save_pretrained(saved, save_compressed=True)
+    nbytes, parts, scale_data = saved_expert_bytes(saved)
+    nbytes -= scale_data // 2  # float32 scales as saved here -> 16-bit in an fp16 checkpoint
+    n = sum(w.size for w in weights.values())
+    if not weights or n == 0:
+        raise RuntimeError("llm-compressor quantized no expert weights")
+    cfg = json.loads((saved / "config.json").read_text()).get("quantization_config", {})
+    write_variant(
+        out,
+        weights,
+        {
+            "expert_bytes": nbytes,
+            "expert_weights": n,
+            "bytes_by_part": parts,
+            "bits": v["bits"],
+            "group_size": v["group"],
+            "modules": len(names),
+            "format": cfg.get("format"),
+            "seed": v["seed"],
+        },
+    )
+    for f in saved.glob("*.safetensors"):  # keep the accounting, not a second copy of the weights
+        f.unlink()
+    del model
 
 
 if __name__ == "__main__":
