@@ -102,9 +102,16 @@ def row(name: str, codes: np.ndarray, enc_fn, trie: np.ndarray | None) -> dict:
     t_deq, _ = best_of(lambda: codec.dequantize_fast(enc))
     assert np.array_equal(dec, codes), "round trip failed"
     h = entropy_bits(codes)
-    out = {"name": name, "H": h / n, "stream": enc.total_bits / n, "ratio": enc.total_bits / h,
-           "total": 8 * enc.nbytes / n, "enc": n / t_enc / 1e6, "dec": n / t_dec / 1e6,
-           "deq": n / t_deq / 1e6}
+    out = {
+        "name": name,
+        "H": h / n,
+        "stream": enc.total_bits / n,
+        "ratio": enc.total_bits / h,
+        "total": 8 * enc.nbytes / n,
+        "enc": n / t_enc / 1e6,
+        "dec": n / t_dec / 1e6,
+        "deq": n / t_deq / 1e6,
+    }
     if trie is not None:
         words = qmoe_codewords(codes, trie)
         out["q_stream"] = 16 * words / n
@@ -115,8 +122,12 @@ def row(name: str, codes: np.ndarray, enc_fn, trie: np.ndarray | None) -> dict:
 
 def fmt(r: dict) -> str:
     q = [f"{r[k]:.3f}" if k in r else "-" for k in ("q_stream", "q_total", "vs_q")]
-    cells = [r["name"], *(f"{r[k]:.3f}" for k in ("H", "stream", "ratio", "total")), *q,
-             *(f"{r[k]:.0f}" for k in ("enc", "dec", "deq"))]
+    cells = [
+        r["name"],
+        *(f"{r[k]:.3f}" for k in ("H", "stream", "ratio", "total")),
+        *q,
+        *(f"{r[k]:.0f}" for k in ("enc", "dec", "deq")),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -131,8 +142,10 @@ def main() -> None:
     warm = ternary(rng, (64, 256), 0.9)  # compile numba kernels outside the timings
     codec.dequantize_fast(codec.encode_ternary(warm, np.ones(64), np.ones(64)))
     qmoe_codewords(warm, trie)
-    print("| matrix | H b/w | stream b/w | stream/H | total b/w | QMoE stream | QMoE total | total/QMoE "
-          "| enc M/s | dec M/s | deq M/s |")
+    print(
+        "| matrix | H b/w | stream b/w | stream/H | total b/w | QMoE stream | QMoE total | total/QMoE "
+        "| enc M/s | dec M/s | deq M/s |"
+    )
     print("|" + "---|" * 12)
     misses = []
     for rows, cols in shapes:
@@ -141,20 +154,26 @@ def main() -> None:
         cases.append(("rows 0.75..0.98", rng.uniform(0.75, 0.98, rows)))
         for label, p0 in cases:
             codes = ternary(rng, (rows, cols), p0)
-            r = row(f"{rows}x{cols} P0={label}", codes,
-                    lambda c=codes, lv=lv: codec.encode_ternary(c, lv[:, 0], lv[:, 1]), trie)
+            r = row(
+                f"{rows}x{cols} P0={label}",
+                codes,
+                lambda c=codes, lv=lv: codec.encode_ternary(c, lv[:, 0], lv[:, 1]),
+                trie,
+            )
             print(fmt(r), flush=True)
             if r["ratio"] > 1.03:
                 misses.append(f"{r['name']}: stream {r['ratio']:.3f}x entropy")
             if isinstance(p0, float) and p0 in TARGETS and r["vs_q"] > TARGETS[p0]:
                 misses.append(f"{r['name']}: total {r['vs_q']:.3f}x QMoE > {TARGETS[p0]}")
-            misses += [f"{r['name']}: {k} {r[k]:.0f} M/s"
-                       for k, lim in (("enc", 50), ("dec", 200)) if r[k] < lim]
+            misses += [
+                f"{r['name']}: {k} {r[k]:.0f} M/s" for k, lim in (("enc", 50), ("dec", 200)) if r[k] < lim
+            ]
         for label, probs in (("int2 uniform", [0.25] * 4), ("int2 0.1/.4/.4/.1", [0.1, 0.4, 0.4, 0.1])):
             codes = rng.choice(4, size=(rows, cols), p=probs).astype(np.uint8)
             levels = rng.standard_normal((rows, 4)).astype(np.float16)
-            r = row(f"{rows}x{cols} {label}", codes, lambda c=codes, lv4=levels: codec.encode_int2(c, lv4),
-                    None)
+            r = row(
+                f"{rows}x{cols} {label}", codes, lambda c=codes, lv4=levels: codec.encode_int2(c, lv4), None
+            )
             print(fmt(r), flush=True)
     print("\ntargets missed:" if misses else "\nall targets met", *misses, sep="\n  ")
 

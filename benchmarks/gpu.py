@@ -185,12 +185,16 @@ def main() -> None:
 
     ceil = ceilings(timer, device, dry)
     print(f"device: {dev_name}")
-    print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, bf16 matmul "
-          f"{ceil['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s")
+    print(
+        f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s, bf16 matmul "
+        f"{ceil['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s"
+    )
 
     def fractions(t: float, bytes_read: int, flops: int) -> dict:
-        return {"frac_copy": bytes_read / t / ceil["copy_bytes_per_s"],
-                "frac_matmul": flops / t / ceil["bf16_flops_per_s"]}
+        return {
+            "frac_copy": bytes_read / t / ceil["copy_bytes_per_s"],
+            "frac_matmul": flops / t / ceil["bf16_flops_per_s"],
+        }
 
     rows_out, failures = [], []
     for shape in shapes:
@@ -201,8 +205,10 @@ def main() -> None:
         for t in batches:
             x = torch.randn(t, shape[1], generator=gen, device=device).to(torch.bfloat16)
             x_cm = x.t().contiguous().t()  # same values, tokens contiguous (column-major)
-            err = max(max_rel_err(tk.matmul_prepared(group, x), w64, x.float()),
-                      max_rel_err(tk.matmul_prepared(group, x_cm), w64, x.float()))
+            err = max(
+                max_rel_err(tk.matmul_prepared(group, x), w64, x.float()),
+                max_rel_err(tk.matmul_prepared(group, x_cm), w64, x.float()),
+            )
             if not err < 2e-2:  # bf16 output rounding (2^-8) is the budget
                 failures.append((shape, t, err))
             t_k = timer(lambda g=group, x=x: tk.matmul_prepared(g, x))
@@ -211,21 +217,38 @@ def main() -> None:
             t_ke = timer.events(lambda g=group, x=x: tk.matmul_prepared(g, x))
             t_ce = timer.events(lambda w=wbf, x=x: torch.matmul(x, w.T))
             flops = 2 * t * shape[0] * shape[1]
-            row = {"shape": list(shape), "tokens": t, "pieces": group.pieces, "bits_per_weight":
-                   enc.bits_per_weight, "device_bytes": group.nbytes, "index_bytes": group.index_nbytes,
-                   "kernel_s": t_k, "kernel_xcolmajor_s": t_kc, "cublas_s": t_c,
-                   "kernel_events_s": t_ke, "cublas_events_s": t_ce, "ratio": t_k / t_c,
-                   "max_rel_err": err, "kernel": fractions(t_k, group.nbytes, flops),
-                   "cublas": fractions(t_c, wbf.numel() * 2, flops)}
+            row = {
+                "shape": list(shape),
+                "tokens": t,
+                "pieces": group.pieces,
+                "bits_per_weight": enc.bits_per_weight,
+                "device_bytes": group.nbytes,
+                "index_bytes": group.index_nbytes,
+                "kernel_s": t_k,
+                "kernel_xcolmajor_s": t_kc,
+                "cublas_s": t_c,
+                "kernel_events_s": t_ke,
+                "cublas_events_s": t_ce,
+                "ratio": t_k / t_c,
+                "max_rel_err": err,
+                "kernel": fractions(t_k, group.nbytes, flops),
+                "cublas": fractions(t_c, wbf.numel() * 2, flops),
+            }
             rows_out.append(row)
-            print(f"  {shape[0]:>5}x{shape[1]:<5} T={t:<3} P={group.pieces:<2} kernel {t_k * 1e6:8.2f} us "
-                  f"(x col-major {t_kc * 1e6:8.2f})  cuBLAS {t_c * 1e6:8.2f} us  ratio {t_k / t_c:5.2f}  "
-                  f"err {err:.1e}  (per-call events: {t_ke * 1e6:.1f} / {t_ce * 1e6:.1f} us)", flush=True)
+            print(
+                f"  {shape[0]:>5}x{shape[1]:<5} T={t:<3} P={group.pieces:<2} kernel {t_k * 1e6:8.2f} us "
+                f"(x col-major {t_kc * 1e6:8.2f})  cuBLAS {t_c * 1e6:8.2f} us  ratio {t_k / t_c:5.2f}  "
+                f"err {err:.1e}  (per-call events: {t_ke * 1e6:.1f} / {t_ce * 1e6:.1f} us)",
+                flush=True,
+            )
 
     # Launch-config / piece sweep for the c2048 shapes (prepare once per piece count).
     sweep = []
-    configs = [tk.LaunchConfig(lanes=32, num_warps=1), tk.LaunchConfig(lanes=64, num_warps=2),
-               tk.LaunchConfig(lanes=128, num_warps=4)]
+    configs = [
+        tk.LaunchConfig(lanes=32, num_warps=1),
+        tk.LaunchConfig(lanes=64, num_warps=2),
+        tk.LaunchConfig(lanes=128, num_warps=4),
+    ]
     for shape in c2048:
         enc = random_encoded(rng, shape)
         for piece_bits in (256,) if dry else (256, 512, 1024):
@@ -234,15 +257,31 @@ def main() -> None:
                 x = torch.randn(t, shape[1], generator=gen, device=device).to(torch.bfloat16)
                 for cfg in configs if not dry else configs[:1]:
                     tt = timer(lambda g=group, x=x, c=cfg: tk.matmul_prepared(g, x, config=c))
-                    sweep.append({"shape": list(shape), "tokens": t, "piece_bits": piece_bits,
-                                  "pieces": group.pieces, "index_bytes": group.index_nbytes,
-                                  "lanes": cfg.lanes, "num_warps": cfg.num_warps, "kernel_s": tt})
+                    sweep.append(
+                        {
+                            "shape": list(shape),
+                            "tokens": t,
+                            "piece_bits": piece_bits,
+                            "pieces": group.pieces,
+                            "index_bytes": group.index_nbytes,
+                            "lanes": cfg.lanes,
+                            "num_warps": cfg.num_warps,
+                            "kernel_s": tt,
+                        }
+                    )
     for shape in c2048:
-        best = {t: min((s for s in sweep if s["shape"] == list(shape) and s["tokens"] == t),
-                       key=lambda s: s["kernel_s"]) for t in (1, 8)}
+        best = {
+            t: min(
+                (s for s in sweep if s["shape"] == list(shape) and s["tokens"] == t),
+                key=lambda s: s["kernel_s"],
+            )
+            for t in (1, 8)
+        }
         for t, s in best.items():
-            print(f"  sweep {shape[0]}x{shape[1]} T={t}: best {s['kernel_s'] * 1e6:.2f} us at piece_bits="
-                  f"{s['piece_bits']} (P={s['pieces']}), lanes={s['lanes']}, warps={s['num_warps']}")
+            print(
+                f"  sweep {shape[0]}x{shape[1]} T={t}: best {s['kernel_s'] * 1e6:.2f} us at piece_bits="
+                f"{s['piece_bits']} (P={s['pieces']}), lanes={s['lanes']}, warps={s['num_warps']}"
+            )
 
     # Grouped: all experts of a c2048 layer in one launch vs one launch per expert.
     grouped = []
@@ -256,31 +295,56 @@ def main() -> None:
             x = torch.randn(experts * t, shape[1], generator=gen, device=device).to(torch.bfloat16)
             offsets = torch.arange(0, experts * t + 1, t, dtype=torch.int32, device=device)
             y = tk.matmul_grouped(group, x, offsets, max_tokens=t)
-            err = max(max_rel_err(y[e * t:(e + 1) * t], w32[e].double(), x[e * t:(e + 1) * t].float())
-                      for e in range(experts))
+            err = max(
+                max_rel_err(y[e * t : (e + 1) * t], w32[e].double(), x[e * t : (e + 1) * t].float())
+                for e in range(experts)
+            )
             if not err < 2e-2:
                 failures.append((("grouped",) + shape, t, err))
             xs = list(x.split(t))
             t_g = timer(lambda g=group, x=x, o=offsets, t=t: tk.matmul_grouped(g, x, o, max_tokens=t))
-            t_s = timer(lambda ss=singles, xs=xs: [tk.matmul_prepared(s, xe)
-                                                  for s, xe in zip(ss, xs, strict=True)])
+            t_s = timer(
+                lambda ss=singles, xs=xs: [tk.matmul_prepared(s, xe) for s, xe in zip(ss, xs, strict=True)]
+            )
             t_c = timer(lambda ws=wbfs, xs=xs: [torch.matmul(xe, w.T) for w, xe in zip(ws, xs, strict=True)])
             flops = 2 * t * experts * shape[0] * shape[1]
-            grouped.append({"shape": list(shape), "experts": experts, "tokens_per_expert": t,
-                            "grouped_s": t_g, "separate_s": t_s, "cublas_separate_s": t_c,
-                            "speedup": t_s / t_g, "max_rel_err": err,
-                            "kernel": fractions(t_g, group.nbytes, flops),
-                            "cublas": fractions(t_c, sum(w.numel() * 2 for w in wbfs), flops)})
-            print(f"  grouped {experts}x {shape[0]}x{shape[1]} T={t}/expert: one launch {t_g * 1e6:8.1f} us, "
-                  f"{experts} launches {t_s * 1e6:8.1f} us (x{t_s / t_g:.1f}), cuBLAS {experts} launches "
-                  f"{t_c * 1e6:8.1f} us", flush=True)
+            grouped.append(
+                {
+                    "shape": list(shape),
+                    "experts": experts,
+                    "tokens_per_expert": t,
+                    "grouped_s": t_g,
+                    "separate_s": t_s,
+                    "cublas_separate_s": t_c,
+                    "speedup": t_s / t_g,
+                    "max_rel_err": err,
+                    "kernel": fractions(t_g, group.nbytes, flops),
+                    "cublas": fractions(t_c, sum(w.numel() * 2 for w in wbfs), flops),
+                }
+            )
+            print(
+                f"  grouped {experts}x {shape[0]}x{shape[1]} T={t}/expert: one launch {t_g * 1e6:8.1f} us, "
+                f"{experts} launches {t_s * 1e6:8.1f} us (x{t_s / t_g:.1f}), cuBLAS {experts} launches "
+                f"{t_c * 1e6:8.1f} us",
+                flush=True,
+            )
 
     print_table(rows_out, grouped)
     verdict = targets(rows_out, grouped, c2048)
     print("targets:", json.dumps(verdict))
-    out = {"device": dev_name, "dry_run": dry, "ceilings": ceil, "p_zero": P_ZERO, "cases": rows_out,
-           "sweep": sweep, "grouped": grouped, "targets": verdict, "timer_notes": timer.notes,
-           "failures": [list(map(str, f)) for f in failures], "wall_s": time.time() - t_start}
+    out = {
+        "device": dev_name,
+        "dry_run": dry,
+        "ceilings": ceil,
+        "p_zero": P_ZERO,
+        "cases": rows_out,
+        "sweep": sweep,
+        "grouped": grouped,
+        "targets": verdict,
+        "timer_notes": timer.notes,
+        "failures": [list(map(str, f)) for f in failures],
+        "wall_s": time.time() - t_start,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -291,23 +355,31 @@ def main() -> None:
 
 
 def print_table(rows: list[dict], grouped: list[dict]) -> None:
-    print("\n| shape | T | P | bits/w | kernel us | cuBLAS us | kernel/cuBLAS | kernel % copy bw | "
-          "cuBLAS % copy bw | kernel % bf16 rate | cuBLAS % bf16 rate |")
+    print(
+        "\n| shape | T | P | bits/w | kernel us | cuBLAS us | kernel/cuBLAS | kernel % copy bw | "
+        "cuBLAS % copy bw | kernel % bf16 rate | cuBLAS % bf16 rate |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         k, c = r["kernel"], r["cublas"]
-        print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['pieces']} "
-              f"| {r['bits_per_weight']:.3f} | {r['kernel_s'] * 1e6:.2f} | {r['cublas_s'] * 1e6:.2f} "
-              f"| {r['ratio']:.2f} "
-              f"| {100 * k['frac_copy']:.1f} | {100 * c['frac_copy']:.1f} | {100 * k['frac_matmul']:.2f} "
-              f"| {100 * c['frac_matmul']:.2f} |")
-    print("\n| grouped shape | experts | T/expert | one launch us | separate us | speedup "
-          "| cuBLAS separate us |")
+        print(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | {r['pieces']} "
+            f"| {r['bits_per_weight']:.3f} | {r['kernel_s'] * 1e6:.2f} | {r['cublas_s'] * 1e6:.2f} "
+            f"| {r['ratio']:.2f} "
+            f"| {100 * k['frac_copy']:.1f} | {100 * c['frac_copy']:.1f} | {100 * k['frac_matmul']:.2f} "
+            f"| {100 * c['frac_matmul']:.2f} |"
+        )
+    print(
+        "\n| grouped shape | experts | T/expert | one launch us | separate us | speedup "
+        "| cuBLAS separate us |"
+    )
     print("|---|---|---|---|---|---|---|")
     for g in grouped:
-        print(f"| {g['shape'][0]}x{g['shape'][1]} | {g['experts']} | {g['tokens_per_expert']} | "
-              f"{g['grouped_s'] * 1e6:.1f} | {g['separate_s'] * 1e6:.1f} | {g['speedup']:.1f} | "
-              f"{g['cublas_separate_s'] * 1e6:.1f} |")
+        print(
+            f"| {g['shape'][0]}x{g['shape'][1]} | {g['experts']} | {g['tokens_per_expert']} | "
+            f"{g['grouped_s'] * 1e6:.1f} | {g['separate_s'] * 1e6:.1f} | {g['speedup']:.1f} | "
+            f"{g['cublas_separate_s'] * 1e6:.1f} |"
+        )
 
 
 def targets(rows: list[dict], grouped: list[dict], c2048: list) -> dict:
@@ -316,9 +388,14 @@ def targets(rows: list[dict], grouped: list[dict], c2048: list) -> dict:
 
     b1, b8 = worst(1), worst(8)
     gs = min(g["speedup"] for g in grouped)
-    return {"batch1_worst_ratio": b1, "batch1_ok": b1 <= TARGETS["batch1_vs_cublas"],
-            "batch8_worst_ratio": b8, "batch8_ok": b8 <= TARGETS["batch8_vs_cublas"],
-            "grouped_min_speedup": gs, "grouped_ok": gs >= TARGETS["grouped_speedup"]}
+    return {
+        "batch1_worst_ratio": b1,
+        "batch1_ok": b1 <= TARGETS["batch1_vs_cublas"],
+        "batch8_worst_ratio": b8,
+        "batch8_ok": b8 <= TARGETS["batch8_vs_cublas"],
+        "grouped_min_speedup": gs,
+        "grouped_ok": gs >= TARGETS["grouped_speedup"],
+    }
 
 
 if __name__ == "__main__":

@@ -76,8 +76,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes only")
     ap.add_argument("--reps", type=int, default=15, help="interleaved repeats per cell (median reported)")
     ap.add_argument("--kinds", default="ternary,int2")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall: 2 threads, perf_counter; cpu: 1 thread each, thread_time")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: 2 threads, perf_counter; cpu: 1 thread each, thread_time",
+    )
     args = ap.parse_args()
     import numba
 
@@ -89,10 +93,14 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     shapes = [(768, 3072), (2080, 6144)] if args.quick else SHAPES
-    print(f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}, "
-          f"P(zero) {P_ZERO}, clock {args.clock}, median of {args.reps} interleaved repeats")
-    print(f"{'kind':8} {'shape':>11} {'bits/w':>6} {'batch':>5} {'dense ms':>9} {'qmoe ms':>8} {'ratio':>6} "
-          f"{'target':>6}")
+    print(
+        f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}, "
+        f"P(zero) {P_ZERO}, clock {args.clock}, median of {args.reps} interleaved repeats"
+    )
+    print(
+        f"{'kind':8} {'shape':>11} {'bits/w':>6} {'batch':>5} {'dense ms':>9} {'qmoe ms':>8} {'ratio':>6} "
+        f"{'target':>6}"
+    )
     for kind in args.kinds.split(","):
         for rows, cols in shapes:
             enc = make(kind, rows, cols, rng)
@@ -102,8 +110,11 @@ def main() -> None:
                 target = TARGET[(rows, cols)] if tokens == 1 and kind == "ternary" else None
                 mark = "" if target is None else f"{target:.1f} {'ok' if q / d <= target else 'MISS'}"
                 shape = f"{rows}x{cols}"
-                print(f"{kind:8} {shape:>11} {enc.bits_per_weight:6.3f} {tokens:5d} {d:9.3f} {q:8.3f} "
-                      f"{q / d:6.2f} {mark:>6}", flush=True)
+                print(
+                    f"{kind:8} {shape:>11} {enc.bits_per_weight:6.3f} {tokens:5d} {d:9.3f} {q:8.3f} "
+                    f"{q / d:6.2f} {mark:>6}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

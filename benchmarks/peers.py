@@ -94,9 +94,21 @@ def split_user_data(path: str, work: Path) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------- peers
 
 
-def peer_jobs(args: argparse.Namespace, work: Path, calib: dict) -> dict[str, list[dict]]:
+def padded_model(src: Path, work: Path) -> tuple[Path, dict[str, int]]:
+    """The 256-padded equivalent of ``src`` (made once) and the real widths ``{hidden, intermediate}``."""
+    from peerlib.pad import pad_qwen3_moe
+
+    padded, meta = work / "padded-model", work / "padded-model.json"
+    if not meta.is_file():
+        meta.write_text(json.dumps(pad_qwen3_moe(src, padded)))
+    w = json.loads(meta.read_text())
+    return padded, {"hidden": w["hidden"], "intermediate": w["intermediate"]}
+
+
+def peer_jobs(args: argparse.Namespace, work: Path, src: Path) -> dict[str, list[dict]]:
     """tool -> variants: name, seed, output directory and the tool's settings."""
     calibrated_seeds = [str(s) for s in args.seeds]
+    padded, widths = padded_model(src, work)
     jobs: dict[str, list[dict]] = {"llama.cpp": [], "gptq": [], "hqq": []}
     for t, imat in LLAMA_TYPES:
         for seed in calibrated_seeds if imat else calibrated_seeds[:1]:
@@ -112,15 +124,16 @@ def peer_jobs(args: argparse.Namespace, work: Path, calib: dict) -> dict[str, li
             )
     for bits, group in GPTQ_SETTINGS:
         for seed in calibrated_seeds:
-            jobs["gptq"].append(
-                {
-                    "name": f"GPTQ {bits}-bit g{group}",
-                    "bits": bits,
-                    "group": group,
-                    "seed": seed,
-                    "out": str(work / "gptq" / f"w{bits}g{group}-s{seed}"),
-                }
-            )
+            v = {
+                "name": f"GPTQ {bits}-bit g{group}",
+                "bits": bits,
+                "group": group,
+                "seed": seed,
+                "out": str(work / "gptq" / f"w{bits}g{group}-s{seed}"),
+            }
+            if any(n % group for n in widths.values()):  # llm-compressor refuses partial groups
+                v.update(name=v["name"] + " (padded)", model=str(padded), real=widths)
+            jobs["gptq"].append(v)
     for bits, group in HQQ_SETTINGS:
         jobs["hqq"].append(
             {
@@ -154,20 +167,14 @@ def run_peer(
         return f"setup failed: {exc}"
     job: dict[str, Any] = {"variants": variants}
     if tool == "llama.cpp":
-        from peerlib.pad import pad_qwen3_moe
-
-        padded = work / "llama.cpp" / "padded-model"
-        if not (padded / "config.json").is_file():
-            widths = pad_qwen3_moe(src, padded)
-            (work / "llama.cpp" / "widths.json").write_text(json.dumps(widths))
-        widths = json.loads((work / "llama.cpp" / "widths.json").read_text())
+        padded, widths = padded_model(src, work)
         job.update(
             t.extra,
             padded=str(padded),
             work=str(work / "llama.cpp" / "files"),
             ctx=args.seq_len,
             threads=args.threads,
-            real={"hidden": widths["hidden"], "intermediate": widths["intermediate"]},
+            real=widths,
             calib={s: c["txt"] for s, c in calib.items()},
         )
     else:
@@ -599,7 +606,7 @@ def main() -> None:
     calib = calibration(args, ev.tokenizer, ev.adapter, args.seq_len, work)
 
     rows: list[dict] = []
-    jobs = peer_jobs(args, work, calib)
+    jobs = peer_jobs(args, work, src)
     for tool in ("llama.cpp", "gptq", "hqq"):
         error = run_peer(tool, jobs[tool], args, work, calib, src) if tool in args.only else None
         if error:

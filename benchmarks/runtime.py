@@ -29,11 +29,26 @@ import sys
 import time
 from pathlib import Path
 
-PROMPT = ("And God said, Let there be light: and there was light. And God saw the light, that it was good: "
-          "and God divided the light from the darkness.")
-SYNTHETIC = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12,
-                 num_decoder_layers=12, num_sparse_encoder_layers=6, num_sparse_decoder_layers=6,
-                 num_experts=8, expert_capacity=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+PROMPT = (
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+    "and God divided the light from the darkness."
+)
+SYNTHETIC = dict(
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=3072,
+    num_heads=12,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_sparse_encoder_layers=6,
+    num_sparse_decoder_layers=6,
+    num_experts=8,
+    expert_capacity=64,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
 
 
 # -- building the checkpoints --------------------------------------------------------------------------
@@ -96,21 +111,47 @@ def worker(source: str, threads: int | None, clock: str) -> None:
     load_s = time.perf_counter() - t
     rss_load = proc.memory_info().rss
     generate(model, tokenizer, PROMPT, max_new_tokens=2, exact=True)  # warm up: kernels compiled, pages in
-    print(json.dumps({"rss_base": rss0, "rss_load": rss_load, "rss_warm": proc.memory_info().rss,
-                      "load_s": load_s, "threads": torch.get_num_threads()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "rss_base": rss0,
+                "rss_load": rss_load,
+                "rss_warm": proc.memory_info().rss,
+                "load_s": load_s,
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         n = int(line)
         cpu = time.process_time()
         g = generate(model, tokenizer, PROMPT, max_new_tokens=n, exact=True)
         seconds = g.seconds if clock == "wall" else time.process_time() - cpu  # cpu: all threads' time
-        print(json.dumps({"tokens": g.new_tokens, "seconds": seconds, "text": g.text[:60],
-                          "rss": proc.memory_info().rss}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "tokens": g.new_tokens,
+                    "seconds": seconds,
+                    "text": g.text[:60],
+                    "rss": proc.memory_info().rss,
+                }
+            ),
+            flush=True,
+        )
 
 
 class Worker:
     def __init__(self, source: Path, threads: int | None, clock: str) -> None:
-        argv = [sys.executable, __file__, "--clock", clock, *(["--threads", str(threads)] if threads else []),
-                "--worker", str(source)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--clock",
+            clock,
+            *(["--threads", str(threads)] if threads else []),
+            "--worker",
+            str(source),
+        ]
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = self._read()
 
@@ -145,34 +186,45 @@ def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace) 
     out = {"model": name}
     for k, w in workers.items():
         tps = [r["tokens"] / r["seconds"] for r in runs[k]]
-        out[k] = {"tokens_per_s": statistics.median(tps), "all_tokens_per_s": tps,
-                  "rss_load_mib": (w.info["rss_load"] - w.info["rss_base"]) / 2**20,
-                  "rss_mib": max(r["rss"] for r in runs[k]) / 2**20,
-                  "rss_base_mib": w.info["rss_base"] / 2**20,
-                  "load_s": w.info["load_s"], "sample": runs[k][-1]["text"]}
+        out[k] = {
+            "tokens_per_s": statistics.median(tps),
+            "all_tokens_per_s": tps,
+            "rss_load_mib": (w.info["rss_load"] - w.info["rss_base"]) / 2**20,
+            "rss_mib": max(r["rss"] for r in runs[k]) / 2**20,
+            "rss_base_mib": w.info["rss_base"] / 2**20,
+            "load_s": w.info["load_s"],
+            "sample": runs[k][-1]["text"],
+        }
     out["ratio"] = out["compressed"]["tokens_per_s"] / out["dense fp32"]["tokens_per_s"]
     out["disk_mib"] = {"dense": dir_bytes(dense) / 2**20, "compressed": dir_bytes(compressed) / 2**20}
     nbytes, weights = expert_bytes(compressed)
-    out["experts"] = {"encoded_mib": nbytes / 2**20, "dense_fp32_mib": 4 * weights / 2**20,
-                      "bits_per_weight": 8 * nbytes / weights}
+    out["experts"] = {
+        "encoded_mib": nbytes / 2**20,
+        "dense_fp32_mib": 4 * weights / 2**20,
+        "bits_per_weight": 8 * nbytes / weights,
+    }
     return out
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
     threads = args.threads or "default"
-    lines = [f"median of {args.rounds} interleaved rounds, {args.new_tokens} new tokens each, greedy; clock "
-             f"{args.clock}, threads {threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-             "cores",
-             "| model | dense fp32 tok/s | compressed tok/s | ratio | RSS dense MiB | RSS compressed MiB | "
-             "experts fp32 -> encoded MiB (bits/w) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"median of {args.rounds} interleaved rounds, {args.new_tokens} new tokens each, greedy; clock "
+        f"{args.clock}, threads {threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+        "cores",
+        "| model | dense fp32 tok/s | compressed tok/s | ratio | RSS dense MiB | RSS compressed MiB | "
+        "experts fp32 -> encoded MiB (bits/w) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         d, c, e = r["dense fp32"], r["compressed"], r["experts"]
-        lines.append(f"| {r['model']} | {d['tokens_per_s']:.2f} | {c['tokens_per_s']:.2f} | "
-                     f"{r['ratio']:.2f}x | "
-                     f"{d['rss_mib']:.0f} (+{d['rss_load_mib']:.0f} at load) | "
-                     f"{c['rss_mib']:.0f} (+{c['rss_load_mib']:.0f} at load) | "
-                     f"{e['dense_fp32_mib']:.0f} -> {e['encoded_mib']:.1f} ({e['bits_per_weight']:.3f}) |")
+        lines.append(
+            f"| {r['model']} | {d['tokens_per_s']:.2f} | {c['tokens_per_s']:.2f} | "
+            f"{r['ratio']:.2f}x | "
+            f"{d['rss_mib']:.0f} (+{d['rss_load_mib']:.0f} at load) | "
+            f"{c['rss_mib']:.0f} (+{c['rss_load_mib']:.0f} at load) | "
+            f"{e['dense_fp32_mib']:.0f} -> {e['encoded_mib']:.1f} ({e['bits_per_weight']:.3f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -185,9 +237,13 @@ def main() -> None:
     ap.add_argument("--tiny-compressed", type=Path, help="a compressed tiny-switch (e.g. from qmoe compress)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--threads", type=int, help="torch and numba threads per worker (default: theirs)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: elapsed time; cpu: the worker's CPU time over all threads, i.e. the work "
-                         "done, unaffected by other processes on a shared machine (use with --threads 1)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: the worker's CPU time over all threads, i.e. the work "
+        "done, unaffected by other processes on a shared machine (use with --threads 1)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -205,8 +261,11 @@ def main() -> None:
             dense = resolve_source("tiny-switch")
         else:
             raise SystemExit(f"unknown model {name!r}")
-        compressed = args.tiny_compressed if name == "tiny-switch" and args.tiny_compressed else \
-            args.work / f"{name}-compressed"
+        compressed = (
+            args.tiny_compressed
+            if name == "tiny-switch" and args.tiny_compressed
+            else args.work / f"{name}-compressed"
+        )
         if not (compressed / "config.json").is_file():
             print(f"compressing into {compressed} ...", file=sys.stderr)
             t = time.perf_counter()

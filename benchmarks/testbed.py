@@ -98,8 +98,7 @@ def paired(base: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """Mean per-token loss of ``other`` minus ``base`` (same samples), with a 95% interval over samples."""
     d = other[:, 0] / other[:, 1] - base[:, 0] / base[:, 1]  # equal token counts per sample
     half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
-    return {"loss": mean_loss(other), "delta": float(d.mean()),
-            "ci95": float(half)}
+    return {"loss": mean_loss(other), "delta": float(d.mean()), "ci95": float(half)}
 
 
 def report(name: str, samples: int) -> dict:
@@ -110,7 +109,10 @@ def report(name: str, samples: int) -> dict:
     base = sample_losses(model, val)
     groups = expert_groups(model)
     res: dict = {
-        "model": name, "objective": val_obj, "samples": samples, "tokens": int(base[:, 1].sum()),
+        "model": name,
+        "objective": val_obj,
+        "samples": samples,
+        "tokens": int(base[:, 1].sum()),
         "params": sum(p.numel() for p in model.parameters()),
         "expert_params": sum(p.numel() for g in groups.values() for p in g),
         "val": mean_loss(base),
@@ -120,7 +122,8 @@ def report(name: str, samples: int) -> dict:
     }
     if len(val) == 2:  # encoder-decoder: another sample's encoder input; rolling keeps every target
         res["variants"]["another sample's encoder input"] = paired(
-            base, sample_losses(model, (np.roll(val[0], 1, axis=0), val[1])))
+            base, sample_losses(model, (np.roll(val[0], 1, axis=0), val[1]))
+        )
     originals = {k: stacked(g) for k, g in groups.items()}
     for label, fn in DAMAGE.items():
         for k, g in groups.items():
@@ -133,15 +136,16 @@ def report(name: str, samples: int) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| | " + " | ".join(f"`{r['model']}`" for r in results) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = ["| | " + " | ".join(f"`{r['model']}`" for r in results) + " |", "|---|" + "---|" * len(results)]
 
     def row(label: str, cells: list[str]) -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("objective", [r["objective"] for r in results])
-    row("parameters (experts)", [f"{r['params'] / 1e6:.1f} M ({r['expert_params'] / r['params']:.0%})"
-                                 for r in results])
+    row(
+        "parameters (experts)",
+        [f"{r['params'] / 1e6:.1f} M ({r['expert_params'] / r['params']:.0%})" for r in results],
+    )
     row("validation loss", [f"**{r['val']:.3f}**" for r in results])
     row("test-book loss", [f"{r['test']:.3f} ({r['test'] - r['val']:+.3f})" for r in results])
     row("unigram baseline", [f"{r['unigram']:.3f} (val = {r['val'] / r['unigram']:.2f}x)" for r in results])
@@ -167,9 +171,14 @@ def main() -> None:
     results = [report(m, args.samples) for m in args.models]
     table = markdown(results)
     print(table)
-    meta = {"command": "python " + " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "results": results}
+    meta = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "results": results,
+    }
     Path(args.json).write_text(json.dumps(meta, indent=1))
     if args.write_docs:
         doc = ROOT / "docs/testbeds.md"

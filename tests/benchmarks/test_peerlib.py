@@ -187,3 +187,20 @@ def test_targets_name_a_dominating_peer_and_the_size_comparison():
     ]  # intervals overlap: not a win
     (line,) = targets(rows)
     assert "target 1.56 1.560 b/w +0.0600 does NOT beat" in line
+
+
+def test_user_data_is_split_into_disjoint_calibration_and_evaluation_halves(tmp_path: Path):
+    from peers import split_user_data
+
+    from qmoe.calib import load_texts
+
+    docs = [f"document number {i} " * 5 for i in range(9)]
+    f = tmp_path / "mine.txt"
+    f.write_text("\n\n".join(docs))
+    calib, evaluation = split_user_data(str(f), tmp_path)
+    a, b = load_texts(calib), load_texts(evaluation)
+    assert len(a) == 5 and len(b) == 4 and not set(a) & set(b)
+    assert sorted(a + b) == sorted(d.strip() for d in docs)
+    f.write_text("one\n\ntwo")
+    with pytest.raises(SystemExit, match="2 documents; need at least 4"):
+        split_user_data(str(f), tmp_path)

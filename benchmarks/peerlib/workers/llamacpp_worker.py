@@ -169,6 +169,7 @@ def main() -> None:
         out = Path(v["out"])
         if done(out):
             continue
+        (out / "error.txt").unlink(missing_ok=True)
         try:
             q = quantize(job, work, f16, v, log)
             weights, acct = read_back(q, job["real"])

@@ -6,7 +6,11 @@ zero point is worth its bytes), llm-compressor's defaults otherwise (dampening, 
 calibration that sends every token through every expert). Calibration: the token windows of the job (the
 same windows qmoe calibrates on). The model is saved in compressed-tensors' packed format; the bytes are
 those of the saved expert tensors; the weights read back are GPTQ's quantized values (checked to lie on
-the saved grid) with their scales rounded to fp16."""
+the saved grid) with their scales rounded to fp16.
+
+A group size that does not divide the rows (128 on tiny-qwen3-moe's 192) is refused by llm-compressor; such
+variants run on the 256-padded copy of the model (as llama.cpp does, ``peerlib/pad.py``), are charged per
+padded weight, and read back the real corner."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from peerlib.experts import EXPERT_KEY, done, write_variant  # noqa: E402
+from peerlib.pad import crop  # noqa: E402
 
 
 def saved_expert_bytes(out: Path) -> tuple[int, dict[str, int], int]:
@@ -51,6 +56,7 @@ def main() -> None:
         out = Path(v["out"])
         if done(out):
             continue
+        (out / "error.txt").unlink(missing_ok=True)
         try:
             one(job, v, out)
         except Exception as exc:  # noqa: BLE001 - reported per variant in the table, not fatal to the rest
@@ -75,7 +81,7 @@ def one(job: dict, v: dict, out: Path) -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
     # float32: fp16 matmuls on this CPU made a run 4x slower; scales are rounded to fp16 below, as an fp16
     # checkpoint stores them, and charged 16 bits
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(v.get("model", job["model"]), dtype=torch.float32)
     args = QuantizationArgs(
         num_bits=v["bits"], type="int", symmetric=False, strategy="group", group_size=v["group"]
     )
@@ -107,12 +113,18 @@ def one(job: dict, v: dict, out: Path) -> None:
             )
         s16 = mod.weight_scale.detach().half().float()
         weights[key] = fake_quantize(w, s16, mod.weight_zero_point, args).float().numpy().copy()
+        if "real" in v:  # a padded model (group size that does not divide the real rows): the real corner
+            r = v["real"]
+            rows, cols = (
+                (r["hidden"], r["intermediate"]) if "down_proj" in key else (r["intermediate"], r["hidden"])
+            )
+            weights[key] = crop(weights[key], rows, cols)
         names.append(name)
     saved = out / "compressed"
     model.save_pretrained(saved, save_compressed=True)
     nbytes, parts, scale_data = saved_expert_bytes(saved)
     nbytes -= scale_data // 2  # float32 scales as saved here -> 16-bit in an fp16 checkpoint
-    n = sum(w.size for w in weights.values())
+    n = sum(int(np.prod(m.weight.shape)) for m in (model.get_submodule(x) for x in names))  # stored weights
     if not weights or n == 0:
         raise RuntimeError("llm-compressor quantized no expert weights")
     cfg = json.loads((saved / "config.json").read_text()).get("quantization_config", {})
