@@ -96,7 +96,7 @@ def one(job: dict, v: dict, out: Path) -> None:
         max_seq_length=ids.shape[1],
         num_calibration_samples=len(ids),
     )
-    weights, names = {}, []
+    weights, names, stored = {}, [], 0
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or not hasattr(mod, "weight_scale"):
             continue
@@ -113,6 +113,7 @@ def one(job: dict, v: dict, out: Path) -> None:
             )
         s16 = mod.weight_scale.detach().half().float()
         weights[key] = fake_quantize(w, s16, mod.weight_zero_point, args).float().numpy().copy()
+        stored += w.numel()
         if "real" in v:  # a padded model (group size that does not divide the real rows): the real corner
             r = v["real"]
             rows, cols = (
@@ -124,7 +125,7 @@ def one(job: dict, v: dict, out: Path) -> None:
     model.save_pretrained(saved, save_compressed=True)
     nbytes, parts, scale_data = saved_expert_bytes(saved)
     nbytes -= scale_data // 2  # float32 scales as saved here -> 16-bit in an fp16 checkpoint
-    n = sum(int(np.prod(m.weight.shape)) for m in (model.get_submodule(x) for x in names))  # stored weights
+    n = stored  # weights as stored (padded ones included)
     if not weights or n == 0:
         raise RuntimeError("llm-compressor quantized no expert weights")
     cfg = json.loads((saved / "config.json").read_text()).get("quantization_config", {})
@@ -140,6 +141,7 @@ def one(job: dict, v: dict, out: Path) -> None:
             "modules": len(names),
             "format": cfg.get("format"),
             "seed": v["seed"],
+            "padded": "real" in v,
         },
     )
     for f in saved.glob("*.safetensors"):  # keep the accounting, not a second copy of the weights
