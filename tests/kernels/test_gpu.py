@@ -33,8 +33,9 @@ def _matrix(kind: str, rows: int, cols: int, seed: int) -> codec.EncodedMatrix:
     rng = np.random.default_rng(seed)
     if kind == "ternary":
         codes = rng.choice([-1, 0, 1], size=(rows, cols), p=[0.0575, 0.885, 0.0575]).astype(np.int8)
-        return codec.encode_ternary(codes, -rng.random(rows).astype(np.float16) - 0.1,
-                                    rng.random(rows).astype(np.float16) + 0.1)
+        return codec.encode_ternary(
+            codes, -rng.random(rows).astype(np.float16) - 0.1, rng.random(rows).astype(np.float16) + 0.1
+        )
     codes = rng.choice(4, size=(rows, cols), p=[0.1, 0.15, 0.6, 0.15]).astype(np.uint8)
     return codec.encode_int2(codes, rng.standard_normal((rows, 4)).astype(np.float32))
 
