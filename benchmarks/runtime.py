@@ -1,7 +1,8 @@
-"""End-to-end runtime benchmark: generation speed and resident memory, compressed vs dense fp32, side by side.
+"""End-to-end runtime benchmark: generation speed and resident memory, compressed vs dense, side by side.
 
     python benchmarks/runtime.py                       # synthetic switch-base-8-sized model + tiny-switch
     python benchmarks/runtime.py --models synthetic --rounds 7 --new-tokens 32
+    python benchmarks/runtime.py --models synthetic --device cuda --dtype bf16   # against bf16 on a GPU
 
 Models:
 - ``synthetic``: SwitchTransformers with switch-base-8's shape (d_model 768, d_ff 3072, 12+12 blocks, every
@@ -49,10 +50,24 @@ SYNTHETIC = dict(
     pad_token_id=0,
     eos_token_id=1,
 )
+# The same family at toy size: what ``benchmarks/gpu_check.sh --dry-run`` times under Triton's interpreter.
+SYNTHETIC_TINY = {
+    **SYNTHETIC,
+    "vocab_size": 8192,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_heads": 4,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_sparse_encoder_layers": 1,
+    "num_sparse_decoder_layers": 1,
+    "num_experts": 4,
+}
 
 
 # -- building the checkpoints --------------------------------------------------------------------------
-def build_synthetic(dense: Path) -> None:
+def build_synthetic(dense: Path, config: dict | None = None) -> None:
     import torch
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
@@ -60,7 +75,7 @@ def build_synthetic(dense: Path) -> None:
     from qmoe.calib.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
-    model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**SYNTHETIC))
+    model = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(**(config or SYNTHETIC)))
     model.save_pretrained(dense)
     train_tokenizer(bible_split("train")).save_pretrained(dense)
 
@@ -93,7 +108,14 @@ def expert_bytes(path: Path) -> tuple[int, int]:
 
 
 # -- worker: one loaded model, generating on request ----------------------------------------------------
-def worker(source: str, threads: int | None, clock: str) -> None:
+def worker(
+    source: str,
+    threads: int | None,
+    clock: str,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    backend: str | None = None,
+) -> None:
     import numba
     import psutil
     import torch
@@ -107,7 +129,8 @@ def worker(source: str, threads: int | None, clock: str) -> None:
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     t = time.perf_counter()
-    model, tokenizer, _ = load_model(source)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model, tokenizer, _ = load_model(source, dtype=torch_dtype, device=device, backend=backend)
     load_s = time.perf_counter() - t
     rss_load = proc.memory_info().rss
     generate(model, tokenizer, PROMPT, max_new_tokens=2, exact=True)  # warm up: kernels compiled, pages in
@@ -142,12 +165,17 @@ def worker(source: str, threads: int | None, clock: str) -> None:
 
 
 class Worker:
-    def __init__(self, source: Path, threads: int | None, clock: str) -> None:
+    def __init__(self, source: Path, threads: int | None, clock: str, args: argparse.Namespace) -> None:
         argv = [
             sys.executable,
             __file__,
             "--clock",
             clock,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            *(["--backend", args.backend] if args.backend else []),
             *(["--threads", str(threads)] if threads else []),
             "--worker",
             str(source),
@@ -173,9 +201,10 @@ class Worker:
 
 def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace) -> dict:
     rounds, new_tokens = args.rounds, args.new_tokens
-    workers = {"dense fp32": Worker(dense, args.threads, args.clock)}
+    label = f"dense {args.dtype}"
+    workers = {label: Worker(dense, args.threads, args.clock, args)}
     try:
-        workers["compressed"] = Worker(compressed, args.threads, args.clock)
+        workers["compressed"] = Worker(compressed, args.threads, args.clock, args)
         runs: dict[str, list[dict]] = {k: [] for k in workers}
         for _ in range(rounds):  # interleaved: both see the same background load
             for k, w in workers.items():
@@ -183,7 +212,7 @@ def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace) 
     finally:
         for w in workers.values():
             w.close()
-    out = {"model": name}
+    out = {"model": name, "device": args.device, "dtype": args.dtype, "dense": label}
     for k, w in workers.items():
         tps = [r["tokens"] / r["seconds"] for r in runs[k]]
         out[k] = {
@@ -195,7 +224,7 @@ def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace) 
             "load_s": w.info["load_s"],
             "sample": runs[k][-1]["text"],
         }
-    out["ratio"] = out["compressed"]["tokens_per_s"] / out["dense fp32"]["tokens_per_s"]
+    out["ratio"] = out["compressed"]["tokens_per_s"] / out[label]["tokens_per_s"]
     out["disk_mib"] = {"dense": dir_bytes(dense) / 2**20, "compressed": dir_bytes(compressed) / 2**20}
     nbytes, weights = expert_bytes(compressed)
     out["experts"] = {
@@ -212,12 +241,13 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         f"median of {args.rounds} interleaved rounds, {args.new_tokens} new tokens each, greedy; clock "
         f"{args.clock}, threads {threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
         "cores",
-        "| model | dense fp32 tok/s | compressed tok/s | ratio | RSS dense MiB | RSS compressed MiB | "
+        f"| model | dense {args.dtype} tok/s ({args.device}) | compressed tok/s | ratio | RSS dense MiB | "
+        "RSS compressed MiB | "
         "experts fp32 -> encoded MiB (bits/w) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        d, c, e = r["dense fp32"], r["compressed"], r["experts"]
+        d, c, e = r[r["dense"]], r["compressed"], r["experts"]
         lines.append(
             f"| {r['model']} | {d['tokens_per_s']:.2f} | {c['tokens_per_s']:.2f} | "
             f"{r['ratio']:.2f}x | "
@@ -244,17 +274,27 @@ def main() -> None:
         help="wall: elapsed time; cpu: the worker's CPU time over all threads, i.e. the work "
         "done, unaffected by other processes on a shared machine (use with --threads 1)",
     )
+    ap.add_argument("--device", default="cpu", help="where both models run (cpu, cuda)")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="the dense model's dtype (and the compressed one's non-expert weights)",
+    )
+    ap.add_argument(
+        "--backend", default=None, help="kernel backend of the compressed experts (default by device)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.threads, args.clock)
+        return worker(args.worker, args.threads, args.clock, args.device, args.dtype, args.backend)
     results = []
     for name in args.models.split(","):
-        if name == "synthetic":
-            dense = args.work / "synthetic-dense"
+        if name in ("synthetic", "synthetic-tiny"):
+            dense = args.work / f"{name}-dense"
             if not (dense / "config.json").is_file():
                 print(f"building {dense} ...", file=sys.stderr)
-                build_synthetic(dense)
+                build_synthetic(dense, SYNTHETIC if name == "synthetic" else SYNTHETIC_TINY)
         elif name == "tiny-switch":
             from qmoe.sources import resolve_source
 

@@ -112,15 +112,16 @@ def unigram_baseline(tokenizer: Any, objective: str, arrays: tuple, train_split:
 
 def evaluate(source: Any, split: str | None = "validation", data: str | None = None,
              samples: int | None = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, batch_size: int = 32,
-             progress: bool = False) -> EvalResult:
-    """Loss of ``source`` (built-in name, model directory, or a loaded (model, tokenizer) pair)."""
+             progress: bool = False, device: Any = "cpu", backend: str | None = None) -> EvalResult:
+    """Loss of ``source`` (built-in name, model directory, or a loaded (model, tokenizer) pair), computed
+    on ``device`` (compressed experts with kernel ``backend``, default by device)."""
     from qmoe.sources import load_model
 
     name, texts = eval_texts(split, data)  # cheap input checks before the model is loaded
     if isinstance(source, tuple):
         model, tokenizer = source
     else:
-        model, tokenizer, _ = load_model(source)
+        model, tokenizer, _ = load_model(source, device=device, backend=backend)
     objective, arrays = eval_samples(model, tokenizer, texts, samples, seed)
     loss, tokens = model_loss(model, arrays, batch_size, progress)
     if not math.isfinite(loss):

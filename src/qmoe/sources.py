@@ -19,6 +19,23 @@ _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
 
 
+def resolve_device(device: Any) -> Any:
+    """A ``torch.device`` for ``--device`` (None: CUDA if available, else CPU); ConfigError if unusable."""
+    import torch
+
+    from qmoe.errors import ConfigError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"invalid --device {device!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
 def resolve_source(source: str | Path) -> Path:
     """The directory of a built-in model name or a local HF model directory (validated)."""
     s = str(source)
@@ -72,10 +89,13 @@ def is_compressed(cfg: dict[str, Any]) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "qmoe"
 
 
-def load_model(source: str | Path, dtype: Any = None) -> tuple[Any, Any, Path]:
+def load_model(source: str | Path, dtype: Any = None, device: Any = "cpu",
+               backend: str | None = None) -> tuple[Any, Any, Path]:
     """(model, tokenizer, dir) for a built-in name, a dense HF directory or a qmoe-compressed directory.
 
-    Dense models load in float32 (CPU paths stay in fp32; this machine has no native bf16).
+    Dense models load in float32 (CPU paths stay in fp32; this machine has no native bf16). ``device``: where
+    the whole model lives (for a compressed one, its encoded experts too); ``backend``: the kernel backend of
+    compressed experts (default by device, see ``qmoe.runtime.load``).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -98,7 +118,7 @@ def load_model(source: str | Path, dtype: Any = None) -> tuple[Any, Any, Path]:
     if is_compressed(cfg):
         from qmoe.runtime.load import load
 
-        return load(path), tokenizer, path
+        return load(path, device=str(resolve_device(device)), backend=backend), tokenizer, path
     config = AutoConfig.from_pretrained(str(path))
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
@@ -106,5 +126,4 @@ def load_model(source: str | Path, dtype: Any = None) -> tuple[Any, Any, Path]:
     except (OSError, ValueError, RuntimeError) as exc:
         raise SourceError(f"cannot load the weights of {path} ({type(exc).__name__}: {str(exc)[:200]}); "
                           "check that its shards are complete") from exc
-    model.eval()
-    return model, tokenizer, path
+    return model.to(resolve_device(device)).eval(), tokenizer, path

@@ -24,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of the evaluation segments")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, cuda:N; on a GPU the encoded experts are "
+                   "moved there once and decoded inside the matmul")
+    p.add_argument("--backend", default=None, choices=["cpu", "triton", "reference"],
+                   help="kernel backend of compressed experts (default: triton on CUDA, cpu otherwise; "
+                   "triton on the CPU needs TRITON_INTERPRET=1, for tests)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     res = evaluate(args.source, split=None if args.data else args.split, data=args.data, samples=args.samples,
-                   seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty() or not args.json)
+                   seed=args.seed, batch_size=args.batch_size, progress=sys.stderr.isatty() or not args.json,
+                   device=args.device, backend=args.backend)
     if args.json:
         print(json.dumps({"source": str(args.source), **res.to_dict()}))
     else:

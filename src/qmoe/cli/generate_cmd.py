@@ -15,6 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="input text (for T5-style models: the encoder input)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="stop after N generated tokens (default %(default)s), or earlier at end of sequence")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, cuda:N; on a GPU the encoded experts are "
+                   "moved there once and decoded inside the matmul")
+    p.add_argument("--backend", default=None, choices=["cpu", "triton", "reference"],
+                   help="kernel backend of compressed experts (default: triton on CUDA, cpu otherwise; "
+                   "triton on the CPU needs TRITON_INTERPRET=1, for tests)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    model, tokenizer, _ = load_model(args.source)
+    model, tokenizer, _ = load_model(args.source, device=args.device, backend=args.backend)
     # One untimed token first: the first call pays one-off costs (kernel tables, compiled-code loading)
     # that would otherwise dominate the tokens/s of a short generation.
     generate(model, tokenizer, args.prompt, max_new_tokens=1)

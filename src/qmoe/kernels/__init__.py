@@ -7,8 +7,11 @@ Backends, chosen per call from a table (name -> module, imported on first use):
     triton      fused GPU kernel for CUDA tensors (kernels/triton_*.py, registered in _BACKENDS)
 
 A backend module defines ``probe()`` (raises BackendUnavailable with what to install), ``matmul(enc, x)`` and
-``matmul_experts(encs, xs)``. ``backend=None`` picks triton for CUDA tensors and cpu otherwise. ``import
-qmoe.kernels`` imports numpy only; numba, torch and triton load when a backend is first used.
+``matmul_experts(encs, xs)``; it may add ``prepare_experts(encs, device)`` and ``matmul_routed(state, x,
+counts, bound)`` for a whole layer's experts kept on the device (the triton backend does; for the others
+``matmul_routed`` below splits the tokens on the host). ``backend=None`` picks triton for CUDA tensors and
+cpu otherwise. ``import qmoe.kernels`` imports numpy only; numba, torch and triton load when a backend is
+first used.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 from qmoe.codec.format import EncodedMatrix
 from qmoe.errors import BackendUnavailable
 
-__all__ = ["matmul", "matmul_experts", "prepare", "available_backends", "register_backend", "get_backend"]
+__all__ = ["matmul", "matmul_experts", "matmul_routed", "prepare", "prepare_experts", "available_backends",
+           "register_backend", "get_backend"]
 
 _BACKENDS: dict[str, str] = {
     "reference": "qmoe.kernels.reference",
@@ -98,3 +102,26 @@ def prepare(enc: EncodedMatrix, backend: str = "cpu") -> Any:
     mod = get_backend(backend)
     prep = getattr(mod, "prepare", None)
     return prep(enc) if prep is not None else None
+
+
+def prepare_experts(encs: Sequence[EncodedMatrix], backend: str, device: Any) -> Any:
+    """Backend state for every expert of one projection on ``device`` (None where the backend keeps none).
+    The caller owns it: one per (layer, projection), made once, passed to every ``matmul_routed``."""
+    prep = getattr(get_backend(backend), "prepare_experts", None)
+    return prep(encs, device) if prep is not None else None
+
+
+def matmul_routed(encs: Sequence[EncodedMatrix], state: Any, x: Any, counts: Any, bound: int,
+                  backend: str) -> Any:
+    """``y [N, rows]`` for ``x [N, cols]`` whose rows are grouped by expert (ascending) with ``counts [E]``
+    rows per expert of ``encs``; ``bound`` >= the number of experts with rows. ``state`` is what
+    ``prepare_experts`` returned for ``encs``."""
+    mod = get_backend(backend)
+    if state is not None and hasattr(mod, "matmul_routed"):
+        return mod.matmul_routed(state, x, counts, bound)
+    import torch
+
+    per = counts.tolist()  # backends without device state split on the host
+    active = [e for e, n in enumerate(per) if n]
+    ys = mod.matmul_experts([encs[e] for e in active], list(x.split([per[e] for e in active])))
+    return torch.cat(ys) if ys else x.new_zeros((0, encs[0].shape[0]))

@@ -60,16 +60,17 @@ def _kernel():  # -> triton.JITFunction
     @triton.jit
     def qmoe_matmul_kernel(
         stream_ptr, stream_off_ptr, lut_ptr, scale_ptr, pbit_ptr, pcol_ptr, pnsym_ptr,
-        x_ptr, y_ptr, tok_ptr,
+        x_ptr, y_ptr, tok_ptr, eid_ptr,
         rows, cols, blocks_per_expert, stride_xt, stride_xc, stride_yt,
         P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
         HAS_BASE: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        e = pid // blocks_per_expert  # the implicit work list: (expert, row block)
+        slot = pid // blocks_per_expert  # the implicit work list: (slot, row block)
         rb = pid % blocks_per_expert
-        tok0 = tl.load(tok_ptr + e)
-        n_tok = tl.load(tok_ptr + e + 1) - tok0
+        e = tl.load(eid_ptr + slot).to(tl.int64)  # the expert a slot computes, among the group's E
+        tok0 = tl.load(tok_ptr + slot)
+        n_tok = tl.load(tok_ptr + slot + 1) - tok0
         t_first = tl.program_id(1) * BLOCK_T
         if t_first >= n_tok:  # expert idle, or no tokens left for this token-tile program
             return
@@ -78,17 +79,17 @@ def _kernel():  # -> triton.JITFunction
         rmask = r < rows
         piece = r[:, None] * P + tl.arange(0, P)[None, :]  # [BR, P] lanes
         pmask = rmask[:, None]
-        ebase = e.to(tl.int64) * rows * P
+        ebase = e * rows * P
         start = tl.load(pbit_ptr + ebase + e + piece, mask=pmask, other=0)  # pbit has rows*P+1 per expert
         end = tl.load(pbit_ptr + ebase + e + piece + 1, mask=pmask, other=0)
         col0 = tl.load(pcol_ptr + ebase + piece, mask=pmask, other=0).to(tl.int32)
         steps = tl.max(tl.max(tl.load(pnsym_ptr + ebase + piece, mask=pmask, other=0).to(tl.int32), 1), 0)
-        srow = scale_ptr + (e.to(tl.int64) * rows + r) * 4  # [BR]
+        srow = scale_ptr + (e * rows + r) * 4  # [BR]
         s1 = tl.load(srow + 1, mask=rmask, other=0.0)[:, None]  # [BR, 1]
         s2 = tl.load(srow + 2, mask=rmask, other=0.0)[:, None]
         s3 = tl.load(srow + 3, mask=rmask, other=0.0)[:, None]
         words = stream_ptr + tl.load(stream_off_ptr + e)
-        lut = lut_ptr + e.to(tl.int64) * 4096
+        lut = lut_ptr + e * 4096
 
         # Token tiles are spread over grid axis 1 (programs stride by the grid size); each re-decodes its
         # rows, which keeps the accumulators at BLOCK_T registers per lane for any token count.
@@ -138,12 +139,15 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def matmul_grouped(group: PreparedGroup, x, offsets, max_tokens: int | None = None, out=None,
-                   config: LaunchConfig = LaunchConfig()):
-    """All experts of a group in one launch: ``y[o_e:o_{e+1}] = x[o_e:o_{e+1}] @ W_e^T``.
+                   config: LaunchConfig = LaunchConfig(), experts=None, token_tiles: int | None = None):
+    """Experts of a group in one launch: ``y[o_s:o_{s+1}] = x[o_s:o_{s+1}] @ W_{experts[s]}^T``.
 
-    ``x [N, cols]`` holds the tokens of expert 0, then expert 1, ...; ``offsets [E+1]`` (int32/int64, on
-    x's device) their boundaries. ``max_tokens`` bounds any expert's token count (read from ``offsets``,
-    with a device sync, when not given). Returns ``y [N, rows]`` in x's dtype (or writes ``out``).
+    ``experts [S]`` (int32, on x's device; default every expert of the group in order) selects which of the
+    group's prepared matrices each of S slots computes; ``x [N, cols]`` holds the tokens of slot 0, then
+    slot 1, ...; ``offsets [S+1]`` (int32/int64, on x's device) their boundaries. A slot with no tokens costs
+    its programs one load each. ``max_tokens`` bounds any slot's token count (read from ``offsets``, with a
+    device sync, when not given); ``token_tiles`` caps the programs along the token axis (each then strides
+    over several tiles). Returns ``y [N, rows]`` in x's dtype (or writes ``out``).
     """
     import torch
     import triton
@@ -152,8 +156,10 @@ def matmul_grouped(group: PreparedGroup, x, offsets, max_tokens: int | None = No
     n, cols = x.shape
     if cols != group.cols:
         raise ValueError(f"x has {cols} columns, the prepared matrices have {group.cols}")
-    if offsets.numel() != group.n_experts + 1:
-        raise ValueError(f"offsets must have {group.n_experts + 1} entries, got {offsets.numel()}")
+    if experts is None:
+        experts = _arange(group.n_experts, x.device)
+    if offsets.numel() != experts.numel() + 1:
+        raise ValueError(f"offsets must have {experts.numel() + 1} entries, got {offsets.numel()}")
     if max_tokens is None:
         max_tokens = int((offsets[1:] - offsets[:-1]).max()) if n else 0
     y = torch.empty((n, group.rows), dtype=x.dtype, device=x.device) if out is None else out
@@ -163,10 +169,11 @@ def matmul_grouped(group: PreparedGroup, x, offsets, max_tokens: int | None = No
     block_r = max(1, config.lanes // p)
     block_t = _pow2_at_most(max_tokens, config.block_t)
     blocks = triton.cdiv(group.rows, block_r)
-    grid = (group.n_experts * blocks, triton.cdiv(max_tokens, block_t))
+    tiles = triton.cdiv(max_tokens, block_t)
+    grid = (experts.numel() * blocks, tiles if token_tiles is None else max(1, min(tiles, token_tiles)))
     kernel[grid](
         group.stream, group.stream_off, group.lut, group.scale, group.pbit, group.pcol, group.pnsym,
-        x, y, offsets,
+        x, y, offsets, experts,
         group.rows, cols, blocks, x.stride(0), x.stride(1), y.stride(0),
         P=p, BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_C=config.block_c, HAS_BASE=group.kind == "int2",
         num_warps=config.num_warps,
@@ -180,6 +187,17 @@ def matmul_prepared(group: PreparedGroup, x, out=None, config: LaunchConfig = La
         raise ValueError(f"matmul_prepared takes one matrix, the group has {group.n_experts}: matmul_grouped")
     return matmul_grouped(group, x, _offsets(x.shape[0], x.device), max_tokens=x.shape[0], out=out,
                           config=config)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange_cached(n: int, device: str):
+    import torch
+
+    return torch.arange(n, dtype=torch.int32, device=device)
+
+
+def _arange(n: int, device) -> object:
+    return _arange_cached(n, str(device))
 
 
 @functools.lru_cache(maxsize=256)

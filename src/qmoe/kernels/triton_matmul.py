@@ -1,8 +1,15 @@
-"""The "triton" backend of qmoe.kernels: probe, matmul, matmul_experts, prepare (see qmoe.kernels).
+"""The "triton" backend of qmoe.kernels: probe, matmul, matmul_experts, prepare, prepare_experts,
+matmul_routed (see qmoe.kernels).
 
-Matrices are packed for the device once (cached per matrix, or per list of matrices for the grouped call)
-and dropped when the EncodedMatrix is garbage-collected. ``matmul_experts`` over same-shape matrices (the
-experts of one MoE layer) is one kernel launch.
+Two ways to run a layer's experts:
+
+- ``prepare_experts`` packs *every* expert of one projection for the device once, and the caller keeps the
+  group (``runtime.CompressedExperts`` does, per projection); ``matmul_routed`` then computes whichever
+  experts the routing picked, selected by index inside one launch, with no host round trip. This is the
+  runtime's path: nothing is prepared again whatever the routing, and device memory stays that of the groups.
+- ``matmul`` / ``matmul_experts`` take EncodedMatrix lists and cache the packed form per matrix, or per list
+  of matrices (dropped when a matrix is garbage-collected). Fine for a fixed list; a caller that passes a
+  different subset each call prepares (and keeps) a group per subset.
 """
 
 from __future__ import annotations
@@ -51,6 +58,36 @@ def _group_for(encs: Sequence[EncodedMatrix], device: Any) -> PreparedGroup:
     refs = [weakref.ref(e, lambda _r, k=key: _GROUPS.pop(k, None)) for e in encs]
     _GROUPS[key] = (refs, group)
     return group
+
+
+def prepare_experts(encs: Sequence[EncodedMatrix], device: Any) -> PreparedGroup:
+    """Every matrix of ``encs`` (one projection of one layer: same kind and shape) packed on ``device``."""
+    return tk.prepare(list(encs), device=device)
+
+
+ROUTED_TOKEN_TILES = 32  # token-axis programs per slot; each strides over the tiles beyond (prefill)
+
+
+def matmul_routed(group: PreparedGroup, x: Any, counts: Any, bound: int) -> Any:
+    """``y [N, rows]``: row i of ``x [N, cols]`` times the weights of the expert it was routed to.
+
+    ``x``'s rows are grouped by expert in ascending expert order; ``counts [E]`` (integer, on x's device)
+    says how many belong to each of the group's E experts; ``bound`` (host int) is at least the number of
+    experts with tokens (``min(E, N)`` always is). The active experts are found on the device (a stable sort
+    puts them first, in order), so nothing waits for the host: one launch over ``bound`` slots, idle slots
+    returning at once.
+    """
+    import torch
+
+    _check(x, group.cols, "x")
+    if counts.numel() != group.n_experts:
+        raise ValueError(f"counts has {counts.numel()} entries, the group has {group.n_experts} experts")
+    slots = max(1, min(int(bound), group.n_experts))
+    eid = torch.argsort((counts == 0).to(torch.int32), stable=True)[:slots]  # [S]: active experts first
+    offsets = torch.zeros(slots + 1, dtype=torch.int32, device=x.device)
+    offsets[1:] = torch.cumsum(counts[eid], 0)
+    return tk.matmul_grouped(group, x, offsets, max_tokens=int(x.shape[0]), experts=eid.to(torch.int32),
+                             token_tiles=ROUTED_TOKEN_TILES)
 
 
 def matmul_experts(encs: Sequence[EncodedMatrix], xs: Sequence[Any]) -> list[Any]:

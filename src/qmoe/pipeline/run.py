@@ -56,6 +56,7 @@ from qmoe.pipeline.quantize import (
     stack_experts,
 )
 from qmoe.pipeline.state import PARTIAL_DIR, RunState, atomic_write_text
+from qmoe.sources import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,6 @@ class Stream:
     name: str  # "calib", "ref:<set>", "q:<set>"
     data: str  # key into the samples: "calib" or an eval set name
     reference: bool  # runs through the original weights
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"invalid --device {device!r}; use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    return dev
 
 
 @contextlib.contextmanager
@@ -508,7 +497,7 @@ def compress(
         raise ConfigError(f"config must be a qmoe.config.CompressConfig, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     p = plan(source, out, config, __version__)
     if p.complete:
         shutil.rmtree(p.out / PARTIAL_DIR, ignore_errors=True)

@@ -4,7 +4,16 @@
 ``Qwen3MoeExperts``) inside the unchanged transformers model and is called with the same arguments; the
 family's adapter reads the routing (token, expert, gate weight) from them, so this file knows no family.
 The weights never become dense: each expert projection is an ``EncodedMatrix`` and the products go through
-``qmoe.kernels.matmul_experts``, which decodes inside the matmul.
+``qmoe.kernels``, which decodes inside the matmul.
+
+Two paths, by kernel backend (``backend``; default: triton for CUDA inputs, cpu otherwise):
+
+- cpu / reference: the tokens are grouped by expert on the host and every active expert's projections run in
+  one ``matmul_experts`` call per stage (one parallel launch over row blocks on the CPU);
+- triton: each projection's experts are packed for the device once (``prepare``, at load or on first use)
+  and kept here; a call sorts the (token, expert) pairs on the device and runs one ``matmul_routed`` launch
+  per projection that selects the active experts by index. Nothing is prepared again for a new routing and
+  nothing waits for the host, so generation stays on the device.
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ class CompressedExperts(nn.Module):
         # matrices[proj][e]; None until set_expert fills it
         self.matrices: dict[str, list[EncodedMatrix | None]] = {p: [None] * num_experts
                                                                  for p in layout.projections}
+        self.backend: str | None = None  # kernel backend; None: triton for CUDA inputs, cpu otherwise
+        self._state: dict[str, Any] = {}  # projection -> prepared experts, for self._state_key
+        self._state_key: tuple[str, str] | None = None  # (backend, device) the state was prepared for
+        self.prepare_count = 0  # how often the experts were packed for a device (tests, diagnostics)
 
     def set_expert(self, e: int, proj: str, enc: EncodedMatrix, name: str = "") -> None:
         """Place expert ``e``'s projection ``proj``; FormatError if its shape does not fit the config."""
@@ -49,6 +62,26 @@ class CompressedExperts(nn.Module):
             raise FormatError(f"encoded matrix {name or (e, proj)} has shape {tuple(enc.shape)}, the model "
                               f"config expects {want}; the checkpoint does not match its config.json")
         self.matrices[proj][e] = enc
+
+    def prepare(self, device: Any, backend: str | None = None) -> None:
+        """Pack every expert for ``device`` once (``qmoe.load(..., device=...)`` calls this); a no-op when
+        it already is, or for backends that keep no device state."""
+        from qmoe.kernels import prepare_experts
+
+        backend = backend or self.backend or ("triton" if torch.device(device).type == "cuda" else "cpu")
+        key = (backend, str(torch.device(device)))
+        if self._state_key == key or backend in ("cpu", "reference"):  # the host backends keep no state
+            return
+        if self.missing():
+            raise FormatError(f"{len(self.missing())} expert matrices are not set; cannot prepare the layer")
+        self._state = {p: prepare_experts(mats, backend, device) for p, mats in self.matrices.items()}
+        self._state_key = key
+        self.prepare_count += 1
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes of the prepared device state (0 before ``prepare`` or for host-only backends)."""
+        return sum(getattr(s, "nbytes", 0) for s in self._state.values())
 
     def missing(self) -> list[tuple[int, str]]:
         """``(expert, projection)`` pairs not set yet."""
@@ -59,8 +92,37 @@ class CompressedExperts(nn.Module):
         return sum(m.nbytes for mats in self.matrices.values() for m in mats if m is not None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        # x [T, d] -> out [T, d]; routing: n (token, expert, gate) pairs, t_e tokens for active expert e
         r = self.routing(args, kwargs)
+        backend = self.backend or ("triton" if r.x.device.type == "cuda" else "cpu")
+        if backend in ("cpu", "reference"):
+            return self._forward_grouped(r, backend)
+        return self._forward_routed(r, backend)
+
+    def _forward_routed(self, r: Routing, backend: str) -> Tensor:
+        # x [T, d] -> out [T, d]; n (token, expert, gate) pairs, sorted by expert on the device
+        from qmoe.kernels import matmul_routed
+
+        out = torch.zeros_like(r.x)
+        n = r.expert.numel()
+        if n == 0:
+            return out
+        self.prepare(r.x.device, backend)
+        order = torch.argsort(r.expert, stable=True)  # [n]
+        tok, w = r.token[order], r.weight[order]
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=r.x.device)
+        counts.index_add_(0, r.expert, torch.ones_like(r.expert, dtype=torch.int32))  # [E], no host sync
+        bound = min(self.num_experts, n)  # experts with tokens, at most
+        x = r.x.float()[tok]  # [n, d] grouped by expert
+        h = [matmul_routed(self.matrices[p], self._state[p], x, counts, bound, backend)
+             for p in self.layout.first]  # [n, I] each
+        hidden = self.act_fn(h[0]) * h[1] if self.layout.gated else self.act_fn(h[0])
+        second = self.layout.second
+        y = matmul_routed(self.matrices[second], self._state[second], hidden, counts, bound, backend)  # [n,d]
+        out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+        return out
+
+    def _forward_grouped(self, r: Routing, backend: str) -> Tensor:
+        # x [T, d] -> out [T, d]; routing: n (token, expert, gate) pairs, t_e tokens for active expert e
         out = torch.zeros_like(r.x)
         groups = group_by_expert(r)  # [(e, token [t_e], gate [t_e])], ascending e as in transformers
         if not groups:
@@ -72,11 +134,12 @@ class CompressedExperts(nn.Module):
         xs = [x[tok] for _, tok, _ in groups]  # [t_e, d] each
         # One grouped call per stage: every active expert's first projection(s), then every second one.
         h = matmul_experts([self.matrices[p][e] for e, _, _ in groups for p in first],
-                           [xe for xe in xs for _ in first])  # [t_e, I] per (expert, projection)
+                           [xe for xe in xs for _ in first], backend)  # [t_e, I] per (expert, projection)
         k = len(first)
         hidden = [self.act_fn(h[i * k]) * h[i * k + 1] if gated else self.act_fn(h[i * k])
                   for i in range(len(groups))]  # [t_e, I]
-        y = matmul_experts([self.matrices[self.layout.second][e] for e, _, _ in groups], hidden)  # [t_e, d]
+        y = matmul_experts([self.matrices[self.layout.second][e] for e, _, _ in groups], hidden,
+                           backend)  # [t_e, d]
         for (_, tok, w), ye in zip(groups, y, strict=True):
             out.index_add_(0, tok, (ye * w[:, None]).to(out.dtype))
         return out

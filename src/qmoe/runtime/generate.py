@@ -28,7 +28,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32,
     that timings of different models compare the same work."""
     import torch
 
-    enc = tokenizer(prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
     ids = enc["input_ids"]  # [1, S]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
@@ -37,6 +38,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32,
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=enc["attention_mask"], **kwargs)  # [1, S' ]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     # An encoder-decoder's output starts with the decoder start token; a causal LM's with the prompt.
     skip = 1 if getattr(model.config, "is_encoder_decoder", False) else ids.shape[1]

@@ -140,11 +140,15 @@ def _submodule(model: Any, name: str) -> Any:
         raise
 
 
-def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
+def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str | None = None) -> Any:
     """The compressed model in ``path`` as a transformers model in eval mode (see the module docstring).
 
     ``dtype`` is that of the non-expert weights and activations (default float32: this is what CPUs run
     fastest, and what dense models load in elsewhere in qmoe); the experts compute in float32.
+    ``device``: where everything lives. On a GPU the encoded experts are packed for the device here, once
+    per layer and projection, and generation needs no host round trip per token. ``backend``: the experts'
+    kernel backend (``cpu``, ``triton``, ``reference``; default triton on CUDA, cpu otherwise; ``triton`` on
+    the CPU runs Triton's interpreter when ``TRITON_INTERPRET=1``).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -161,6 +165,11 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None) -> Any:
     bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:
         raise FormatError(f"{path}: the shards do not match config.json ({bad}); re-run qmoe compress")
-    if device != "cpu":
-        model.to(device)  # the encoded experts stay in host memory; kernels pick their backend by device
+    from qmoe.runtime.experts import CompressedExperts
+
+    model.to(device)
+    for m in model.modules():
+        if isinstance(m, CompressedExperts):
+            m.backend = backend
+            m.prepare(device, backend)  # device state for backends that keep one (triton); else a no-op
     return model.eval()
