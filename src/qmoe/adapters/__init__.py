@@ -22,6 +22,7 @@ __all__ = [
     "StackSpec",
     "expert_forward",
     "expert_hidden",
+    "family_table",
     "get_adapter",
     "supported",
 ]
@@ -32,6 +33,19 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (SwitchAdapter(), Qwen3MoeAda
 def supported() -> list[str]:
     """Human-readable list of the supported families (architecture names)."""
     return [arch for a in ADAPTERS.values() for arch in a.architectures]
+
+
+def family_table() -> list[dict[str, Any]]:
+    """One row per supported family: its transformers classes and which weights qmoe compresses."""
+    return [
+        {
+            "family": a.name,
+            "architectures": list(a.architectures),
+            "compresses": f"the routed experts' {'/'.join(a.experts.projections)}",
+            "keeps": "attention, routers, embeddings, norms and head as stored (16-bit)",
+        }
+        for a in ADAPTERS.values()
+    ]
 
 
 def get_adapter(cfg: dict[str, Any]) -> Adapter:

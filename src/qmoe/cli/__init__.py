@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `qmoe --help` lists them.
-SUBCOMMANDS = ("compress", "eval", "generate", "inspect")
+SUBCOMMANDS = ("compress", "decompress", "eval", "generate", "inspect", "families")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:

@@ -1,0 +1,77 @@
+"""``qmoe decompress``: a compressed directory back to a plain Hugging Face checkpoint.
+
+For runtimes that do not know qmoe's format: every encoded expert matrix is decoded (``codec.dequantize``,
+float32 ``[out, in]``) and written under its own on-disk key, which is the family's original layout (the
+compressed shards keep the source's key names), next to the non-expert tensors, all cast to one ``dtype``.
+``config.json`` loses its ``quantization_config``, so transformers loads the result without qmoe installed.
+
+Streaming: one shard is read, decoded and written at a time, so peak memory is about one decoded shard. The
+output is written into ``OUT.partial`` and renamed at the end: an interrupted run leaves no half checkpoint
+under the requested name (rerunning starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qmoe.errors import ConfigError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+         "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
+    """Write the dense checkpoint of the compressed directory ``src`` to ``out``; returns a summary.
+
+    ``dtype``: ``bf16``, ``fp16`` or ``fp32`` for every floating tensor (default: the dtype recorded in the
+    source's config, else bf16). Refuses an existing non-empty ``out``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qmoe.codec import dequantize, load_shard
+    from qmoe.runtime.load import INDEX_FILE, check_dir
+
+    path, cfg, files = check_dir(src)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+    recorded = str(cfg.get("dtype") or cfg.get("torch_dtype"))
+    name = dtype or {v: k for k, v in DTYPES.items()}.get(recorded, "bf16")
+    if name not in DTYPES:
+        raise ConfigError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, DTYPES[name])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    weight_map: dict[str, str] = {}
+    total = experts = 0
+    for f in files:
+        shard = load_shard(f, verify=True)  # crc32 of every tensor checked
+        dense = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in shard.tensors.items()}
+        for key, enc in shard.encoded.items():
+            dense[key] = torch.from_numpy(dequantize(enc)).to(torch_dtype)  # [out, in], nn.Linear layout
+            experts += 1
+        save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / f.name), metadata={"format": "pt"})
+        total += sum(v.numel() * v.element_size() for v in dense.values())
+        weight_map.update({k: f.name for k in dense})
+        del shard, dense
+    if len(files) > 1 or (path / INDEX_FILE).is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    plain["dtype"] = DTYPES[name]
+    (tmp / "config.json").write_text(json.dumps(plain, indent=2) + "\n")
+    for fname in _COPY:
+        if (path / fname).is_file():
+            shutil.copy2(path / fname, tmp / fname)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(tmp, out)
+    return {"source": str(path), "out": str(out), "dtype": name, "shards": len(files),
+            "expert_matrices": experts, "tensors": len(weight_map), "bytes": total}

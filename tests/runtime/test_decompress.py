@@ -1,0 +1,95 @@
+"""qmoe decompress: the dense checkpoint loads in plain transformers (qmoe not imported) and computes what
+the compressed model computes; bad output directories are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qmoe
+from qmoe.errors import ConfigError
+from qmoe.runtime.decompress import decompress
+
+PLAIN = """
+import sys, numpy as np, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+path, ids_file, out_file = sys.argv[1:]
+ids = torch.from_numpy(np.load(ids_file))
+cfg = AutoConfig.from_pretrained(path)
+auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+model = auto.from_pretrained(path, dtype=torch.float32).eval()
+with torch.no_grad():
+    kw = {"decoder_input_ids": ids[:, :5]} if cfg.is_encoder_decoder else {}
+    np.save(out_file, model(input_ids=ids, **kw).logits.numpy())
+assert "qmoe" not in sys.modules, "plain transformers imported qmoe"
+"""
+
+
+@pytest.mark.parametrize("fixture", ["switch_compressed", "qwen3_compressed"])
+def test_decompressed_checkpoint_matches_the_compressed_model(fixture, request, tmp_path: Path):
+    compressed = request.getfixturevalue(fixture)
+    out = tmp_path / "dense"
+    r = decompress(compressed, out, "fp32")
+    assert r["expert_matrices"] > 0 and not (tmp_path / "dense.partial").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    subprocess.run(
+        [sys.executable, "-c", PLAIN, str(out), str(tmp_path / "ids.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        timeout=300,
+    )
+    model = qmoe.load(compressed)
+    with torch.no_grad():
+        kw = {"decoder_input_ids": ids[:, :5]} if model.config.is_encoder_decoder else {}
+        want = model(input_ids=ids, **kw).logits.numpy()
+    got = np.load(tmp_path / "y.npy")
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_decompress_refuses_a_non_empty_output_and_an_unknown_dtype(switch_compressed, tmp_path: Path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not empty; choose a new --out directory"):
+        decompress(switch_compressed, tmp_path / "taken")
+    with pytest.raises(ConfigError, match="unknown --dtype 'int8'"):
+        decompress(switch_compressed, tmp_path / "new", "int8")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
+
+
+def test_bf16_by_default_for_sources_without_a_recorded_dtype(qwen3_compressed, tmp_path: Path):
+    from safetensors import safe_open
+
+    cfg = json.loads((qwen3_compressed / "config.json").read_text())
+    r = decompress(qwen3_compressed, tmp_path / "d")
+    want = {"float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}.get(cfg.get("dtype"), "bf16")
+    assert r["dtype"] == want
+    f = next((tmp_path / "d").glob("*.safetensors"))
+    with safe_open(str(f), "pt") as s:
+        key = next(k for k in s.keys() if ".experts." in k)
+        assert s.get_tensor(key).dtype == getattr(
+            torch, {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}[want]
+        )
+
+
+def test_families_lists_every_adapter_with_its_transformers_class(capsys):
+    from qmoe.adapters import ADAPTERS
+    from qmoe.cli import main
+
+    assert main(["families"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(ADAPTERS)
+    assert any(
+        ln.startswith("qwen3_moe") and "Qwen3MoeForCausalLM" in ln and "gate_proj/up_proj/down_proj" in ln
+        for ln in lines
+    )
+    assert any("SwitchTransformersForConditionalGeneration" in ln and "wi/wo" in ln for ln in lines)
