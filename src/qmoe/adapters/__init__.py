@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qmoe.adapters.base import Adapter, ExpertLayout, Routing, StackSpec, expert_forward, expert_hidden
+from qmoe.adapters.olmoe import OlmoeAdapter
 from qmoe.adapters.qwen3_moe import Qwen3MoeAdapter
 from qmoe.adapters.switch import SwitchAdapter
 from qmoe.errors import SourceError
@@ -27,7 +28,7 @@ __all__ = [
     "supported",
 ]
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (SwitchAdapter(), Qwen3MoeAdapter())}
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (SwitchAdapter(), Qwen3MoeAdapter(), OlmoeAdapter())}
 
 
 def supported() -> list[str]:
