@@ -11,6 +11,7 @@ from typing import Any
 
 from qmoe.adapters.base import Adapter, ExpertLayout, Routing, StackSpec, expert_forward, expert_hidden
 from qmoe.adapters.olmoe import OlmoeAdapter
+from qmoe.adapters.qwen2_moe import Qwen2MoeAdapter
 from qmoe.adapters.qwen3_moe import Qwen3MoeAdapter
 from qmoe.adapters.switch import SwitchAdapter
 from qmoe.errors import SourceError
@@ -28,7 +29,9 @@ __all__ = [
     "supported",
 ]
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (SwitchAdapter(), Qwen3MoeAdapter(), OlmoeAdapter())}
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a for a in (SwitchAdapter(), Qwen3MoeAdapter(), Qwen2MoeAdapter(), OlmoeAdapter())
+}
 
 
 def supported() -> list[str]:
