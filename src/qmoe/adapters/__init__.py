@@ -46,7 +46,7 @@ def family_table() -> list[dict[str, Any]]:
             "family": a.name,
             "architectures": list(a.architectures),
             "compresses": f"the routed experts' {'/'.join(a.experts.projections)}",
-            "keeps": "attention, routers, embeddings, norms and head as stored (16-bit)",
+            "keeps": a.keeps,
         }
         for a in ADAPTERS.values()
     ]

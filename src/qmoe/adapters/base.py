@@ -103,6 +103,7 @@ class Adapter(ABC):
     architectures: tuple[str, ...]
     experts: ExpertLayout
     is_encoder_decoder: bool
+    keeps: str = "attention, routers, embeddings, norms and head as stored (16-bit)"  # for `qmoe families`
     # Attribute of the router holding a per-expert token capacity (tokens beyond it are dropped), if any;
     # calibration lifts it (``CompressConfig.no_drop``).
     capacity_attribute: str | None = None

@@ -15,3 +15,4 @@ class Qwen2MoeAdapter(Qwen3MoeAdapter):
     architectures = ("Qwen2MoeForCausalLM",)
     layer_class = f"{_MODELING}.Qwen2MoeDecoderLayer"
     rotary_class = f"{_MODELING}.Qwen2MoeRotaryEmbedding"
+    keeps = "the shared expert and its gate, attention, routers, embeddings, norms, head as stored (16-bit)"
