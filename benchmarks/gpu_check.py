@@ -197,53 +197,23 @@ class Check:
         layers = [m for m in dev.modules() if isinstance(m, CompressedExperts)]
         out = {"logits_max_abs_diff": err, "logits_scale": scale}
 
-        losses = {}
-        for side, flags in (
-            ("device", ["--device", self.device, *self.backend]),
-            ("cpu", ["--device", "cpu"]),
-        ):
-            r = run(
-                [
-                    self.py,
-                    "-m",
-                    "qmoe",
-                    "eval",
-                    str(d),
-                    "--json",
-                    "--samples",
-                    "4" if self.dry else "64",
-                    *flags,
-                ],
-                timeout=1200,
-            )
+        sides = {"device": ["--device", self.device, *self.backend], "cpu": ["--device", "cpu"]}
+        losses, speed = {}, {}
+        for side, flags in sides.items():
+            samples = ["--json", "--samples", "4" if self.dry else "64"]
+            r = run([self.py, "-m", "qmoe", "eval", str(d), *samples, *flags], timeout=1200)
             losses[side] = json.loads(r.stdout.strip().splitlines()[-1])["loss"]
         out["eval_loss"] = losses
         check(abs(losses["device"] - losses["cpu"]) <= 1e-3, f"qmoe eval differs: {losses}")
-        speed = {}
-        for side, flags in (
-            ("device", ["--device", self.device, *self.backend]),
-            ("cpu", ["--device", "cpu"]),
-        ):
-            r = run(
-                [
-                    self.py,
-                    "-m",
-                    "qmoe",
-                    "generate",
-                    str(d),
-                    "--prompt",
-                    "In the beginning",
-                    "--max-new-tokens",
-                    "3" if self.dry else "64",
-                    *flags,
-                ],
-                timeout=1200,
-            )
+        for side, flags in sides.items():
+            tokens = "3" if self.dry else "64"
+            prompt = ["--prompt", "In the beginning", "--max-new-tokens", tokens]
+            r = run([self.py, "-m", "qmoe", "generate", str(d), *prompt, *flags], timeout=1200)
             m = re.search(r"([\d.]+) tokens/s", r.stderr)
             check(m is not None, f"qmoe generate printed no speed: {r.stderr.strip()[-200:]}")
             speed[side] = float(m.group(1))
         out["generate_tokens_per_s"] = speed
-        # after a forward pass and a generation in this process: each layer was packed once, and its device
+        # after two forward passes in this process: each layer was packed once, and its device
         # bytes are the encoded bytes plus tables and piece index
         with torch.inference_mode():
             dev(**kw([t.to(self.device) for t in args]))

@@ -227,19 +227,21 @@ class Evaluator:
         self.original = {}
         for f in sorted(src.glob("*.safetensors")):
             self.original.update(load_file(str(f)))
-        self._score = lambda: {s: sample_losses(self.model, a) for s, a in self.arrays.items()}
+        self._sample_losses = sample_losses
+        loaded = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.set_experts(self.original)  # the mapping must reproduce the loaded model exactly
         for name, p in self.model.named_parameters():
-            assert torch.equal(p, self._loaded[name]), f"{name}: expert mapping does not round-trip"
+            assert torch.equal(p, loaded[name]), f"{name}: expert mapping does not round-trip"
         self.reference = self._score()
+
+    def _score(self) -> dict[str, np.ndarray]:
+        return {s: self._sample_losses(self.model, a) for s, a in self.arrays.items()}
 
     def set_experts(self, weights: dict) -> None:
         """On-disk per-expert keys -> transformers 5's fused ``gate_up_proj [E, 2I, H]``, ``down_proj
         [E, H, I]`` (gate rows first, as its forward chunks them)."""
         import torch
 
-        if not hasattr(self, "_loaded"):
-            self._loaded = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         layers = self.model.model.layers
         for i, layer in enumerate(layers):
             ex = layer.mlp.experts

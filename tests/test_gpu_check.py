@@ -3,6 +3,7 @@ so that the script a GPU window runs has run before (issue 15)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,29 +12,23 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# find_spec, not import: triton reads TRITON_INTERPRET at its first import, which the interpreter tests own
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check(tmp_path: Path, *cmd: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run a gpu_check entry point with ``--out``/``--work`` under ``tmp_path``; the script itself sets
+    TRITON_INTERPRET (for the dry run), so the suite's own value is not passed on."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    argv = [*cmd, "--out", str(tmp_path / "gpu_check.json"), "--work", str(tmp_path / "work")]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("TRITON_INTERPRET", None)  # the script sets it itself
-    r = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "benchmarks" / "gpu_check.sh"),
-            "--dry-run",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    r = _check(tmp_path, "bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert list(res["steps"]) == ["environment", "tests", "compress", "runtime", "kernels", "end_to_end"]
@@ -45,23 +40,8 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
 
 def test_gpu_check_stops_at_the_first_failure_with_one_line(tmp_path: Path):
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("TRITON_INTERPRET", None)
     # without --dry-run on a machine with no GPU, the environment step fails and nothing else runs
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu_check.py"),
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    r = _check(tmp_path, sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), timeout=300)
     import torch
 
     if torch.cuda.is_available():

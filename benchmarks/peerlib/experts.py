@@ -50,3 +50,22 @@ def write_variant(out: Path, weights: dict[str, np.ndarray], info: dict) -> None
 
 def done(out: Path) -> bool:
     return (out / "info.json").is_file() and (out / "experts.safetensors").is_file()
+
+
+def run_variants(variants: list[dict], one) -> None:
+    """``one(v, out)`` for every variant whose output is not complete yet. A variant that fails leaves its
+    error in ``out/error.txt`` (reported in the table in place of its numbers) and the others still run."""
+    import sys
+
+    for v in variants:
+        out = Path(v["out"])
+        if done(out):
+            continue
+        (out / "error.txt").unlink(missing_ok=True)
+        try:
+            one(v, out)
+        except Exception as exc:  # noqa: BLE001 - reported per variant in the table, not fatal to the rest
+            out.mkdir(parents=True, exist_ok=True)
+            first = " ".join(str(exc).strip().splitlines()[:2])
+            (out / "error.txt").write_text(f"{type(exc).__name__}: {first}\n")
+            print(f"{v.get('name', v.get('type'))} seed {v.get('seed')}: {exc}", file=sys.stderr)

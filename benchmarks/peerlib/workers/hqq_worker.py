@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from peerlib.experts import done, expert_keys, write_variant  # noqa: E402
+from peerlib.experts import expert_keys, run_variants, write_variant  # noqa: E402
 
 
 def main() -> None:
@@ -26,10 +26,8 @@ def main() -> None:
     for f in sorted(Path(job["model"]).glob("*.safetensors")):
         sd.update(load_file(str(f)))
     keys = expert_keys(sd)
-    for v in job["variants"]:
-        out = Path(v["out"])
-        if done(out):
-            continue
+
+    def one(v: dict, out: Path) -> None:
         weights, nbytes, n = {}, 0, 0
         for k in keys:
             w = sd[k].float()
@@ -53,6 +51,8 @@ def main() -> None:
             weights,
             {"expert_bytes": nbytes, "expert_weights": n, "nbits": v["nbits"], "group_size": v["group"]},
         )
+
+    run_variants(job["variants"], one)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for peerlib
 
-from peerlib.experts import GGUF_EXPERTS, done, unstack_gguf, write_variant  # noqa: E402
+from peerlib.experts import GGUF_EXPERTS, run_variants, unstack_gguf, write_variant  # noqa: E402
 from peerlib.gguf_bytes import tensor_bytes  # noqa: E402
 from peerlib.pad import crop  # noqa: E402
 
@@ -165,28 +165,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "llamacpp.log"
     f16 = convert(job, work, log)
-    for v in job["variants"]:
-        out = Path(v["out"])
-        if done(out):
-            continue
-        (out / "error.txt").unlink(missing_ok=True)
-        try:
-            q = quantize(job, work, f16, v, log)
-            weights, acct = read_back(q, job["real"])
-            write_variant(
-                out,
-                weights,
-                {
-                    **acct,
-                    "type": v["type"],
-                    "imatrix": v["imatrix"],
-                    "file": q.name,
-                },
-            )
-        except Exception as exc:  # noqa: BLE001 - reported per variant in the table, not fatal to the rest
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-            print(f"{v['type']}: {exc}", file=sys.stderr)
+
+    def one(v: dict, out: Path) -> None:
+        q = quantize(job, work, f16, v, log)
+        weights, acct = read_back(q, job["real"])
+        write_variant(out, weights, {**acct, "type": v["type"], "imatrix": v["imatrix"], "file": q.name})
+
+    run_variants(job["variants"], one)
 
 
 if __name__ == "__main__":

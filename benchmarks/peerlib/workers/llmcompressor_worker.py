@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from peerlib.experts import EXPERT_KEY, done, write_variant  # noqa: E402
+from peerlib.experts import EXPERT_KEY, run_variants, write_variant  # noqa: E402
 from peerlib.pad import crop  # noqa: E402
 
 
@@ -52,18 +52,7 @@ def main() -> None:
 
     job = json.loads(Path(sys.argv[1]).read_text())
     torch.manual_seed(0)
-    for v in job["variants"]:
-        out = Path(v["out"])
-        if done(out):
-            continue
-        (out / "error.txt").unlink(missing_ok=True)
-        try:
-            one(job, v, out)
-        except Exception as exc:  # noqa: BLE001 - reported per variant in the table, not fatal to the rest
-            out.mkdir(parents=True, exist_ok=True)
-            first = str(exc).strip().splitlines()[:2]
-            (out / "error.txt").write_text(f"{type(exc).__name__}: {' '.join(first)}\n")
-            print(f"{v['name']} seed {v['seed']}: {exc}", file=sys.stderr)
+    run_variants(job["variants"], lambda v, out: one(job, v, out))
 
 
 def one(job: dict, v: dict, out: Path) -> None:

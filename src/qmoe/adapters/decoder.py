@@ -18,12 +18,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qmoe.adapters.base import Adapter, Routing, StackSpec, bind
+from qmoe.adapters.base import Adapter, ExpertLayout, Routing, StackSpec, bind
 
 
 def _import(path: str) -> Any:
     module, name = path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
+
+
+def swiglu_experts(intermediate: str) -> ExpertLayout:
+    """The experts of these families: ``mlp.experts.{e}.{gate,up,down}_proj`` on disk, SwiGLU, width from the
+    config field ``intermediate`` (``moe_intermediate_size``, or OLMoE's ``intermediate_size``)."""
+    return ExpertLayout(
+        container="experts",
+        key="experts.{e}.{proj}.weight",
+        first=("gate_proj", "up_proj"),
+        second="down_proj",
+        gated=True,
+        activation_field="hidden_act",
+        dims={
+            "gate_proj": (intermediate, "hidden_size"),
+            "up_proj": (intermediate, "hidden_size"),
+            "down_proj": ("hidden_size", intermediate),
+        },
+    )
 
 
 class DecoderMoEAdapter(Adapter):

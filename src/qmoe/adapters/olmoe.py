@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-from qmoe.adapters.base import ExpertLayout
-from qmoe.adapters.decoder import DecoderMoEAdapter
+from qmoe.adapters.decoder import DecoderMoEAdapter, swiglu_experts
 
 _MODELING = "transformers.models.olmoe.modeling_olmoe"
 
@@ -16,16 +15,4 @@ class OlmoeAdapter(DecoderMoEAdapter):
     architectures = ("OlmoeForCausalLM",)
     layer_class = f"{_MODELING}.OlmoeDecoderLayer"
     rotary_class = f"{_MODELING}.OlmoeRotaryEmbedding"
-    experts = ExpertLayout(
-        container="experts",
-        key="experts.{e}.{proj}.weight",
-        first=("gate_proj", "up_proj"),
-        second="down_proj",
-        gated=True,
-        activation_field="hidden_act",
-        dims={
-            "gate_proj": ("intermediate_size", "hidden_size"),
-            "up_proj": ("intermediate_size", "hidden_size"),
-            "down_proj": ("hidden_size", "intermediate_size"),
-        },
-    )
+    experts = swiglu_experts("intermediate_size")

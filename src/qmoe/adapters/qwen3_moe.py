@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmoe.adapters.base import ExpertLayout
-from qmoe.adapters.decoder import DecoderMoEAdapter
+from qmoe.adapters.decoder import DecoderMoEAdapter, swiglu_experts
 
 _MODELING = "transformers.models.qwen3_moe.modeling_qwen3_moe"
 
@@ -17,19 +16,7 @@ class Qwen3MoeAdapter(DecoderMoEAdapter):
     architectures = ("Qwen3MoeForCausalLM",)
     layer_class = f"{_MODELING}.Qwen3MoeDecoderLayer"
     rotary_class = f"{_MODELING}.Qwen3MoeRotaryEmbedding"
-    experts = ExpertLayout(
-        container="experts",
-        key="experts.{e}.{proj}.weight",
-        first=("gate_proj", "up_proj"),
-        second="down_proj",
-        gated=True,
-        activation_field="hidden_act",
-        dims={
-            "gate_proj": ("moe_intermediate_size", "hidden_size"),
-            "up_proj": ("moe_intermediate_size", "hidden_size"),
-            "down_proj": ("hidden_size", "moe_intermediate_size"),
-        },
-    )
+    experts = swiglu_experts("moe_intermediate_size")
 
     def is_moe_layer(self, cfg: dict[str, Any], i: int) -> bool:
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())

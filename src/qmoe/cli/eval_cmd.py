@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from qmoe.cli._args import add_device_arguments
+
 NAME = "eval"
 HELP = "loss of a model (built-in name, HF directory, or qmoe-compressed directory) on a text split"
 
@@ -24,12 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234, help="sampling seed of the evaluation segments")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--device", default="cpu",
-                   help="where the model runs: cpu (default), cuda, cuda:N; on a GPU the encoded experts are "
-                   "moved there once and decoded inside the matmul")
-    p.add_argument("--backend", default=None, choices=["cpu", "triton", "reference"],
-                   help="kernel backend of compressed experts (default: triton on CUDA, cpu otherwise; "
-                   "triton on the CPU needs TRITON_INTERPRET=1, for tests)")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

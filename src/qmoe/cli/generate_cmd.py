@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qmoe.cli._args import add_device_arguments
+
 NAME = "generate"
 HELP = "generate text from a model (built-in name, HF directory, or qmoe-compressed directory) and time it"
 
@@ -15,12 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="input text (for T5-style models: the encoder input)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="stop after N generated tokens (default %(default)s), or earlier at end of sequence")
-    p.add_argument("--device", default="cpu",
-                   help="where the model runs: cpu (default), cuda, cuda:N; on a GPU the encoded experts are "
-                   "moved there once and decoded inside the matmul")
-    p.add_argument("--backend", default=None, choices=["cpu", "triton", "reference"],
-                   help="kernel backend of compressed experts (default: triton on CUDA, cpu otherwise; "
-                   "triton on the CPU needs TRITON_INTERPRET=1, for tests)")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
