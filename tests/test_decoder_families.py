@@ -15,40 +15,81 @@ import torch
 import qmoe
 from qmoe.config import CompressConfig
 
+COMMON = dict(
+    vocab_size=1024,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+    eos_token_id=1,
+    pad_token_id=0,
+    bos_token_id=2,
+)
+# family -> the names of its MoE layers as its published checkpoints spell them
+LAYERS = {
+    "olmoe": ["model.layers.0.mlp", "model.layers.1.mlp"],
+    "qwen2_moe": ["model.layers.0.mlp", "model.layers.1.mlp"],
+    "mixtral": ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"],
+    "deepseek_v3": ["model.layers.1.mlp", "model.layers.2.mlp"],  # layer 0 dense (first_k_dense_replace)
+    "glm4_moe": ["model.layers.1.mlp", "model.layers.2.mlp"],
+}
 
-def _config(family: str):
-    common = dict(
-        vocab_size=1024,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_experts=6,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        eos_token_id=1,
-        pad_token_id=0,
-        bos_token_id=2,
-    )
+
+def _model(family: str):
+    import transformers as tf
+
+    two = dict(num_hidden_layers=2, num_experts=6)
     if family == "olmoe":
-        from transformers import OlmoeConfig, OlmoeForCausalLM
-
-        return OlmoeForCausalLM(OlmoeConfig(intermediate_size=16, **common))
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    return Qwen2MoeForCausalLM(
-        Qwen2MoeConfig(
-            intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, **common
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(intermediate_size=16, **two, **COMMON))
+    if family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            **two,
+            **COMMON,
         )
+        return tf.Qwen2MoeForCausalLM(cfg)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(intermediate_size=16, num_hidden_layers=2, num_local_experts=6, **COMMON)
+        return tf.MixtralForCausalLM(cfg)
+    # DeepSeek-V3 / GLM-4-MoE: one dense layer first, 8 experts in 2 groups of which the router keeps 1
+    # (group-limited routing), one shared expert, sigmoid scores with a correction bias.
+    moe = dict(
+        num_hidden_layers=3,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
     )
+    if family == "deepseek_v3":
+        mla = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        model = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(**moe, **mla, **COMMON))
+    else:
+        model = tf.Glm4MoeForCausalLM(tf.Glm4MoeConfig(**moe, partial_rotary_factor=0.5, **COMMON))
+    with torch.no_grad():  # a nonzero correction bias, so that it matters which experts are chosen
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.1, 0.1, 8))
+    return model
 
 
-@pytest.fixture(scope="module", params=["olmoe", "qwen2_moe"])
+def _family(path: Path) -> str:
+    return json.loads((path / "config.json").read_text())["model_type"]
+
+
+@pytest.fixture(scope="module", params=list(LAYERS))
 def family_dir(request, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
-    model = _config(request.param)
+    model = _model(request.param)
     with torch.no_grad():  # random-init experts are tiny (std 0.02): make the MoE path matter
         for layer in model.model.layers:
+            if not hasattr(layer.mlp, "experts"):
+                continue  # a dense layer
             layer.mlp.experts.gate_up_proj.mul_(20)
             layer.mlp.experts.down_proj.mul_(20)
     path = tmp_path_factory.mktemp(request.param) / "dense"
@@ -77,10 +118,12 @@ def test_compresses_and_reports_the_models_own_counts(family_dir: Path, family_c
     from transformers import AutoModelForCausalLM
 
     _, rep = family_compressed
-    assert [r["name"] for r in rep["layers"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert [r["name"] for r in rep["layers"]] == LAYERS[_family(family_dir)]
     assert rep["layers"][0]["tokens"]["total"] == 2 * 16 * 32  # top-2: every token reaches two experts
     model = AutoModelForCausalLM.from_pretrained(family_dir)
-    assert rep["totals"]["params"] == sum(p.numel() for p in model.parameters())
+    # every stored number: parameters plus persistent buffers (DeepSeek-V3's e_score_correction_bias)
+    stored = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
+    assert rep["totals"]["params"] == sum(stored.values())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert rep["totals"]["expert_params"] == experts
     # the pipeline runs the family as transformers does: its reference loss is transformers' own
@@ -118,3 +161,13 @@ def test_runtime_hf_and_decompressed_agree(family_compressed, tmp_path: Path) ->
     torch.testing.assert_close(lc, la, atol=1e-4, rtol=1e-4)
     g = generate(a, AutoTokenizer.from_pretrained(out), "In the beginning", max_new_tokens=4, exact=True)
     assert g.new_tokens == 4
+
+
+def test_cli_eval_and_generate(family_compressed, capsys: pytest.CaptureFixture) -> None:
+    from qmoe.cli import main
+
+    out, rep = family_compressed
+    assert main(["eval", str(out), "--samples", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] > 0 and res["tokens"] > 0
+    assert main(["generate", str(out), "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from qmoe.adapters.base import Adapter, ExpertLayout, Routing, StackSpec, expert_forward, expert_hidden
+from qmoe.adapters.deepseek_v3 import DeepseekV3Adapter
+from qmoe.adapters.glm4_moe import Glm4MoeAdapter
+from qmoe.adapters.mixtral import MixtralAdapter
 from qmoe.adapters.olmoe import OlmoeAdapter
 from qmoe.adapters.qwen2_moe import Qwen2MoeAdapter
 from qmoe.adapters.qwen3_moe import Qwen3MoeAdapter
@@ -30,7 +33,15 @@ __all__ = [
 ]
 
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (SwitchAdapter(), Qwen3MoeAdapter(), Qwen2MoeAdapter(), OlmoeAdapter())
+    a.name: a for a in (
+        SwitchAdapter(),
+        Qwen3MoeAdapter(),
+        Qwen2MoeAdapter(),
+        OlmoeAdapter(),
+        MixtralAdapter(),
+        DeepseekV3Adapter(),
+        Glm4MoeAdapter(),
+    )
 }
 
 

@@ -107,6 +107,28 @@ class Adapter(ABC):
     # Attribute of the router holding a per-expert token capacity (tokens beyond it are dropped), if any;
     # calibration lifts it (``CompressConfig.no_drop``).
     capacity_attribute: str | None = None
+    # (on-disk, in-memory) name fragments where the published checkpoints' keys differ from the module names
+    # transformers 5 builds (its conversion_mapping's renames), e.g. Mixtral's ("block_sparse_moe", "mlp").
+    # qmoe reads and writes the on-disk names; blocks are built and loaded under the module names.
+    renames: tuple[tuple[str, str], ...] = ()
+    # The MLP every token goes through next to the routed experts, relative to the MoE layer (Qwen2-MoE's
+    # "shared_expert", DeepSeek-V3's "shared_experts"); None where the family has none.
+    shared_experts: str | None = None
+
+    def disk_key(self, name: str) -> str:
+        """The on-disk form of a module path or state-dict key (Mixtral: ``model.layers.0.mlp`` ->
+        ``model.layers.0.block_sparse_moe``)."""
+        parts = name.split(".")
+        for disk, module in self.renames:
+            parts = [disk if p == module else p for p in parts]
+        return ".".join(parts)
+
+    def module_key(self, key: str) -> str:
+        """The module form of an on-disk key (inverse of :meth:`disk_key`)."""
+        parts = key.split(".")
+        for disk, module in self.renames:
+            parts = [module if p == disk else p for p in parts]
+        return ".".join(parts)
 
     # -- structure -------------------------------------------------------------------------------------------
     @abstractmethod

@@ -15,4 +15,5 @@ class Qwen2MoeAdapter(Qwen3MoeAdapter):
     architectures = ("Qwen2MoeForCausalLM",)
     layer_class = f"{_MODELING}.Qwen2MoeDecoderLayer"
     rotary_class = f"{_MODELING}.Qwen2MoeRotaryEmbedding"
+    shared_experts = "shared_expert"
     keeps = "the shared expert and its gate, attention, routers, embeddings, norms, head as stored (16-bit)"

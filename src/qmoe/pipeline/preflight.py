@@ -70,13 +70,14 @@ def _check_block(
 ) -> tuple[list[str], list[str]]:
     prefix = stack.block_prefix(i) + "."
     moe = stack.moe_path(i)
+    moe = None if moe is None else adapter.disk_key(moe)
     layout = adapter.experts
     with torch.device("meta"):
         block = adapter.build_block(hf_config, stack, i)
     expected: dict[str, tuple[int, ...]] = {}
     container = None if moe is None else f"{moe}.{layout.container}."
     for name, t in block.state_dict().items():
-        key = prefix + name
+        key = adapter.disk_key(prefix + name)
         if container is None or not key.startswith(container):
             expected[key] = tuple(t.shape)
     tensor_keys = list(expected)
@@ -191,7 +192,9 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
     for stack in stacks:
         for i in range(stack.n_blocks):
             tensor_keys, expert_keys = _check_block(adapter, plan_cfg, hf_config, reader, stack, i, n_experts)
-            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, stack.moe_path(i), expert_keys))
+            moe = stack.moe_path(i)
+            moe = None if moe is None else adapter.disk_key(moe)  # expert keys and report rows: on-disk names
+            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, moe, expert_keys))
     needed = {s.embed_key for s in stacks} | {s.final_norm_key for s in stacks if s.final_norm_key}
     needed |= set(adapter.head_keys(plan_cfg).values())
     missing = sorted(k for k in needed if k not in reader)

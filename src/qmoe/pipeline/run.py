@@ -201,7 +201,8 @@ class _Run:
         with torch.device("meta"):
             block = self.p.adapter.build_block(self.p.hf_config, bp.stack, bp.i)
         prefix = bp.stack.block_prefix(bp.i) + "."
-        sd = {k[len(prefix) :]: v.to(self.device, torch.float32) for k, v in raw.items()}
+        to_module = self.p.adapter.module_key
+        sd = {to_module(k)[len(prefix) :]: v.to(self.device, torch.float32) for k, v in raw.items()}
         missing, unexpected = block.load_state_dict(sd, strict=False, assign=True)
         container = None
         if bp.moe_path is not None:

@@ -113,7 +113,7 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
         modules[layer] = module
         for e in range(n_experts):
             for proj in layout.projections:
-                slots[layout.expert_key(layer, e, proj)] = (module, e, proj)
+                slots[layout.expert_key(adapter.disk_key(layer), e, proj)] = (module, e, proj)
     for f in files:
         shard = load_shard(f, verify=True)  # crc32 of every tensor in the file, experts and the rest
         for name, enc in shard.encoded.items():
