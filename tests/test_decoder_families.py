@@ -33,6 +33,7 @@ LAYERS = {
     "mixtral": ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"],
     "deepseek_v3": ["model.layers.1.mlp", "model.layers.2.mlp"],  # layer 0 dense (first_k_dense_replace)
     "glm4_moe": ["model.layers.1.mlp", "model.layers.2.mlp"],
+    "gpt_oss": ["model.layers.0.mlp", "model.layers.1.mlp"],
 }
 
 
@@ -51,6 +52,23 @@ def _model(family: str):
             **COMMON,
         )
         return tf.Qwen2MoeForCausalLM(cfg)
+    if family == "gpt_oss":
+        # a sliding window shorter than the test's 32-token windows, so that the sliding layer's mask matters
+        cfg = tf.GptOssConfig(
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_local_experts=6,
+            head_dim=8,
+            sliding_window=8,
+            **COMMON,
+        )
+        model = tf.GptOssForCausalLM(cfg)
+        with torch.no_grad():  # nonzero expert biases and attention sinks (zeros after init)
+            for layer in model.model.layers:
+                layer.mlp.experts.gate_up_proj_bias.normal_(0, 0.5)
+                layer.mlp.experts.down_proj_bias.normal_(0, 0.5)
+                layer.self_attn.sinks.normal_(0, 1)
+        return model
     if family == "mixtral":
         cfg = tf.MixtralConfig(intermediate_size=16, num_hidden_layers=2, num_local_experts=6, **COMMON)
         return tf.MixtralForCausalLM(cfg)
@@ -124,7 +142,8 @@ def test_compresses_and_reports_the_models_own_counts(family_dir: Path, family_c
     # every stored number: parameters plus persistent buffers (DeepSeek-V3's e_score_correction_bias)
     stored = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
     assert rep["totals"]["params"] == sum(stored.values())
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    # the compressed expert weights; gpt-oss's expert biases stay as stored and count as the rest
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "bias" not in n)
     assert rep["totals"]["expert_params"] == experts
     # the pipeline runs the family as transformers does: its reference loss is transformers' own
     from transformers import AutoTokenizer

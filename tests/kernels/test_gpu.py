@@ -72,7 +72,8 @@ def test_routed_layer_on_the_device_matches_the_host_path() -> None:
 
     layers = []
     for backend in ("triton", "cpu"):
-        m = CompressedExperts(Qwen3MoeAdapter.experts, routing, n_exp, "silu", shapes)
+        glu = Qwen3MoeAdapter().expert_glu({"hidden_act": "silu"})
+        m = CompressedExperts(Qwen3MoeAdapter.experts, routing, n_exp, glu, shapes)
         for e in range(n_exp):
             for p, (r, c) in shapes.items():
                 m.set_expert(e, p, _matrix("ternary", r, c, seed=1000 * e + r + c))

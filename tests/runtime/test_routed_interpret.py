@@ -33,7 +33,7 @@ def _layer(seed: int = 0) -> CompressedExperts:
     rng = np.random.default_rng(seed)
     layout = Qwen3MoeAdapter.experts
     shapes = {"gate_proj": (INTER, D), "up_proj": (INTER, D), "down_proj": (D, INTER)}
-    m = CompressedExperts(layout, _routing, E, "silu", shapes)
+    m = CompressedExperts(layout, _routing, E, Qwen3MoeAdapter().expert_glu({"hidden_act": "silu"}), shapes)
     for e in range(E):
         for p, (rows, cols) in shapes.items():
             codes = rng.choice([-1, 0, 1], size=(rows, cols), p=[0.2, 0.6, 0.2]).astype(np.int8)

@@ -12,6 +12,7 @@ from typing import Any
 from qmoe.adapters.base import Adapter, ExpertLayout, Routing, StackSpec, expert_forward, expert_hidden
 from qmoe.adapters.deepseek_v3 import DeepseekV3Adapter
 from qmoe.adapters.glm4_moe import Glm4MoeAdapter
+from qmoe.adapters.gpt_oss import GptOssAdapter
 from qmoe.adapters.mixtral import MixtralAdapter
 from qmoe.adapters.olmoe import OlmoeAdapter
 from qmoe.adapters.qwen2_moe import Qwen2MoeAdapter
@@ -33,7 +34,8 @@ __all__ = [
 ]
 
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (
+    a.name: a
+    for a in (
         SwitchAdapter(),
         Qwen3MoeAdapter(),
         Qwen2MoeAdapter(),
@@ -41,6 +43,7 @@ ADAPTERS: dict[str, Adapter] = {
         MixtralAdapter(),
         DeepseekV3Adapter(),
         Glm4MoeAdapter(),
+        GptOssAdapter(),
     )
 }
 

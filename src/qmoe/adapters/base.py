@@ -31,12 +31,18 @@ from torch import Tensor
 class ExpertLayout:
     """How one MoE layer's experts are stored and combined.
 
-    ``key`` is relative to the MoE layer's module path and has ``{e}`` (expert index) and ``{proj}``
-    (projection name) fields, e.g. ``"experts.expert_{e}.{proj}.weight"``. Every expert weight is 2-D in
-    ``nn.Linear`` orientation ``[out_features, in_features]`` (``y = x @ W^T``).
+    ``key`` is relative to the MoE layer's on-disk path. Per-expert layouts (most families) have ``{e}``
+    (expert index) and ``{proj}`` (projection name) fields, e.g. ``"experts.expert_{e}.{proj}.weight"``, and
+    every expert weight is 2-D in ``nn.Linear`` orientation ``[out_features, in_features]`` (``y = x @ W^T``).
+    ``stacked`` layouts (gpt-oss) store one ``[E, out, in]`` tensor per projection under a key with only
+    ``{proj}`` (``[E, in, out]`` when ``transposed``). qmoe encodes one 2-D ``[out, in]`` matrix per expert
+    and projection either way, named by :meth:`expert_key`.
 
-    Expert ``e`` computes ``second(act(first[0](x)) * first[1](x))`` when ``gated`` (SwiGLU-style), else
-    ``second(act(first[0](x)))``; its output is scaled by the router's gate weight.
+    Expert ``e`` computes ``second(glu(first(x) + b_first)) + b_second``: ``first`` is the fused first
+    projections (rows in ``first`` order), the optional biases are stacked ``[E, out]`` tensors under
+    ``bias`` (``{proj}`` field), and ``glu`` is the adapter's :meth:`Adapter.expert_glu` (by default
+    ``act(gate) * up`` over the two halves when ``gated``, else ``act``); the output is scaled by the
+    router's gate weight.
     """
 
     container: str  # the experts module, relative to the MoE layer ("experts")
@@ -45,19 +51,59 @@ class ExpertLayout:
     second: str  # projection of the activation
     gated: bool
     activation_field: str  # config field naming the activation (a transformers ACT2FN key)
-    dims: dict[str, tuple[str, str]]  # projection -> (rows, cols) config fields
+    dims: dict[str, tuple[str, str]]  # projection -> (rows, cols) config fields, nn.Linear orientation
+    stacked: bool = False  # one [E, ...] tensor per projection on disk instead of one 2-D tensor per expert
+    transposed: bool = False  # stacked tensors are [E, in, out] (y = x @ W[e])
+    bias: str | None = None  # stacked per-projection biases [E, out], e.g. "experts.{proj}_bias"
 
     @property
     def projections(self) -> tuple[str, ...]:
         return (*self.first, self.second)
 
     def expert_key(self, moe_layer: str, e: int, proj: str) -> str:
-        """Full on-disk key of expert ``e``'s projection ``proj`` in the MoE layer at path ``moe_layer``."""
+        """Name of expert ``e``'s encoded ``proj`` matrix in the MoE layer at on-disk path ``moe_layer``: its
+        on-disk key for per-expert layouts, ``{stacked tensor's key}.{e}`` for stacked ones."""
+        if self.stacked:
+            return f"{self.disk_key(moe_layer, proj)}.{e}"
         return f"{moe_layer}.{self.key.format(e=e, proj=proj)}"
 
+    def disk_key(self, moe_layer: str, proj: str) -> str:
+        """On-disk key of a stacked layout's ``[E, ...]`` tensor of projection ``proj``."""
+        assert self.stacked
+        return f"{moe_layer}.{self.key.format(proj=proj)}"
+
+    def bias_key(self, moe_layer: str, proj: str) -> str | None:
+        return None if self.bias is None else f"{moe_layer}.{self.bias.format(proj=proj)}"
+
+    def disk_tensors(self, moe_layer: str, cfg: dict[str, Any], n_experts: int) -> dict[str, tuple[int, ...]]:
+        """``{on-disk key: shape}`` of the layer's expert weights (biases excluded), in projection order."""
+        out: dict[str, tuple[int, ...]] = {}
+        for p in self.projections:
+            rows, cols = self.shape(cfg, p)
+            if self.stacked:
+                out[self.disk_key(moe_layer, p)] = (
+                    (n_experts, cols, rows) if self.transposed else (n_experts, rows, cols)
+                )
+            else:
+                out.update({self.expert_key(moe_layer, e, p): (rows, cols) for e in range(n_experts)})
+        return out
+
     def shape(self, cfg: dict[str, Any], proj: str) -> tuple[int, int]:
+        """``(rows, cols)`` of one expert's ``proj``; a dim may be ``"k*field"`` (``2*intermediate_size``)."""
+
+        def size(dim: str) -> int:
+            factor, _, name = dim.rpartition("*")
+            return int(factor or 1) * int(cfg[name])
+
         rows, cols = self.dims[proj]
-        return int(cfg[rows]), int(cfg[cols])
+        return size(rows), size(cols)
+
+    def weights(self, tensors: dict[str, Tensor], moe_layer: str, proj: str, n_experts: int) -> Tensor:
+        """``[E, rows, cols]`` (nn.Linear orientation) weights of ``proj`` from the on-disk ``tensors``."""
+        if self.stacked:
+            w = tensors[self.disk_key(moe_layer, proj)]
+            return w.transpose(1, 2) if self.transposed else w
+        return torch.stack([tensors[self.expert_key(moe_layer, e, proj)] for e in range(n_experts)])
 
 
 @dataclass(frozen=True)
@@ -144,6 +190,12 @@ class Adapter(ABC):
     def activation(self, cfg: dict[str, Any]) -> str:
         return str(cfg[self.experts.activation_field])
 
+    def expert_glu(self, cfg: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+        """The experts' activation: first projection's output ``[t, F*I]`` -> second's input ``[t, I]``."""
+        from transformers.activations import ACT2FN
+
+        return GLU(ACT2FN[self.activation(cfg)], self.experts.gated)
+
     def head_keys(self, cfg: dict[str, Any]) -> dict[str, str]:
         """``{"lm_head": key}``: tensors the loss needs besides the last stack's final norm."""
         raise NotImplementedError
@@ -211,29 +263,50 @@ def bind(args: tuple, kwargs: dict[str, Any], names: Sequence[str]) -> list[Any]
     return [args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)]
 
 
+class GLU:
+    """``act(gate) * up`` over the two halves of ``h [t, 2I]`` when ``gated``, else ``act(h)``."""
+
+    def __init__(self, act: Callable[[Tensor], Tensor], gated: bool) -> None:
+        self.act, self.gated = act, gated
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
+
 def expert_forward(
-    r: Routing, w_first: Tensor, w_second: Tensor, act: Callable[[Tensor], Tensor], gated: bool
+    r: Routing,
+    w_first: Tensor,
+    w_second: Tensor,
+    glu: Callable[[Tensor], Tensor],
+    b_first: Tensor | None = None,
+    b_second: Tensor | None = None,
 ) -> Tensor:
-    """The MoE layer's output ``[T, d]`` for stacked experts ``w_first [E, F*I, d]``, ``w_second [E, d, I]``.
+    """The MoE layer's output ``[T, d]`` for stacked experts ``w_first [E, F*I, d]``, ``w_second [E, d, I]``
+    and optional biases ``b_first [E, F*I]``, ``b_second [E, d]``.
 
     Token groups per expert, experts in ascending order, gate weights applied to the output: the same
     arithmetic as the transformers implementations of the families we support.
     """
     out = torch.zeros_like(r.x)
     for e, tok, w in group_by_expert(r):
-        y = expert_hidden(r.x[tok], w_first[e], act, gated) @ w_second[e].T  # [t, d]
+        y = expert_hidden(r.x[tok], w_first[e], glu, None if b_first is None else b_first[e]) @ w_second[e].T
+        if b_second is not None:
+            y = y + b_second[e]  # [t, d]
         # index_put_ with accumulate: the sums of index_add_, which is ~1000x slower on CPU in torch 2.13.
         out.index_put_((tok,), (y * w[:, None]).to(out.dtype), accumulate=True)
     return out
 
 
-def expert_hidden(x: Tensor, w_first: Tensor, act: Callable[[Tensor], Tensor], gated: bool) -> Tensor:
-    """The second projection's input ``[t, I]`` for tokens ``x [t, d]`` and ``w_first [F*I, d]``."""
+def expert_hidden(
+    x: Tensor, w_first: Tensor, glu: Callable[[Tensor], Tensor], b_first: Tensor | None = None
+) -> Tensor:
+    """The second projection's input ``[t, I]`` for tokens ``x [t, d]``, ``w_first [F*I, d]`` and
+    ``b_first [F*I]``."""
     h = x @ w_first.T  # [t, F*I]
-    if gated:
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h)
+    return glu(h if b_first is None else h + b_first)
 
 
 def group_by_expert(r: Routing) -> list[tuple[int, Tensor, Tensor]]:

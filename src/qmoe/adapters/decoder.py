@@ -85,29 +85,43 @@ class DecoderMoEAdapter(Adapter):
     def prepare_stack(self, hf_config: Any, stack: StackSpec, get: Callable[[str], Tensor]) -> dict[str, Any]:
         with torch.device("cpu"):  # no weights, only the inv_freq buffer computed from the config
             rotary = _import(self.rotary_class)(hf_config)
-        return {"rotary": rotary, "cache": {}}
+        # Layers of type "sliding_attention" (gpt-oss alternates them with full attention) see only the last
+        # ``sliding_window`` positions, as transformers' sliding_window_causal_mask_function defines.
+        types = getattr(hf_config, "layer_types", None) or ()
+        window = getattr(hf_config, "sliding_window", None)
+        windows = [window if t == "sliding_attention" and window else None for t in types]
+        return {"rotary": rotary, "windows": windows, "cache": {}}
 
     def _context(
-        self, state: dict[str, Any], S: int, device: torch.device
+        self, state: dict[str, Any], i: int, S: int, device: torch.device
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        key = (S, str(device))
+        window = state["windows"][i] if i < len(state["windows"]) else None
+        key = (S, str(device), window)
         if key not in state["cache"]:
             x = torch.zeros(1, S, 1)
             cos, sin = state["rotary"](x, torch.arange(S)[None])  # [1, S, head_dim] each
-            mask = torch.full((S, S), torch.finfo(torch.float32).min).triu(1)[None, None]  # [1, 1, S, S]
-            state["cache"][key] = (mask.to(device), (cos.to(device), sin.to(device)))
+            q, k = torch.arange(S)[:, None], torch.arange(S)[None, :]
+            allowed = k <= q if window is None else (k <= q) & (k > q - window)  # [S, S]
+            mask = torch.zeros(S, S).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+            state["cache"][key] = (mask.to(device), (cos.to(device), sin.to(device)))  # mask [1, 1, S, S]
         return state["cache"][key]
 
     def block_forward(
         self, block: torch.nn.Module, i: int, hidden: Tensor, memory: Tensor | None, state: dict[str, Any]
     ) -> Tensor:
-        mask, pos = self._context(state, hidden.shape[1], hidden.device)
+        mask, pos = self._context(state, i, hidden.shape[1], hidden.device)
         out = block(hidden, attention_mask=mask, position_embeddings=pos)
         return out[0] if isinstance(out, tuple) else out
 
+    routing_args = (
+        "hidden_states",
+        "top_k_index",
+        "top_k_weights",
+    )  # names of the experts' forward arguments
+
     def routing(self, args: tuple, kwargs: dict[str, Any]) -> Routing:
         # experts.forward(hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k])
-        x, index, weights = bind(args, kwargs, ("hidden_states", "top_k_index", "top_k_weights"))
+        x, index, weights = bind(args, kwargs, self.routing_args)
         T, k = index.shape
         token = torch.arange(T, device=x.device).repeat_interleave(k)  # token-major, as the router ranked
         return Routing(x, token, index.reshape(-1).long(), weights.reshape(-1))

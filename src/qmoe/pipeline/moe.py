@@ -5,8 +5,8 @@ unchanged up to the routing decision) that reads the routing from its arguments 
 then, depending on the mode:
 
 - ``"first"``: feeds each expert's routed tokens (the normed block input) into ``H_first [E, d, d]``;
-- ``"second"``: feeds ``act(x W_first^T)`` -- with the *already quantized* first projection, so that the
-  second projection compensates the first one's error (GPTQ's true-sequential order) -- into
+- ``"second"``: feeds ``glu(x W_first^T + b_first)`` -- with the *already quantized* first projection, so
+  that the second projection compensates the first one's error (GPTQ's true-sequential order) -- into
   ``H_second [E, I, I]``;
 - ``"run"``: computes the layer's output with the current weights (counting routed tokens when asked).
 
@@ -40,14 +40,15 @@ class MoELayerCalibration:
         adapter: Adapter,
         w_first: Tensor,
         w_second: Tensor,
-        act: Callable[[Tensor], Tensor],
+        glu: Callable[[Tensor], Tensor],
         cap: int | None,
         gate_weighted: bool = False,
+        biases: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         self.adapter = adapter
         self.w_first, self.w_second = w_first, w_second
-        self.act = act
-        self.gated = adapter.experts.gated
+        self.glu = glu  # [t, F*I] -> [t, I]
+        self.b_first, self.b_second = (None, None) if biases is None else biases  # [E, F*I], [E, d]
         self.n_experts = w_first.shape[0]
         self.cap = cap
         self.gate_weighted = gate_weighted
@@ -80,7 +81,7 @@ class MoELayerCalibration:
         if self.count_tokens:
             self.routed += torch.bincount(r.expert.cpu(), minlength=self.n_experts)
         if self.mode == "run":
-            return expert_forward(r, self.w_first, self.w_second, self.act, self.gated)
+            return expert_forward(r, self.w_first, self.w_second, self.glu, self.b_first, self.b_second)
         self._capture(r)
         return torch.zeros_like(r.x)
 
@@ -98,7 +99,8 @@ class MoELayerCalibration:
                 continue
             x = r.x[tok[:take]]  # [t, d]: the first tokens in sample order
             if self.mode == "second":
-                x = expert_hidden(x, self.w_first[e], self.act, self.gated)  # [t, I]
+                b = None if self.b_first is None else self.b_first[e]
+                x = expert_hidden(x, self.w_first[e], self.glu, b)  # [t, I]
             if self.gate_weighted:  # the layer adds g * expert(x): a token's error counts g^2 times
                 x = x * gate[:take, None].to(x.dtype)
             xs.append(x)

@@ -37,7 +37,9 @@ class BlockPlan:
     g: int  # index over all stacks
     tensor_keys: list[str]  # non-expert tensors of the block (copied to the output as they are)
     moe_path: str | None
-    expert_keys: list[str] = field(default_factory=list)
+    expert_keys: list[str] = field(default_factory=list)  # on-disk expert weights (read)
+    # the encoded matrices written for them: (name, [rows, cols]), one per expert and projection
+    matrices: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -76,18 +78,17 @@ def _check_block(
         block = adapter.build_block(hf_config, stack, i)
     expected: dict[str, tuple[int, ...]] = {}
     container = None if moe is None else f"{moe}.{layout.container}."
+    biases = set() if moe is None else {layout.bias_key(moe, p) for p in layout.projections} - {None}
     for name, t in block.state_dict().items():
         key = adapter.disk_key(prefix + name)
-        if container is None or not key.startswith(container):
+        if container is None or not key.startswith(container) or key in biases:  # biases stay as stored
             expected[key] = tuple(t.shape)
     tensor_keys = list(expected)
     expert_keys = []
     if moe is not None:
-        for e in range(n_experts):
-            for p in layout.projections:
-                key = layout.expert_key(moe, e, p)
-                expected[key] = layout.shape(plan_cfg, p)
-                expert_keys.append(key)
+        for key, shape in layout.disk_tensors(moe, plan_cfg, n_experts).items():
+            expected[key] = shape
+            expert_keys.append(key)
     on_disk = {k for k in reader.keys() if k.startswith(prefix)}
     missing = [k for k in expected if k not in on_disk]
     if missing:
@@ -194,7 +195,17 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
             tensor_keys, expert_keys = _check_block(adapter, plan_cfg, hf_config, reader, stack, i, n_experts)
             moe = stack.moe_path(i)
             moe = None if moe is None else adapter.disk_key(moe)  # expert keys and report rows: on-disk names
-            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, moe, expert_keys))
+            layout = adapter.experts
+            matrices = (
+                []
+                if moe is None
+                else [
+                    (layout.expert_key(moe, e, p), layout.shape(plan_cfg, p))
+                    for e in range(n_experts)
+                    for p in layout.projections
+                ]
+            )
+            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, moe, expert_keys, matrices))
     needed = {s.embed_key for s in stacks} | {s.final_norm_key for s in stacks if s.final_norm_key}
     needed |= set(adapter.head_keys(plan_cfg).values())
     missing = sorted(k for k in needed if k not in reader)
@@ -207,7 +218,7 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
     expert_params = sum(reader.numel(k) for b in blocks for k in b.expert_keys)
     params = sum(reader.numel(k) for k in reader.keys())
     if config.target_bits is not None:
-        _check_target_bits(config.target_bits, [(k, reader.shape(k)) for b in blocks for k in b.expert_keys])
+        _check_target_bits(config.target_bits, [m for b in blocks for m in b.matrices])
 
     from qmoe.codec import FORMAT_VERSION
 

@@ -251,14 +251,7 @@ def fallback_list(q: QuantizedExperts) -> list[bool]:
 def stack_experts(
     tensors: dict[str, Tensor], layout: ExpertLayout, moe_path: str, n_experts: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """``(w_first [E, F*I, d], w_second [E, d, I])`` float32 on ``device`` from per-expert 2-D weights."""
-    first = torch.stack(
-        [
-            torch.cat([tensors[layout.expert_key(moe_path, e, p)] for p in layout.first])
-            for e in range(n_experts)
-        ]
-    ).to(device, torch.float32)
-    second = torch.stack(
-        [tensors[layout.expert_key(moe_path, e, layout.second)] for e in range(n_experts)]
-    ).to(device, torch.float32)
-    return first, second
+    """``(w_first [E, F*I, d], w_second [E, d, I])`` float32 on ``device`` from the on-disk expert tensors."""
+    first = torch.cat([layout.weights(tensors, moe_path, p, n_experts) for p in layout.first], dim=1)
+    second = layout.weights(tensors, moe_path, layout.second, n_experts)
+    return first.to(device, torch.float32), second.to(device, torch.float32)

@@ -115,9 +115,7 @@ class _Run:
         self.buffers: dict[str, ActivationBuffer] = {}
         self.stack_state: dict[str, dict[str, Any]] = {}
         self.norm_weights: dict[str, Tensor] = {}
-        from transformers.activations import ACT2FN
-
-        self.act = ACT2FN[p.adapter.activation(p.hf_config.to_dict())]
+        self.glu = p.adapter.expert_glu(p.hf_config.to_dict())  # [t, F*I] -> [t, I]
         self._printed_header = False
 
     # -- buffers ---------------------------------------------------------------------------------------------
@@ -234,7 +232,14 @@ class _Run:
         cap = None
         if config.token_cap > 0:  # QMoE: at most token_cap x the mean routed tokens per expert
             cap = int(np.ceil(config.token_cap * n_tokens * adapter.top_k(self.p.source_cfg) / E))
-        cal = MoELayerCalibration(adapter, w_first, w_second, self.act, cap, config.gate_weighted)
+        biases = None  # (b_first [E, F*I], b_second [E, d]): kept as stored, but part of the experts' math
+        if layout.bias is not None:
+            b = {
+                p: raw[layout.bias_key(bp.moe_path, p)].to(self.device, torch.float32)
+                for p in layout.projections
+            }
+            biases = (torch.cat([b[p] for p in layout.first], dim=1), b[layout.second])
+        cal = MoELayerCalibration(adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases)
         cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
 
         cal.start("run")
@@ -536,8 +541,8 @@ def compress(
     del rest
     names = {0: list(p.rest_keys)}
     for bp in p.blocks:
-        names[bp.g + 1] = [*bp.tensor_keys, *bp.expert_keys]
-    expert_keys = [k for bp in p.blocks for k in bp.expert_keys]
+        names[bp.g + 1] = [*bp.tensor_keys, *(k for k, _ in bp.matrices)]
+    expert_keys = [k for bp in p.blocks for k, _ in bp.matrices]
     total_bytes = output.write_index(p.out, run.n_shards, names, expert_keys)
     output.copy_side_files(p.source, p.out)
 

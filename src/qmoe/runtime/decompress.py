@@ -2,7 +2,9 @@
 
 For runtimes that do not know qmoe's format: every encoded expert matrix is decoded (``codec.dequantize``,
 float32 ``[out, in]``) and written under its own on-disk key, which is the family's original layout (the
-compressed shards keep the source's key names), next to the non-expert tensors, all cast to one ``dtype``.
+compressed shards keep the source's key names; a stacked layout's ``[E, ...]`` tensors, gpt-oss's, are
+reassembled from the per-expert matrices ``<key>.<e>``), next to the non-expert tensors, all cast to one
+``dtype``.
 ``config.json`` loses its ``quantization_config``, so transformers loads the result without qmoe installed.
 
 Streaming: one shard is read, decoded and written at a time, so peak memory is about one decoded shard. The
@@ -18,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from qmoe.errors import ConfigError
+from qmoe.errors import ConfigError, FormatError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
@@ -33,10 +35,13 @@ def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> di
     import torch
     from safetensors.torch import save_file
 
+    from qmoe.adapters import get_adapter
     from qmoe.codec import dequantize, load_shard
     from qmoe.runtime.load import INDEX_FILE, check_dir
 
     path, cfg, files = check_dir(src)
+    adapter = get_adapter(cfg)
+    layout, n_experts = adapter.experts, adapter.num_experts(cfg)
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
@@ -54,9 +59,20 @@ def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> di
     for f in files:
         shard = load_shard(f, verify=True)  # crc32 of every tensor checked
         dense = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in shard.tensors.items()}
+        stacks: dict[str, dict[int, Any]] = {}  # stacked layouts: on-disk key -> {expert: [out, in]}
         for key, enc in shard.encoded.items():
-            dense[key] = torch.from_numpy(dequantize(enc)).to(torch_dtype)  # [out, in], nn.Linear layout
+            w = torch.from_numpy(dequantize(enc)).to(torch_dtype)  # [out, in], nn.Linear layout
             experts += 1
+            if layout.stacked:  # "<on-disk key>.<e>"
+                disk, e = key.rsplit(".", 1)
+                stacks.setdefault(disk, {})[int(e)] = w
+            else:
+                dense[key] = w
+        for disk, mats in stacks.items():
+            if sorted(mats) != list(range(n_experts)):
+                raise FormatError(f"{f}: {disk} has {len(mats)} of {n_experts} experts; re-run qmoe compress")
+            w = torch.stack([mats[e] for e in range(n_experts)])  # [E, out, in]
+            dense[disk] = w.transpose(1, 2) if layout.transposed else w
         save_file({k: v.contiguous() for k, v in dense.items()}, str(tmp / f.name), metadata={"format": "pt"})
         total += sum(v.numel() * v.element_size() for v in dense.values())
         weight_map.update({k: f.name for k in dense})

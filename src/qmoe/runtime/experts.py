@@ -32,21 +32,29 @@ from qmoe.errors import FormatError
 class CompressedExperts(nn.Module):
     """The experts of one MoE layer as encoded matrices; no parameters, no buffers.
 
-    Expert ``e`` computes ``second(act(first[0](x)) * first[1](x))`` (gated) or ``second(act(first[0](x)))``,
-    scaled by its gate weight and summed into the token's output, as the module it replaces does.
+    Expert ``e`` computes ``second(glu(first(x) + b_first)) + b_second`` (``ExpertLayout``; biases only where
+    the family has them), scaled by its gate weight and summed into the token's output, as the module it
+    replaces does.
     """
 
     def __init__(self, layout: ExpertLayout, routing: Callable[[tuple, dict[str, Any]], Routing],
-                 num_experts: int, activation: str, shapes: dict[str, tuple[int, int]]) -> None:
-        from transformers.activations import ACT2FN
-
+                 num_experts: int, glu: Callable[[Tensor], Tensor], shapes: dict[str, tuple[int, int]],
+                 activation: str = "") -> None:
         super().__init__()
         self.layout = layout
         self.routing = routing
         self.num_experts = num_experts
-        self.activation = activation
-        self.act_fn = ACT2FN[activation]
+        self.activation = activation  # its name, for repr
+        self.glu = glu  # [t, F*I] -> [t, I]
         self.shapes = dict(shapes)  # projection -> (rows, cols), nn.Linear orientation [out, in]
+        # Stacked biases [E, rows] (gpt-oss) are ordinary parameters under their on-disk names relative to
+        # this module ("gate_up_proj_bias"), so that transformers loads them as it loads the rest.
+        self.bias_names: dict[str, str] = {}
+        for p in layout.projections if layout.bias else ():
+            name = layout.bias.format(proj=p).removeprefix(layout.container + ".")
+            self.register_parameter(name, nn.Parameter(torch.zeros(num_experts, shapes[p][0]),
+                                                       requires_grad=False))
+            self.bias_names[p] = name
         # matrices[proj][e]; None until set_expert fills it
         self.matrices: dict[str, list[EncodedMatrix | None]] = {p: [None] * num_experts
                                                                  for p in layout.projections}
@@ -113,11 +121,12 @@ class CompressedExperts(nn.Module):
         counts.index_add_(0, r.expert, torch.ones_like(r.expert, dtype=torch.int32))  # [E], no host sync
         bound = min(self.num_experts, n)  # experts with tokens, at most
         x = r.x.float()[tok]  # [n, d] grouped by expert
-        h = [matmul_routed(self.matrices[p], self._state[p], x, counts, bound, backend)
-             for p in self.layout.first]  # [n, I] each
-        hidden = self.act_fn(h[0]) * h[1] if self.layout.gated else self.act_fn(h[0])
+        expert = r.expert[order]  # [n]
+        h = torch.cat([matmul_routed(self.matrices[p], self._state[p], x, counts, bound, backend)
+                       + self._bias(p, expert) for p in self.layout.first], dim=1)  # [n, F*I]
         second = self.layout.second
-        y = matmul_routed(self.matrices[second], self._state[second], hidden, counts, bound, backend)  # [n,d]
+        y = matmul_routed(self.matrices[second], self._state[second], self.glu(h), counts, bound, backend)
+        y = y + self._bias(second, expert)  # [n, d]
         out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
         return out
 
@@ -130,19 +139,24 @@ class CompressedExperts(nn.Module):
         from qmoe.kernels import matmul_experts
 
         x = r.x.float()  # the kernels compute in float32 whatever the model's dtype
-        first, gated = self.layout.first, self.layout.gated
+        first, second = self.layout.first, self.layout.second
         xs = [x[tok] for _, tok, _ in groups]  # [t_e, d] each
         # One grouped call per stage: every active expert's first projection(s), then every second one.
         h = matmul_experts([self.matrices[p][e] for e, _, _ in groups for p in first],
                            [xe for xe in xs for _ in first], backend)  # [t_e, I] per (expert, projection)
         k = len(first)
-        hidden = [self.act_fn(h[i * k]) * h[i * k + 1] if gated else self.act_fn(h[i * k])
-                  for i in range(len(groups))]  # [t_e, I]
-        y = matmul_experts([self.matrices[self.layout.second][e] for e, _, _ in groups], hidden,
-                           backend)  # [t_e, d]
-        for (_, tok, w), ye in zip(groups, y, strict=True):
-            out.index_add_(0, tok, (ye * w[:, None]).to(out.dtype))
+        hidden = [self.glu(torch.cat([h[i * k + j] + self._bias(p, e) for j, p in enumerate(first)], dim=1))
+                  for i, (e, _, _) in enumerate(groups)]  # [t_e, I]
+        y = matmul_experts([self.matrices[second][e] for e, _, _ in groups], hidden, backend)  # [t_e, d]
+        for (e, tok, w), ye in zip(groups, y, strict=True):
+            out.index_add_(0, tok, ((ye + self._bias(second, e)) * w[:, None]).to(out.dtype))
         return out
+
+    def _bias(self, proj: str, e: int | Tensor) -> Tensor | float:
+        """``proj``'s bias for expert ``e`` (``[rows]``), or for each pair's expert ``e [n]`` (``[n, rows]``);
+        0 where the family has none."""
+        name = self.bias_names.get(proj)
+        return 0.0 if name is None else getattr(self, name)[e].float()
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{p}={r}x{c}" for p, (r, c) in self.shapes.items())

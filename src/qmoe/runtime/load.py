@@ -104,7 +104,8 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
     slots: dict[str, tuple[CompressedExperts, int, str]] = {}  # on-disk key -> (module, expert, projection)
     for layer in adapter.moe_layers(cfg):
         parent = _submodule(model, layer)
-        module = CompressedExperts(layout, adapter.routing, n_experts, adapter.activation(cfg), shapes)
+        module = CompressedExperts(layout, adapter.routing, n_experts, adapter.expert_glu(cfg), shapes,
+                                   adapter.activation(cfg))
         setattr(parent, layout.container, module)
         # transformers re-initialises modules it did not load weights into; these have none to initialise,
         # and the family's _init_weights would index the experts container it expects.
