@@ -190,3 +190,58 @@ def test_cli_eval_and_generate(family_compressed, capsys: pytest.CaptureFixture)
     res = json.loads(capsys.readouterr().out)
     assert res["loss"] > 0 and res["tokens"] > 0
     assert main(["generate", str(out), "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_shared_experts_quantized(family: str, tmp_path: Path, tokenizer_dir: Path) -> None:
+    """``--shared-experts ternary``: the shared experts are encoded (Hessians from every calibration token),
+    reported on their own line, run compressed by ``qmoe.load`` and decompressed back to dense weights."""
+    from transformers import AutoModelForCausalLM
+
+    from qmoe.pipeline import compress
+    from qmoe.pipeline.report import summary
+    from qmoe.runtime.decompress import decompress
+    from qmoe.runtime.linear import CompressedLinear
+
+    torch.manual_seed(0)
+    model = _model(family)
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, dense / f.name)
+    cfg = dict(calib_samples=16, seq_len=32, eval_samples=8, batch_size=8)
+    kept = compress(dense, tmp_path / "kept", CompressConfig(**cfg), device="cpu", progress=False)
+    out = tmp_path / "shared"
+    rep = compress(dense, out, CompressConfig(shared_experts="ternary", **cfg), device="cpu", progress=False)
+
+    shared_name = "shared_expert" if family == "qwen2_moe" else "shared_experts"
+    shared_params = sum(p.numel() for n, p in model.named_parameters() if f".{shared_name}." in n)
+    t, tk = rep["totals"], kept["totals"]
+    assert t["shared_expert_params"] == tk["shared_expert_params"] == shared_params
+    assert tk["shared_expert_bits_per_weight"] == 32.0  # kept as stored (float32 here)
+    # ternary codes plus per-matrix tables, levels and headers, which dominate matrices this small: about
+    # what the routed experts' matrices of the same or smaller size cost
+    assert 1 < t["shared_expert_bits_per_weight"] < 1.25 * t["expert_bits_per_weight"]
+    assert t["expert_params"] == tk["expert_params"] and t["params"] == tk["params"]
+    assert all(r["shared"]["tokens_used"] == 16 * 32 for r in rep["layers"])  # every token, no cap
+    assert "quantized at ternary" in summary(rep) and "kept as stored" in summary(kept)
+    assert rep["eval"]["loss_compressed"] != kept["eval"]["loss_compressed"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sum(f".{shared_name}." in k for k in index["qmoe_encoded"]) == 3 * len(rep["layers"])
+
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    a = qmoe.load(out)
+    assert sum(isinstance(m, CompressedLinear) for m in a.modules()) == 3 * len(rep["layers"])
+    decompress(out, tmp_path / "back", "fp32")
+    c = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(c(input_ids=ids).logits, a(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_experts_refused_without_any(tmp_path: Path) -> None:
+    from qmoe.errors import ConfigError
+    from qmoe.pipeline import compress
+
+    _model("mixtral").save_pretrained(tmp_path / "dense")
+    with pytest.raises(ConfigError, match="mixtral models have no shared experts"):
+        compress(tmp_path / "dense", tmp_path / "out", CompressConfig(shared_experts="2"), progress=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 from qmoe.errors import ConfigError
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 # Settings that version 1 lacked, with the values version-1 runs used: read old configs as they ran.
 _V1_DEFAULTS = {
     "rate": 0.0,
@@ -24,8 +24,11 @@ _V1_DEFAULTS = {
     "gate_weighted": False,
     "level_scale": 1.0,
 }
+# Settings that version 2 lacked, with the values version-2 runs used.
+_V2_DEFAULTS = {"shared_experts": "keep"}
 
 BITS = ("ternary", "2")
+SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
 METHODS = ("gptq", "rtn")
 # Grids each width may use (names from qmoe.grids); the first is the default.
 GRIDS_FOR_BITS = {"ternary": ("ternary", "ternary-opt"), "2": ("int2",)}
@@ -58,6 +61,9 @@ class CompressConfig:
     - ``gate_weighted``: weight each token in an expert's Hessian by its squared gate value: the layer's
       output is ``sum_e g_e(x) expert_e(x)``, so an error on a token the router gave weight ``g`` costs
       ``g^2`` times as much.
+    - ``shared_experts``: ``"keep"`` the shared experts (the MLP every token uses next to the routed ones,
+      Qwen2-MoE and DeepSeek-V3) as stored, or quantize them by ``method`` at ``"ternary"`` or ``"2"`` bits
+      (the width's default grid, nearest rounding), with Hessians from every calibration token.
     - ``eval``: measure the loss of the reference and the compressed model on ``eval_data`` (first entry is
       the report's ``eval``; the rest go to ``eval_extra``) in the same streaming pass, with ``eval_samples``
       samples each. Evaluation samples never enter a Hessian.
@@ -87,10 +93,15 @@ class CompressConfig:
     eval_data: tuple[str, ...] = ("validation",)
     eval_samples: int = 256
     batch_size: int = 32
+    shared_experts: str = "keep"
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
             raise ConfigError(f"bits must be one of {', '.join(BITS)}, got {self.bits!r}")
+        if self.shared_experts not in SHARED:
+            raise ConfigError(
+                f"shared_experts must be one of {', '.join(SHARED)}, got {self.shared_experts!r}"
+            )
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         allowed = GRIDS_FOR_BITS[self.bits]
@@ -143,7 +154,9 @@ class CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
         if version == 1:
-            d = {**_V1_DEFAULTS, **d}
+            d = {**_V1_DEFAULTS, **_V2_DEFAULTS, **d}
+        elif version == 2:
+            d = {**_V2_DEFAULTS, **d}
         elif version != CONFIG_VERSION:
             raise ConfigError(
                 f"compress config version {version} is not supported (this qmoe reads "

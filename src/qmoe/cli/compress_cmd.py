@@ -74,6 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"ternary {{lo, 0, hi}} per row, entropy coded (QMoE), or 2-bit (default: {d.bits})",
     )
     p.add_argument(
+        "--shared-experts",
+        choices=("keep", "ternary", "2"),
+        default=None,
+        help="shared experts (Qwen2-MoE, DeepSeek-V3, GLM-4-MoE: the MLP every token uses): keep them as "
+        "stored, or quantize them at ternary or 2 bits with Hessians from every token (default: keep)",
+    )
+    p.add_argument(
         "--method",
         choices=("gptq", "rtn"),
         default=None,
@@ -201,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         "level_scale": args.level_scale,
         "target_bits": args.target_bits,
         "refit": args.refit,
+        "shared_experts": args.shared_experts,
         "no_drop": False if args.keep_capacity else None,
         "skip_sentinels": False if args.keep_sentinels else None,
     }

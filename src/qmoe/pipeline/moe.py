@@ -58,6 +58,10 @@ class MoELayerCalibration:
         self.token_mask: Tensor | None = None  # [T] bool for the current batch; None: every token counts
         self.routed = torch.zeros(self.n_experts, dtype=torch.int64)  # [E] tokens the router sent, all passes
         self._seen = torch.zeros(self.n_experts, dtype=torch.int64)  # [E] routed so far in this capture pass
+        # Shared experts being quantized (--shared-experts): (w_first [1, F*I_s, d], w_second [1, d, I_s]);
+        # every unmasked token enters their Hessian (no cap, no gate weight), in the same capture passes.
+        self.shared: tuple[Tensor, Tensor] | None = None
+        self.shared_hessian: HessianAccumulator | None = None
 
     def install(self, experts_module: torch.nn.Module) -> None:
         experts_module.forward = self._forward  # type: ignore[method-assign]
@@ -72,9 +76,12 @@ class MoELayerCalibration:
         elif mode == "second":
             cols = self.w_second.shape[2]
         else:
-            self.hessian = None
+            self.hessian = self.shared_hessian = None
             return
         self.hessian = HessianAccumulator(self.n_experts, cols, device=self.w_first.device)
+        if self.shared is not None:
+            shared_cols = self.shared[0 if mode == "first" else 1].shape[2]
+            self.shared_hessian = HessianAccumulator(1, shared_cols, device=self.w_first.device)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Tensor:
         r = self.adapter.routing(args, kwargs)
@@ -108,3 +115,9 @@ class MoELayerCalibration:
         if xs:
             assert self.hessian is not None
             self.hessian.add(torch.cat(es), torch.cat(xs).float())
+        if self.shared is not None and self.shared_hessian is not None:
+            x = r.x if self.token_mask is None else r.x[self.token_mask.to(r.x.device)]  # [t, d]
+            if self.mode == "second":
+                x = expert_hidden(x, self.shared[0][0], self.glu)  # [t, I_s]
+            zeros = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+            self.shared_hessian.add(zeros, x.float())

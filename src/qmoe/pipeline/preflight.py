@@ -40,6 +40,9 @@ class BlockPlan:
     expert_keys: list[str] = field(default_factory=list)  # on-disk expert weights (read)
     # the encoded matrices written for them: (name, [rows, cols]), one per expert and projection
     matrices: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
+    # on-disk weights of the MoE layer's shared experts: kept in tensor_keys, or (--shared-experts ternary|2)
+    # read, quantized and encoded like the routed experts (and then listed in matrices too)
+    shared_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Plan:
     out: Path
     state: RunState | None  # an unfinished run of the same settings to resume
     complete: bool  # the output already holds this run, finished
+    shared_params: int = 0  # weights of the shared experts' projections (kept or compressed)
 
 
 def _check_block(
@@ -109,6 +113,26 @@ def _check_block(
             f"{extra[0]}); the weights do not match the config"
         )
     return tensor_keys, expert_keys
+
+
+def _shared_keys(
+    adapter: Adapter, stack: StackSpec, i: int, config: CompressConfig, tensor_keys: list[str]
+) -> list[str]:
+    """On-disk weights of block ``i``'s shared experts (the layout's projection names under
+    ``adapter.shared_experts``); refuses ``--shared-experts ternary|2`` for a family that has none."""
+    moe = stack.moe_path(i)
+    if adapter.shared_experts is None:
+        if config.shared_experts != "keep":
+            raise ConfigError(
+                f"--shared-experts {config.shared_experts}: {adapter.name} models have no shared experts; "
+                "drop the option"
+            )
+        return []
+    if moe is None:
+        return []
+    prefix = f"{moe}.{adapter.shared_experts}"
+    keys = [adapter.disk_key(f"{prefix}.{p}.weight") for p in adapter.experts.projections]
+    return [k for k in keys if k in tensor_keys]
 
 
 def _free_bytes(path: Path) -> int:
@@ -205,7 +229,11 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
                     for p in layout.projections
                 ]
             )
-            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, moe, expert_keys, matrices))
+            shared = _shared_keys(adapter, stack, i, config, tensor_keys)
+            if config.shared_experts != "keep":
+                tensor_keys = [k for k in tensor_keys if k not in shared]
+                matrices += [(k, reader.shape(k)) for k in shared]
+            blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, moe, expert_keys, matrices, shared))
     needed = {s.embed_key for s in stacks} | {s.final_norm_key for s in stacks if s.final_norm_key}
     needed |= set(adapter.head_keys(plan_cfg).values())
     missing = sorted(k for k in needed if k not in reader)
@@ -213,9 +241,10 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
         raise SourceError(
             f"{reader.path} lacks tensor {missing[0]} that the model needs; the checkpoint is incomplete"
         )
-    in_blocks = {k for b in blocks for k in (*b.tensor_keys, *b.expert_keys)}
+    in_blocks = {k for b in blocks for k in (*b.tensor_keys, *b.expert_keys, *b.shared_keys)}
     rest_keys = [k for k in reader.keys() if k not in in_blocks]
     expert_params = sum(reader.numel(k) for b in blocks for k in b.expert_keys)
+    shared_params = sum(reader.numel(k) for b in blocks for k in b.shared_keys)
     params = sum(reader.numel(k) for k in reader.keys())
     if config.target_bits is not None:
         _check_target_bits(config.target_bits, [m for b in blocks for m in b.matrices])
@@ -262,4 +291,5 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
         out,
         state,
         complete,
+        shared_params,
     )

@@ -238,6 +238,20 @@ def encode_experts(
     return encoded, stats
 
 
+def encode_fused(names: list[str], q: QuantizedExperts, bits: str) -> dict[str, Any]:
+    """One quantized matrix ``q [1, F*rows, cols]`` (fused projections, rows in ``names`` order) as ``F``
+    encoded ``[rows, cols]`` matrices under ``names`` (the shared experts' on-disk keys)."""
+    rows = q.codes.shape[1] // len(names)
+    return {
+        name: _encode(
+            q.codes[0, j * rows : (j + 1) * rows].cpu().numpy(),
+            q.levels[0, j * rows : (j + 1) * rows].cpu().numpy(),
+            bits,
+        )
+        for j, name in enumerate(names)
+    }
+
+
 def objective_list(q: QuantizedExperts) -> list[float | None]:
     if q.objective is None:
         return [None] * q.codes.shape[0]

@@ -9,9 +9,11 @@ Report layout (``REPORT_VERSION`` 1)::
                  "array_bytes", "header_bytes", "rate": {proj: float}, "level_scale": {proj: float},
                  "seconds", "rss_bytes",
                  "per_expert": [{"expert", "tokens", "tokens_used", "fallback", "objective": {proj: ...},
-                                 "zero_fraction", "bits_per_weight", "bytes"}]}],
+                                 "zero_fraction", "bits_per_weight", "bytes"}],
+                 "shared": {"weights", "bytes", "bits_per_weight", "tokens_used"}}],  # if the family has them
      "totals": {"params", "expert_params", "bytes", "bits_per_param", "expert_bits_per_weight",
-                "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback"},
+                "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback",
+                "shared_expert_params", "shared_expert_bytes", "shared_expert_bits_per_weight"},
      "eval": {"split", "samples", "tokens", "loss_reference", "loss_compressed", "sample_tokens",
               "sample_loss_reference", "sample_loss_compressed"} | null,   # per-sample summed nats
      "eval_extra": [same as eval, for further eval_data],
@@ -21,7 +23,9 @@ What the sizes count: a layer's ``bytes`` are every byte its experts occupy in t
 encoded arrays (stream, code table, row offsets, levels, the matrix header with its crc32) plus the
 experts' entries in the safetensors header and in the qmoe header (names, shapes, offsets, crc32 strings);
 ``totals.expert_bits_per_weight`` is 8 x their sum over the expert weights. ``totals.bytes`` is the size
-of all shard files.
+of all shard files. Shared experts (the MLP every token uses, Qwen2-MoE / DeepSeek-V3) are counted apart, in
+the layer's ``shared`` entry and the ``shared_expert_*`` totals: their stored bytes when kept, their encoded
+bytes plus header share when ``--shared-experts`` quantizes them; ``expert_*`` counts the routed experts only.
 
 ``wall_seconds`` (plus the compute time of killed attempts), ``cpu_seconds`` (user + system time of this
 process: on a shared machine the honest measure of the work) and ``peak_rss_bytes`` describe the process
@@ -165,6 +169,8 @@ def totals(
 ) -> dict[str, Any]:
     experts = sum(r["experts"] for r in layers)
     fell = sum(r["fallbacks"] for r in layers)
+    shared_weights = sum(r["shared"]["weights"] for r in layers if "shared" in r)
+    shared_bytes = sum(r["shared"]["bytes"] for r in layers if "shared" in r)
     return {
         "params": params,
         "expert_params": expert_params,
@@ -176,6 +182,9 @@ def totals(
         "experts": experts,
         "experts_gptq": experts - fell,
         "experts_fallback": fell,
+        "shared_expert_params": shared_weights,
+        "shared_expert_bytes": shared_bytes,
+        "shared_expert_bits_per_weight": 8 * shared_bytes / shared_weights if shared_weights else None,
     }
 
 
@@ -233,6 +242,13 @@ def summary(report: dict[str, Any], table: bool = True) -> str:
         f"experts     {t['experts']} quantized: {t['experts_gptq']} by {report['config']['method']}, "
         f"{t['experts_fallback']} fell back to round-to-nearest",
     ]
+    if t.get("shared_expert_params"):
+        how = report["config"].get("shared_experts", "keep")
+        lines.append(
+            f"shared      {t['shared_expert_params']:,} weights in shared experts, "
+            f"{'kept as stored' if how == 'keep' else 'quantized at ' + how}: "
+            f"{t['shared_expert_bits_per_weight']:.3f} bits/weight"
+        )
     for ev in [report.get("eval"), *report.get("eval_extra", [])]:
         if ev:
             lines.append(

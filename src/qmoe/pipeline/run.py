@@ -48,6 +48,7 @@ from qmoe.pipeline.moe import MoELayerCalibration
 from qmoe.pipeline.preflight import BlockPlan, Plan, plan
 from qmoe.pipeline.quantize import (
     encode_experts,
+    encode_fused,
     fallback_list,
     group_bits,
     objective_list,
@@ -194,8 +195,15 @@ class _Run:
                 if write:
                     buf.data[i0:i1] = y.to("cpu", torch.float32)
 
+    def _shared_quantized(self, bp: BlockPlan) -> list[str]:
+        """On-disk keys of this block's shared-expert weights that are quantized (``--shared-experts``)."""
+        return bp.shared_keys if self.config.shared_experts != "keep" else []
+
     def _load_block(self, bp: BlockPlan) -> tuple[torch.nn.Module, dict[str, Tensor]]:
-        raw = self.p.reader.get_many(bp.tensor_keys)  # source dtype: written to the output as they are
+        """The block with every tensor loaded, and the source-dtype tensors written to the output as they
+        are (all but the experts' and the quantized shared experts' weights)."""
+        shared = self._shared_quantized(bp)
+        raw = self.p.reader.get_many([*bp.tensor_keys, *shared])
         with torch.device("meta"):
             block = self.p.adapter.build_block(self.p.hf_config, bp.stack, bp.i)
         prefix = bp.stack.block_prefix(bp.i) + "."
@@ -207,6 +215,8 @@ class _Run:
             container = f"{bp.stack.moe_layers[bp.i]}.{self.p.adapter.experts.container}"
         stray = [k for k in missing if container is None or not k.startswith(container + ".")]
         assert not unexpected and not stray, f"block {prefix}: unexpected {unexpected}, missing {stray}"
+        for k in shared:
+            del raw[k]
         return block, raw
 
     def _block(self, bp: BlockPlan) -> dict[str, Any] | None:
@@ -241,6 +251,13 @@ class _Run:
             biases = (torch.cat([b[p] for p in layout.first], dim=1), b[layout.second])
         cal = MoELayerCalibration(adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases)
         cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
+        shared = self._shared_modules(block, bp)  # [nn.Linear] in layout.projections order, if quantized
+        if shared:
+            F_ = len(layout.first)
+            cal.shared = (
+                torch.cat([m.weight for m in shared[:F_]])[None].float(),  # [1, F*I_s, d]
+                shared[F_].weight[None].float(),  # [1, d, I_s]
+            )
 
         cal.start("run")
         for s in ref_streams:
@@ -256,6 +273,12 @@ class _Run:
         q1, rate1, scale1 = self._quantize(w_first, H1, list(layout.first), bp.moe_path)
         del H1
         cal.w_first = q1.dequantized.to(self.device)
+        shared_tokens = 0
+        if shared:
+            if cal.shared_hessian is not None:
+                shared_tokens = int(cal.shared_hessian.counts[0])
+            sq1 = self._quantize_shared(cal.shared[0], cal.shared_hessian)
+            cal.shared = (sq1.dequantized.to(self.device), cal.shared[1])
         _kill_hook("during", bp.g)
         H2 = None
         if gptq:
@@ -266,17 +289,29 @@ class _Run:
         q2, rate2, scale2 = self._quantize(w_second, H2, [layout.second], bp.moe_path)
         del H2, w_first, w_second
         cal.w_second = q2.dequantized.to(self.device)
+        shared_encoded: dict[str, Any] = {}
+        if shared:
+            sq2 = self._quantize_shared(cal.shared[1], cal.shared_hessian)
+            # the quantized streams run the block with the quantized shared experts
+            rows = sq1.dequantized.shape[1] // len(layout.first)
+            for j, m in enumerate(shared[: len(layout.first)]):
+                m.weight.copy_(sq1.dequantized[0, j * rows : (j + 1) * rows])
+            shared[-1].weight.copy_(sq2.dequantized[0])
+            keys = self._shared_quantized(bp)
+            bits = config.shared_experts
+            shared_encoded = {**encode_fused(keys[:-1], sq1, bits), **encode_fused(keys[-1:], sq2, bits)}
+            cal.shared = cal.shared_hessian = None
         cal.start("run")
         for s in out_streams:
             cal.count_tokens = not gptq and s is calib  # RTN counts routing here; it does not depend on W
             self._propagate(block, bp, s, write=True, what="quantized")
 
         encoded, sizes = encode_experts(layout, bp.moe_path, q1, q2, config.bits)
-        shard = output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, encoded)
+        shard = output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, {**encoded, **shared_encoded})
         header = header_share(self.p.out / shard, sorted(encoded))
         routed = [int(v) for v in cal.routed.tolist()]
         names = ["+".join(layout.first), layout.second]
-        return report.layer_row(
+        row = report.layer_row(
             bp.moe_path,
             bp.stack.name,
             bp.i,
@@ -291,6 +326,37 @@ class _Run:
             rates=[rate1, rate2],
             level_scales=[scale1, scale2],
         )
+        if (
+            bp.shared_keys
+        ):  # the shared experts' own line: stored (kept) or encoded bytes, header share included
+            weights = sum(self.p.reader.numel(k) for k in bp.shared_keys)
+            if shared_encoded:
+                nbytes = sum(e.nbytes for e in shared_encoded.values())
+                nbytes += header_share(self.p.out / shard, sorted(shared_encoded))
+            else:
+                nbytes = sum(self.p.reader.nbytes(k) for k in bp.shared_keys)
+            row["shared"] = {
+                "weights": weights,
+                "bytes": nbytes,
+                "bits_per_weight": 8 * nbytes / weights,
+                "tokens_used": shared_tokens,  # tokens in their Hessians (0: kept, or round-to-nearest)
+            }
+        return row
+
+    def _shared_modules(self, block: torch.nn.Module, bp: BlockPlan) -> list[torch.nn.Module]:
+        """The block's shared-expert Linears being quantized, in ``layout.projections`` order."""
+        keys = self._shared_quantized(bp)
+        prefix = bp.stack.block_prefix(bp.i) + "."
+        to_module = self.p.adapter.module_key
+        return [block.get_submodule(to_module(k)[len(prefix) :].removesuffix(".weight")) for k in keys]
+
+    def _quantize_shared(self, W: Tensor, acc: Any) -> QuantizedExperts:
+        """The shared experts' ``W [1, rows, cols]`` at ``--shared-experts`` bits on that width's default
+        grid, with the run's method, rate and level scale (no size target: that is the routed experts')."""
+        c = self.config
+        shared_config = c.replace(bits=c.shared_experts, grid=None, target_bits=None)
+        H, counts = (None, None) if acc is None else (acc.H, acc.counts)
+        return quantize(W, H, counts, shared_config)
 
     def _quantize(
         self, W: Tensor, acc: Any, projections: list[str], moe_path: str

@@ -72,6 +72,7 @@ class QMoEHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from qmoe.kernels import prepare
         from qmoe.runtime.experts import CompressedExperts
+        from qmoe.runtime.linear import CompressedLinear
 
         # Build the CPU kernel's per-matrix handles now rather than during the first token.
         for module in model.modules():
@@ -79,6 +80,8 @@ class QMoEHfQuantizer(HfQuantizer):
                 for mats in module.matrices.values():
                     for enc in mats:
                         prepare(enc)
+            elif isinstance(module, CompressedLinear):
+                prepare(module.enc)
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:

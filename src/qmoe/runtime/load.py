@@ -95,6 +95,7 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
     from qmoe.adapters import get_adapter
     from qmoe.codec import load_shard
     from qmoe.runtime.experts import CompressedExperts
+    from qmoe.runtime.linear import CompressedLinear
 
     adapter = get_adapter(cfg)
     layout = adapter.experts
@@ -118,6 +119,11 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
     for f in files:
         shard = load_shard(f, verify=True)  # crc32 of every tensor in the file, experts and the rest
         for name, enc in shard.encoded.items():
+            if name not in slots and _is_shared(adapter, name):  # --shared-experts ternary|2
+                path_ = adapter.module_key(name).removesuffix(".weight")
+                parent, _, child = path_.rpartition(".")
+                CompressedLinear.replacing(_submodule(model, parent), child, enc)
+                continue
             if name not in slots:
                 raise FormatError(f"{f}: encoded matrix {name!r} is not an expert weight of this "
                                   f"{cfg.get('model_type')} model; the checkpoint does not match config.json")
@@ -128,6 +134,13 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
         raise FormatError(f"{path}: {len(slots)} expert weights are missing from the shards (first: "
                           f"{first}); the checkpoint is incomplete: re-run qmoe compress")
     return modules
+
+
+def _is_shared(adapter: Any, name: str) -> bool:
+    """Whether encoded matrix ``name`` is a shared-expert weight (``<moe layer>.<shared>.<proj>.weight``)."""
+    parts = adapter.module_key(name).split(".")
+    return (adapter.shared_experts is not None and len(parts) >= 3 and parts[-3] == adapter.shared_experts
+            and parts[-1] == "weight")
 
 
 def _submodule(model: Any, name: str) -> Any:
@@ -167,10 +180,13 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
     if bad:
         raise FormatError(f"{path}: the shards do not match config.json ({bad}); re-run qmoe compress")
     from qmoe.runtime.experts import CompressedExperts
+    from qmoe.runtime.linear import CompressedLinear
 
     model.to(device)
     for m in model.modules():
         if isinstance(m, CompressedExperts):
             m.backend = backend
             m.prepare(device, backend)  # device state for backends that keep one (triton); else a no-op
+        elif isinstance(m, CompressedLinear):
+            m.backend = backend
     return model.eval()
