@@ -46,9 +46,16 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 def test_unsupported_family_names_supported_ones(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
-    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": 8}
+    cfg = {"model_type": "jamba", "architectures": ["JambaForCausalLM"], "num_experts": 16}
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    fails(tmp_path / "m", tmp_path / "out", SourceError, "unsupported model family.*Qwen3MoeForCausalLM")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")  # a weights file: the family is what fails
+    fails(
+        tmp_path / "m",
+        tmp_path / "out",
+        SourceError,
+        r"unsupported model family model_type='jamba' \(JambaForCausalLM\); qmoe supports .*MixtralForCausalLM.*"
+        "DeepseekV3ForCausalLM.*GptOssForCausalLM",
+    )
     assert not (tmp_path / "out").exists()
 
 
