@@ -4,7 +4,7 @@ same block shape, one with 4x the blocks (>= 2 GB on disk), each compressed in i
     python benchmarks/memory.py [--layers 2] [--experts 32] [--d-model 512] [--d-ff 2048] [--keep DIR]
 
 The checkpoints are random fp16 SwitchTransformers weights (every block sparse) written shard by shard
-without ever building the model in memory, in the on-disk layout transformers uses. Each is compressed with
+without ever building the model in memory (``benchmarks/synthetic_switch.py``). Each is compressed with
 ``--method rtn --no-eval`` (the memory question is about streaming, not about GPTQ's math) and the peak RSS
 of the compressing process (``ru_maxrss``, from the report) is compared: target ratio <= 1.25.
 """
@@ -23,60 +23,11 @@ from pathlib import Path
 
 def write_checkpoint(path: Path, tokenizer_dir: Path, n_layers: int, args: argparse.Namespace) -> int:
     """A random fp16 Switch checkpoint with ``n_layers`` encoder and decoder blocks; returns its bytes."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    from synthetic_switch import switch_config
+    from synthetic_switch import write_checkpoint as write
 
-    path.mkdir(parents=True)
-    cfg = SwitchTransformersConfig(
-        vocab_size=args.vocab,
-        d_model=args.d_model,
-        d_kv=args.d_model // 8,
-        d_ff=args.d_ff,
-        num_heads=8,
-        num_layers=n_layers,
-        num_decoder_layers=n_layers,
-        num_sparse_encoder_layers=n_layers,
-        num_sparse_decoder_layers=n_layers,
-        num_experts=args.experts,
-        expert_capacity=128,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        tie_word_embeddings=True,
-    )
-    cfg.dtype = "float16"
-    with torch.device("meta"):
-        model = SwitchTransformersForConditionalGeneration(cfg)
-    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-    groups: dict[str, list[str]] = {}
-    for k in shapes:
-        parts = k.split(".")
-        group = ".".join(parts[:3]) if parts[1] == "block" else "rest"
-        groups.setdefault(group, []).append(k)
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for n, (_group, keys) in enumerate(sorted(groups.items())):
-        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for k in keys:
-            if k.endswith("layer_norm.weight"):
-                tensors[k] = torch.ones(shapes[k], dtype=torch.float16)
-            else:
-                fan_in = shapes[k][-1]
-                tensors[k] = (torch.randn(shapes[k], generator=gen) * fan_in**-0.5).to(torch.float16)
-            weight_map[k] = name
-            total += tensors[k].numel() * 2
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        del tensors
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
-    )
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    cfg.save_pretrained(path)  # last: marks a complete checkpoint
-    return total
+    cfg = switch_config(n_layers, args.experts, args.d_model, args.d_ff, args.vocab, "fp16")
+    return write(path, tokenizer_dir, cfg, log=False)
 
 
 def compress(src: Path, out: Path, calib_samples: int) -> dict:

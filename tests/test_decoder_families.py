@@ -245,3 +245,32 @@ def test_shared_experts_refused_without_any(tmp_path: Path) -> None:
     _model("mixtral").save_pretrained(tmp_path / "dense")
     with pytest.raises(ConfigError, match="mixtral models have no shared experts"):
         compress(tmp_path / "dense", tmp_path / "out", CompressConfig(shared_experts="2"), progress=False)
+
+
+def test_remote_code_model_type_is_one_line(tmp_path: Path) -> None:
+    """Kimi-K2 names DeepseekV3ForCausalLM but a model_type that only its remote code defines."""
+    from qmoe.errors import SourceError
+    from qmoe.pipeline import compress
+
+    _model("deepseek_v3").save_pretrained(tmp_path / "kimi")
+    cfg = json.loads((tmp_path / "kimi" / "config.json").read_text())
+    (tmp_path / "kimi" / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2"}))
+    with pytest.raises(SourceError, match="needs a model_type transformers knows \\(deepseek_v3\\)") as info:
+        compress(tmp_path / "kimi", tmp_path / "out", CompressConfig(), progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_quantized_source_is_refused_in_one_line(tmp_path: Path) -> None:
+    """gpt-oss and DeepSeek-V3 are published in mxfp4 / fp8: qmoe needs the dequantized weights."""
+    from qmoe.errors import SourceError
+    from qmoe.pipeline import compress
+
+    _model("gpt_oss").save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn"],
+    }
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match="holds mxfp4-quantized weights; qmoe compresses 16/32-bit"):
+        compress(tmp_path / "m", tmp_path / "out", CompressConfig(), progress=False)

@@ -209,7 +209,16 @@ class Adapter(ABC):
         """The transformers config, with eager attention (the position-bias and mask paths we call)."""
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(path))
+        from qmoe.errors import SourceError
+
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (ValueError, KeyError) as exc:  # e.g. a model_type only remote code defines
+            raise SourceError(
+                f"transformers cannot build the config in {path} ({str(exc).splitlines()[0][:160]}); qmoe "
+                f"runs {self.name} models through transformers' own {', '.join(self.architectures)}, so "
+                f"config.json needs a model_type transformers knows ({', '.join(self.model_types)})"
+            ) from None
         config._attn_implementation = "eager"
         return config
 

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 (``DeepseekV3ForCausalLM``; also DeepSeek-R1 and Kimi-K2, which share the architecture):
+"""DeepSeek-V3 (``DeepseekV3ForCausalLM``; also DeepSeek-R1, and Kimi-K2, which shares the architecture but
+whose config.json names the remote-code ``model_type`` "kimi_k2": set it to "deepseek_v3"):
 decoder-only with multi-head latent attention; the first ``first_k_dense_replace`` layers have a dense MLP,
 the rest an MoE layer of ``n_routed_experts`` SwiGLU experts chosen by group-limited sigmoid routing with a
 score-correction bias (``mlp.gate``, ``mlp.gate.e_score_correction_bias``), plus shared experts that every
@@ -19,7 +20,7 @@ _MODELING = "transformers.models.deepseek_v3.modeling_deepseek_v3"
 
 class DeepseekV3Adapter(DecoderMoEAdapter):
     name = "deepseek_v3"
-    model_types = ("deepseek_v3", "kimi_k2")
+    model_types = ("deepseek_v3",)
     architectures = ("DeepseekV3ForCausalLM",)
     layer_class = f"{_MODELING}.DeepseekV3DecoderLayer"
     rotary_class = f"{_MODELING}.DeepseekV3RotaryEmbedding"

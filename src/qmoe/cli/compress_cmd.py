@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 NAME = "compress"
 HELP = (
@@ -229,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     report = compress(
         args.source, args.out, config, device=args.device, buffer_gb=args.buffer_gb, progress=not args.quiet
     )
-    # The live table already showed the layers unless --quiet.
-    print(summary(report, table=args.quiet))
-    print(f"wrote {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the job
+        # The live table already showed the layers unless --quiet.
+        print(summary(report, table=args.quiet))
+        print(f"wrote {args.out}")
     return 0

@@ -44,12 +44,16 @@ class MoELayerCalibration:
         cap: int | None,
         gate_weighted: bool = False,
         biases: tuple[Tensor, Tensor] | None = None,
+        owned: range | None = None,
     ) -> None:
         self.adapter = adapter
         self.w_first, self.w_second = w_first, w_second
         self.glu = glu  # [t, F*I] -> [t, I]
         self.b_first, self.b_second = (None, None) if biases is None else biases  # [E, F*I], [E, d]
         self.n_experts = w_first.shape[0]
+        # The experts whose Hessians this process accumulates (a distributed run splits them, see
+        # qmoe.pipeline.dist): the accumulators hold experts owned.start .. owned.stop - 1 at rows 0, 1, ...
+        self.owned = range(self.n_experts) if owned is None else owned
         self.cap = cap
         self.gate_weighted = gate_weighted
         self.mode = "run"
@@ -78,7 +82,7 @@ class MoELayerCalibration:
         else:
             self.hessian = self.shared_hessian = None
             return
-        self.hessian = HessianAccumulator(self.n_experts, cols, device=self.w_first.device)
+        self.hessian = HessianAccumulator(len(self.owned), cols, device=self.w_first.device)
         if self.shared is not None:
             shared_cols = self.shared[0 if mode == "first" else 1].shape[2]
             self.shared_hessian = HessianAccumulator(1, shared_cols, device=self.w_first.device)
@@ -102,7 +106,7 @@ class MoELayerCalibration:
                 tok.numel() if self.cap is None else max(0, min(tok.numel(), self.cap - int(self._seen[e])))
             )
             self._seen[e] += tok.numel()
-            if take == 0:
+            if take == 0 or e not in self.owned:
                 continue
             x = r.x[tok[:take]]  # [t, d]: the first tokens in sample order
             if self.mode == "second":
@@ -111,7 +115,7 @@ class MoELayerCalibration:
             if self.gate_weighted:  # the layer adds g * expert(x): a token's error counts g^2 times
                 x = x * gate[:take, None].to(x.dtype)
             xs.append(x)
-            es.append(torch.full((take,), e, dtype=torch.int64, device=x.device))
+            es.append(torch.full((take,), e - self.owned.start, dtype=torch.int64, device=x.device))
         if xs:
             assert self.hessian is not None
             self.hessian.add(torch.cat(es), torch.cat(xs).float())

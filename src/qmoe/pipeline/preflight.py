@@ -206,6 +206,12 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
     require_moe(src, cfg)
     if is_compressed(cfg):
         raise SourceError(f"{src} is already a qmoe-compressed model; compress the original checkpoint")
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    if method:  # DeepSeek-V3's fp8 and gpt-oss's mxfp4 releases, GPTQ/AWQ files, ...
+        raise SourceError(
+            f"{src} holds {method}-quantized weights; qmoe compresses 16/32-bit checkpoints: dequantize it "
+            "first (load it in transformers with the quantization's dequantize option and save_pretrained)"
+        )
     adapter = get_adapter(cfg)
     reader = ShardReader(src)
     hf_config = adapter.hf_config(src)

@@ -182,10 +182,19 @@ def _encode(codes: np.ndarray, levels: np.ndarray, bits: str) -> Any:
 
 
 def group_bits(
-    layout: ExpertLayout, moe_path: str, q: QuantizedExperts, projections: list[str], bits: str
+    layout: ExpertLayout,
+    moe_path: str,
+    q: QuantizedExperts,
+    projections: list[str],
+    bits: str,
+    first: int = 0,
+    total: Callable[[list[int]], list[int]] = list,
 ) -> float:
     """Stored bits/weight of a quantized group (the fused first projections, or the second): encoded
-    arrays plus each matrix's estimated share of the shard header (``codec.matrix_header_bytes``)."""
+    arrays plus each matrix's estimated share of the shard header (``codec.matrix_header_bytes``).
+
+    ``q`` holds experts ``first, first + 1, ...``; ``total`` sums integer counts over the ranks that hold
+    the rest of the group (``Dist.sum_ints``; one process: the identity)."""
     from qmoe.codec.container import matrix_header_bytes
 
     rows = q.codes.shape[1] // len(projections)
@@ -194,20 +203,26 @@ def group_bits(
         for j, proj in enumerate(projections):
             sl = slice(j * rows, (j + 1) * rows)
             enc = _encode(q.codes[e, sl].cpu().numpy(), q.levels[e, sl].cpu().numpy(), bits)
-            encoded.append((layout.expert_key(moe_path, e, proj), enc))
-    arrays = sum(enc.nbytes for _, enc in encoded)
+            encoded.append((layout.expert_key(moe_path, first + e, proj), enc))
+    arrays, weights = total([sum(enc.nbytes for _, enc in encoded), q.codes.numel()])
     digits = len(str(2 * arrays))  # data offsets in the shard run up to about the layer's size
-    nbytes = arrays + sum(matrix_header_bytes(k, enc, digits) for k, enc in encoded)
-    return 8 * nbytes / q.codes.numel()
+    (headers,) = total([sum(matrix_header_bytes(k, enc, digits) for k, enc in encoded)])
+    return 8 * (arrays + headers) / weights
 
 
 def encode_experts(
-    layout: ExpertLayout, moe_path: str, first: QuantizedExperts, second: QuantizedExperts, bits: str
+    layout: ExpertLayout,
+    moe_path: str,
+    first: QuantizedExperts,
+    second: QuantizedExperts,
+    bits: str,
+    first_expert: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Encoded matrices under their on-disk keys, and per-expert size statistics.
 
     ``first`` holds the fused first projections ``[E, F*I, d]`` (in ``layout.first`` order), ``second``
-    the second projection ``[E, d, I]``; each expert projection becomes one encoded ``[rows, cols]`` matrix.
+    the second projection ``[E, d, I]``, of experts ``first_expert, first_expert + 1, ...``; each expert
+    projection becomes one encoded ``[rows, cols]`` matrix.
     """
     E = first.codes.shape[0]
     F = len(layout.first)
@@ -222,13 +237,13 @@ def encode_experts(
             codes = q.codes[e, sl].cpu().numpy()  # [rows, cols] int8
             levels = q.levels[e, sl].cpu().numpy()  # [rows, n_levels] fp16-exact float32
             enc = _encode(codes, levels, bits)
-            encoded[layout.expert_key(moe_path, e, proj)] = enc
+            encoded[layout.expert_key(moe_path, first_expert + e, proj)] = enc
             nbytes += enc.nbytes
             weights += codes.size
             zeros += int((q.dequantized[e, sl] == 0).sum())
         stats.append(
             {
-                "expert": e,
+                "expert": first_expert + e,
                 "bytes": nbytes,
                 "weights": weights,
                 "bits_per_weight": 8 * nbytes / weights,
@@ -250,16 +265,6 @@ def encode_fused(names: list[str], q: QuantizedExperts, bits: str) -> dict[str, 
         )
         for j, name in enumerate(names)
     }
-
-
-def objective_list(q: QuantizedExperts) -> list[float | None]:
-    if q.objective is None:
-        return [None] * q.codes.shape[0]
-    return [float(v) for v in q.objective.cpu().tolist()]
-
-
-def fallback_list(q: QuantizedExperts) -> list[bool]:
-    return [bool(v) for v in q.fallback.cpu().tolist()]
 
 
 def stack_experts(

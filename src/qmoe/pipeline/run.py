@@ -28,8 +28,9 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,13 @@ from qmoe.errors import ConfigError, SourceError
 from qmoe.gptq import QuantizedExperts
 from qmoe.pipeline import output, report
 from qmoe.pipeline.buffers import ActivationBuffer, MemoryBudget, to_device
+from qmoe.pipeline.dist import Dist, from_environment, local_device
 from qmoe.pipeline.moe import MoELayerCalibration
 from qmoe.pipeline.preflight import BlockPlan, Plan, plan
 from qmoe.pipeline.quantize import (
     encode_experts,
     encode_fused,
-    fallback_list,
     group_bits,
-    objective_list,
     quantize,
     quantize_to_size,
     stack_experts,
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 EVAL_SEED = 1234  # evaluation samples: as qmoe eval and the built-in models' training logs
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 KILL_ENV = "QMOE_TEST_KILL"  # "after:G" / "during:G": SIGKILL ourselves at block G (resume tests)
+FAIL_ENV = "QMOE_TEST_FAIL"  # "R:LAYER": rank R raises in the GPTQ of MoE layer LAYER (distributed tests)
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,12 @@ class _Run:
         samples: dict[str, dict[str, np.ndarray]],
         budget: MemoryBudget,
         progress: bool,
+        dist: Dist | None = None,
     ) -> None:
         self.p, self.config, self.device, self.state = p, config, device, state
-        self.samples, self.budget, self.progress = samples, budget, progress
+        self.samples, self.budget = samples, budget
+        self.dist = dist or Dist()
+        self.progress = progress and self.dist.main
         self.partial = p.out / PARTIAL_DIR
         self.n_shards = 1 + len(p.blocks)
         self.streams = [Stream("calib", "calib", False)]
@@ -141,6 +145,9 @@ class _Run:
         del embed
 
     def _checkpoint(self, stack: Any, g: int) -> None:
+        if not self.dist.main:  # rank 0 writes the resume state; every rank reads it on resume
+            self.state.done = g + 1
+            return
         old = dict(self.state.buffers)
         for s in self.streams:
             name = f"{stack.name}/{s.name}"
@@ -170,16 +177,40 @@ class _Run:
 
         stack = bp.stack
         buf = self.buffers[f"{stack.name}/{stream.name}"]
-        mem = self.buffers.get(f"{stack.memory}/{stream.name}") if stack.memory else None
-        mask = self.samples[stream.data].get(f"mask:{stack.inputs}") if cal is not None else None
         lift = stream.data == "calib" and self.config.no_drop
+        all_batches = buf.batches(self.config.batch_size)
+        # A pass that writes activations splits its batches over the ranks (each batch as in one process);
+        # a Hessian pass runs them all, since each rank sums its own experts' tokens in order.
+        todo = [b for _, b in self.dist.mine(all_batches)] if write else all_batches
         batches = tqdm(
-            buf.batches(self.config.batch_size),
+            todo,
             desc=f"  {what} {stream.name}",
             leave=False,
             disable=not self.progress,
             unit="batch",
         )
+        self.dist.guard(
+            lambda: self._run_batches(block, bp, stream, batches, write, cal, lift),
+            f"the {what} pass of {stream.name} through {stack.name} block {bp.i}",
+        )
+        if write:
+            self.dist.share_rows(buf.data, all_batches)
+
+    def _run_batches(
+        self,
+        block: torch.nn.Module,
+        bp: BlockPlan,
+        stream: Stream,
+        batches: Iterable[tuple[int, int]],
+        write: bool,
+        cal: MoELayerCalibration | None,
+        lift: bool,
+    ) -> None:
+        """This rank's share of a pass: each batch ``(i0, i1)`` through the block, written back if asked."""
+        stack = bp.stack
+        buf = self.buffers[f"{stack.name}/{stream.name}"]
+        mem = self.buffers.get(f"{stack.memory}/{stream.name}") if stack.memory else None
+        mask = self.samples[stream.data].get(f"mask:{stack.inputs}") if cal is not None else None
         with _capacity_lifted(block, self.p.adapter.capacity_attribute if lift else None):
             for i0, i1 in batches:
                 h = to_device(buf.data[i0:i1], self.device)  # [B, S, d]
@@ -229,8 +260,11 @@ class _Run:
         if bp.moe_path is None:
             for s in self.streams:
                 self._propagate(block, bp, s, write=True, what="dense")
-            output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, {})
+            if self.dist.main:
+                output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, {})
             return None
+        dist = self.dist
+        where = f"MoE layer {bp.moe_path}"
 
         layout = adapter.experts
         E = self.p.n_experts
@@ -249,7 +283,11 @@ class _Run:
                 for p in layout.projections
             }
             biases = (torch.cat([b[p] for p in layout.first], dim=1), b[layout.second])
-        cal = MoELayerCalibration(adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases)
+        owned = dist.owned(E)  # the experts whose Hessians and GPTQ this process computes
+        lo, hi = owned.start, owned.stop
+        cal = MoELayerCalibration(
+            adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases, owned
+        )
         cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
         shared = self._shared_modules(block, bp)  # [nn.Linear] in layout.projections order, if quantized
         if shared:
@@ -269,10 +307,12 @@ class _Run:
             cal.start("first", count_tokens=True)
             self._propagate(block, bp, calib, write=False, what="H first", cal=cal)
             H1 = cal.hessian
-            used = [int(v) for v in H1.counts.tolist()]
-        q1, rate1, scale1 = self._quantize(w_first, H1, list(layout.first), bp.moe_path)
+            used = dist.gather_experts(H1.counts.cpu(), E).tolist()
+        quantize_first = partial(self._quantize, w_first[lo:hi], H1, list(layout.first), bp.moe_path, lo)
+        q1, rate1, scale1 = dist.guard(quantize_first, f"GPTQ of {where}")
+        del quantize_first
         del H1
-        cal.w_first = q1.dequantized.to(self.device)
+        cal.w_first = dist.gather_experts(q1.dequantized, E).to(self.device)
         shared_tokens = 0
         if shared:
             if cal.shared_hessian is not None:
@@ -285,10 +325,11 @@ class _Run:
             cal.start("second")
             self._propagate(block, bp, calib, write=False, what="H second", cal=cal)
             H2 = cal.hessian
-            assert H2.counts.tolist() == used, "both capture passes must see the same tokens"
-        q2, rate2, scale2 = self._quantize(w_second, H2, [layout.second], bp.moe_path)
-        del H2, w_first, w_second
-        cal.w_second = q2.dequantized.to(self.device)
+            assert H2.counts.tolist() == used[lo:hi], "both capture passes must see the same tokens"
+        quantize_second = partial(self._quantize, w_second[lo:hi], H2, [layout.second], bp.moe_path, lo)
+        q2, rate2, scale2 = dist.guard(quantize_second, f"GPTQ of {where}")
+        del H2, w_first, w_second, quantize_second
+        cal.w_second = dist.gather_experts(q2.dequantized, E).to(self.device)
         shared_encoded: dict[str, Any] = {}
         if shared:
             sq2 = self._quantize_shared(cal.shared[1], cal.shared_hessian)
@@ -306,10 +347,25 @@ class _Run:
             cal.count_tokens = not gptq and s is calib  # RTN counts routing here; it does not depend on W
             self._propagate(block, bp, s, write=True, what="quantized")
 
-        encoded, sizes = encode_experts(layout, bp.moe_path, q1, q2, config.bits)
+        routed = [int(v) for v in cal.routed.tolist()]
+        if not gptq:  # RTN counted the routing in the quantized calibration pass, whose batches are split
+            routed = dist.sum_ints(routed)
+        fallbacks = [dist.gather_experts(q.fallback.to(torch.uint8), E).bool().tolist() for q in (q1, q2)]
+        objectives = [
+            [None] * E if q.objective is None else dist.gather_experts(q.objective.cpu(), E).tolist()
+            for q in (q1, q2)
+        ]
+        parts = dist.gather_objects(
+            dist.guard(
+                lambda: encode_experts(layout, bp.moe_path, q1, q2, config.bits, lo), f"encoding of {where}"
+            )
+        )
+        if not dist.main:
+            return None
+        encoded = {k: v for enc, _ in parts for k, v in enc.items()}
+        sizes = [s for _, rank_sizes in parts for s in rank_sizes]
         shard = output.write_shard(self.p.out, bp.g + 1, self.n_shards, raw, {**encoded, **shared_encoded})
         header = header_share(self.p.out / shard, sorted(encoded))
-        routed = [int(v) for v in cal.routed.tolist()]
         names = ["+".join(layout.first), layout.second]
         row = report.layer_row(
             bp.moe_path,
@@ -318,8 +374,8 @@ class _Run:
             names,
             routed,
             used,
-            [fallback_list(q1), fallback_list(q2)],
-            [objective_list(q1), objective_list(q2)],
+            fallbacks,
+            objectives,
             sizes,
             time.perf_counter() - t0,
             header_bytes=header,
@@ -359,10 +415,15 @@ class _Run:
         return quantize(W, H, counts, shared_config)
 
     def _quantize(
-        self, W: Tensor, acc: Any, projections: list[str], moe_path: str
+        self, W: Tensor, acc: Any, projections: list[str], moe_path: str, first: int = 0
     ) -> tuple[QuantizedExperts, float, float]:
         """Quantize one group (fused first projections, or the second) at the configured rate and level
-        scale, or at those that land its stored size on ``target_bits``: ``(q, rate, level_scale)``."""
+        scale, or at those that land its stored size on ``target_bits``: ``(q, rate, level_scale)``.
+
+        ``W [E_r, rows, cols]`` holds experts ``first, first + 1, ...`` (a distributed run's share); a size
+        target then counts the whole group, summed over the ranks, so every rank searches alike."""
+        if os.environ.get(FAIL_ENV) == f"{self.dist.rank}:{moe_path}":
+            raise RuntimeError(f"{FAIL_ENV} asked rank {self.dist.rank} to fail here")
         config = self.config
         H, counts = (None, None) if acc is None else (acc.H, acc.counts)
         if config.target_bits is None:
@@ -370,7 +431,7 @@ class _Run:
         layout = self.p.adapter.experts
 
         def bits_of(q: QuantizedExperts) -> float:
-            return group_bits(layout, moe_path, q, projections, config.bits)
+            return group_bits(layout, moe_path, q, projections, config.bits, first, self.dist.sum_ints)
 
         q, rate, scale, _ = quantize_to_size(W, H, counts, config, bits_of)
         return q, rate, scale
@@ -570,7 +631,10 @@ def compress(
     if overrides:
         config = config.replace(**overrides)
     dev = resolve_device(device)
+    dist = from_environment(dev)  # torchrun: this rank's place in the job; else one process
+    dev = local_device(dev)
     p = plan(source, out, config, __version__)
+    dist.barrier()  # every rank has read the output directory's state before rank 0 writes to it
     if p.complete:
         shutil.rmtree(p.out / PARTIAL_DIR, ignore_errors=True)
         log.info("%s already holds this run, complete; nothing to do", p.out)
@@ -587,7 +651,10 @@ def compress(
             f"OMP_NUM_THREADS={was['threads']}), or delete {p.out} to start over"
         )
     partial = p.out / PARTIAL_DIR
-    partial.mkdir(parents=True, exist_ok=True)
+    dist.check_shared_dir(p.out)
+    if dist.main:
+        partial.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     state = p.state or RunState(p.fingerprint, execution=execution)
     resumed_from = p.state.done if p.state else None
     prior_seconds = p.state.seconds if p.state else 0.0
@@ -597,43 +664,57 @@ def compress(
         budget_bytes = int(min(8 << 30, psutil.virtual_memory().available // 2))
     else:
         budget_bytes = int(buffer_gb * 2**30)
-    run = _Run(p, config, dev, state, samples, MemoryBudget(budget_bytes, partial), progress)
+    spill = partial if dist.main else partial / f"rank-{dist.rank}"  # each rank's own spilled activations
+    run = _Run(
+        p, config, dev, state, samples, MemoryBudget(budget_bytes // dist.world, spill), progress, dist
+    )
     with torch.inference_mode():
         run.run()
-        evals = run.evaluate()
+        usage = dist.gather_objects((report.cpu_seconds(), report.peak_rss_bytes()))
 
-        rest = p.reader.get_many(p.rest_keys)
-        output.write_shard(p.out, 0, run.n_shards, rest, {})
-    del rest
-    names = {0: list(p.rest_keys)}
-    for bp in p.blocks:
-        names[bp.g + 1] = [*bp.tensor_keys, *(k for k, _ in bp.matrices)]
-    expert_keys = [k for bp in p.blocks for k, _ in bp.matrices]
-    total_bytes = output.write_index(p.out, run.n_shards, names, expert_keys)
-    output.copy_side_files(p.source, p.out)
+        def finish() -> dict[str, Any]:
+            """Rank 0: evaluation, the rest shard, index, report and config.json (written last)."""
+            assert usage is not None
+            evals = run.evaluate()
+            output.write_shard(p.out, 0, run.n_shards, p.reader.get_many(p.rest_keys), {})
+            names = {0: list(p.rest_keys)}
+            for bp in p.blocks:
+                names[bp.g + 1] = [*bp.tensor_keys, *(k for k, _ in bp.matrices)]
+            expert_keys = [k for bp in p.blocks for k, _ in bp.matrices]
+            total_bytes = output.write_index(p.out, run.n_shards, names, expert_keys)
+            output.copy_side_files(p.source, p.out)
 
-    expert_bytes = sum(r["bytes"] for r in state.layers)
-    rep = {
-        "report_version": report.REPORT_VERSION,
-        "qmoe_version": __version__,
-        "source": str(source),
-        "adapter": p.adapter.name,
-        "config": config.to_dict(),
-        "execution": execution,  # the bytes depend on the device and thread count (float reduction order)
-        "layers": state.layers,
-        "totals": report.totals(p.params, p.expert_params, total_bytes, expert_bytes, state.layers),
-        "eval": evals[0] if evals else None,
-        "eval_extra": evals[1:],
-        # state.seconds: block time of this and earlier (killed) attempts; add what this process spent
-        # outside the blocks (set-up, evaluation, finishing) without counting its blocks twice.
-        "wall_seconds": prior_seconds + (time.perf_counter() - wall0),
-        "cpu_seconds": report.cpu_seconds(),
-        "peak_rss_bytes": report.peak_rss_bytes(),
-        "resumed_from_block": resumed_from,
-    }
-    atomic_write_text(p.out / report.REPORT_FILE, json.dumps(rep, indent=1) + "\n")
-    output.write_config(p.out, p.source_cfg, _quantization_config(p, config, __version__))  # last: marks done
+            expert_bytes = sum(r["bytes"] for r in state.layers)
+            rep = {
+                "report_version": report.REPORT_VERSION,
+                "qmoe_version": __version__,
+                "source": str(source),
+                "adapter": p.adapter.name,
+                "config": config.to_dict(),
+                "execution": execution,  # the bytes depend on device and threads per process (float rounding)
+                "layers": state.layers,
+                "totals": report.totals(p.params, p.expert_params, total_bytes, expert_bytes, state.layers),
+                "eval": evals[0] if evals else None,
+                "eval_extra": evals[1:],
+                # state.seconds: block time of this and earlier (killed) attempts; add what this process spent
+                # outside the blocks (set-up, evaluation, finishing) without counting its blocks twice.
+                "wall_seconds": prior_seconds + (time.perf_counter() - wall0),
+                "cpu_seconds": sum(c for c, _ in usage),  # every rank's
+                "peak_rss_bytes": max(r for _, r in usage),  # of the largest process
+                "resumed_from_block": resumed_from,
+                "ranks": dist.world,
+            }
+            atomic_write_text(p.out / report.REPORT_FILE, json.dumps(rep, indent=1) + "\n")
+            output.write_config(
+                p.out, p.source_cfg, _quantization_config(p, config, __version__)
+            )  # marks done
+            return rep
+
+        rep = dist.guard(finish if dist.main else dict, "finishing the output directory")
     for buf in run.buffers.values():
         buf.release()
+    dist.barrier()  # every rank has released its buffers (spill files live inside the partial directory)
+    if not dist.main:
+        return json.loads((p.out / report.REPORT_FILE).read_text())
     shutil.rmtree(partial, ignore_errors=True)
     return rep

@@ -1,0 +1,207 @@
+"""Compression on several processes (``torchrun ... -m qmoe compress``) with the bytes of one process.
+
+What each rank does, so that the output is byte-identical to a single-process run with the same settings
+and the same threads per process:
+
+- **Hessian capture passes** run every calibration batch on every rank (attention and routers are cheap
+  next to the experts, and a Hessian must sum its tokens in the single run's order), but a rank accumulates
+  only the Hessians of the experts it owns: a contiguous range, ``E / world`` of them (:meth:`Dist.owned`).
+  Hessian memory is divided by the world size.
+- **GPTQ** quantizes the owned experts only; the results (codes, levels, dequantized weights, objectives)
+  are then gathered to every rank (:meth:`Dist.gather_experts`: exact copies, no arithmetic). Each expert's
+  arithmetic does not depend on which other experts are in its batch (tested: same bytes).
+- **Propagation passes** (the activations written for the next block) split the batches: rank ``r`` runs
+  batches ``r, r + world, ...`` with the batch boundaries of the single run, and every batch's rows are then
+  broadcast from the rank that computed them (:meth:`Dist.share_rows`). A batch's output depends only on
+  its own samples, so every rank ends with the single run's buffers.
+- **Encoding** of the owned experts is split too; rank 0 gathers the encoded matrices and writes the shard,
+  the resume state and the activation snapshots. Resume reads them on every rank, so ``--out`` must be on a
+  filesystem every rank sees (checked at start).
+- A size target (``--target-bits``) needs the whole group's size in each step of its search: the ranks sum
+  their integer byte counts (:meth:`Dist.sum_ints`), so every rank takes the same decisions.
+
+Errors: work runs inside :meth:`Dist.guard`, which turns an exception into a one-line ``RankFailed`` naming
+the rank and what it was doing (the MoE layer); ``qmoe compress`` prints it and the process exits. Its
+connections close, so a rank waiting for it in a collective fails at once (with a line saying it lost a
+rank, :meth:`Dist._collective`) rather than hanging, and torchrun stops the job and names the failed rank
+too. No status exchange is attempted: the other ranks may be inside a different collective (a size target's
+search runs several), and mismatched collectives would hang. A rank that dies outright (a kill, out of
+memory) is the same case. The rerun resumes after the last block rank 0 finished.
+Collectives: gloo for CPU tensors, NCCL for CUDA tensors (``cpu:gloo,cuda:nccl``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from qmoe.errors import ConfigError, QMoEError
+
+T = TypeVar("T")
+TIMEOUT_ENV = "QMOE_DIST_TIMEOUT"  # seconds a rank waits in a collective (default 1800)
+
+
+class RankFailed(QMoEError):
+    """Another rank (or this one) failed; the message names the rank and the layer."""
+
+
+class Dist:
+    """This process's place in the job: ``rank`` of ``world``; with ``world == 1`` every call is local."""
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    # -- work split ------------------------------------------------------------------------------------------
+    def owned(self, n_experts: int) -> range:
+        """The experts this rank quantizes: a contiguous range, sizes differing by at most one."""
+        return range(self.rank * n_experts // self.world, (self.rank + 1) * n_experts // self.world)
+
+    def mine(self, items: Sequence[T]) -> list[tuple[int, T]]:
+        """``(index, item)`` of the items this rank computes: every ``world``-th, starting at ``rank``."""
+        return [(j, it) for j, it in enumerate(items) if j % self.world == self.rank]
+
+    # -- errors ----------------------------------------------------------------------------------------------
+    def guard(self, fn: Callable[[], T], where: str) -> T:
+        """``fn()``; in a distributed job an exception becomes one line naming this rank and ``where``."""
+        if not self.active:
+            return fn()
+        try:
+            return fn()
+        except RankFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of this rank ends the job with one line
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            raise RankFailed(
+                f"rank {self.rank} of {self.world} failed at {where}: {type(exc).__name__}: {msg[:300]}; fix "
+                "the cause and rerun the same command to resume after the last finished block"
+            ) from exc
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """A collective that fails because another rank is gone says so in one line."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo / NCCL: connection closed, timeout
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RankFailed(
+                f"rank {self.rank} of {self.world} lost another rank during {what} ({first}); its own "
+                "error says why; rerun the same command to resume"
+            ) from exc
+
+    # -- collectives -----------------------------------------------------------------------------------------
+    def gather_experts(self, local: Tensor, n_experts: int) -> Tensor:
+        """``[E, ...]`` on every rank from each rank's owned ``[E_r, ...]`` (an exact copy)."""
+        if not self.active:
+            return local
+        import torch.distributed as dist
+
+        sizes = [len(Dist(r, self.world).owned(n_experts)) for r in range(self.world)]
+        pad = max(sizes)
+        buf = torch.zeros((pad, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        buf[: local.shape[0]] = local
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        with self._collective("all_gather"):
+            dist.all_gather(parts, buf)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+
+    def share_rows(self, data: Tensor, batches: Sequence[tuple[int, int]]) -> None:
+        """After a split propagation pass: rows ``i0:i1`` of batch ``j`` from rank ``j % world`` to all."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        for j, (i0, i1) in enumerate(batches):
+            rows = data[i0:i1]
+            if rows.is_contiguous():
+                with self._collective("broadcast"):
+                    dist.broadcast(rows, src=j % self.world)
+            else:  # pragma: no cover - buffers are contiguous along the sample axis
+                tmp = rows.contiguous()
+                dist.broadcast(tmp, src=j % self.world)
+                rows.copy_(tmp)
+
+    def sum_ints(self, values: Sequence[int]) -> list[int]:
+        """Element-wise sum over ranks of integer counts (exact, so every rank gets the same)."""
+        if not self.active:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(list(values), dtype=torch.int64)
+        with self._collective("all_reduce"):
+            dist.all_reduce(t)
+        return [int(v) for v in t.tolist()]
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (``None`` elsewhere)."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world if self.main else None
+        with self._collective("gather_object"):
+            dist.gather_object(obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            with self._collective("barrier"):
+                dist.barrier()
+
+    def check_shared_dir(self, path: Path) -> None:
+        """Refuse an output directory that not every rank sees (resume state and shards live there)."""
+        if not self.active:
+            return
+        token = path / f".qmoe-rank-check-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+        if self.main:
+            path.mkdir(parents=True, exist_ok=True)
+            token.write_text("qmoe\n")
+        self.barrier()
+        seen = self.sum_ints([int(token.is_file())])[0]
+        self.barrier()
+        if self.main:
+            token.unlink(missing_ok=True)
+        if seen != self.world:
+            raise ConfigError(
+                f"--out {path} is not visible to every rank ({seen} of {self.world} see it); put it on a "
+                "filesystem all nodes share"
+            )
+
+
+def from_environment(device: torch.device) -> Dist:
+    """The job torchrun describes (``WORLD_SIZE``, ``RANK``), its process group started; else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed; run one process")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """A CUDA device per local rank (``LOCAL_RANK``) when several processes share a machine's GPUs."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % max(1, torch.cuda.device_count()))
+    return device
