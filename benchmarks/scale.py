@@ -137,6 +137,86 @@ def read_rate(path: Path, limit: int = 4 << 30) -> tuple[float, int]:
     return done / (time.perf_counter() - t0), done
 
 
+# --- the capacity plan: stated GPU assumptions (sources in docs/scale.md) ---------------------------------
+GPUS = {  # name: (FP32 non-tensor peak FLOP/s, memory bytes)
+    "H100-80GB": (67e12, 80e9),  # NVIDIA H100 SXM datasheet: FP32 67 TFLOPS, 80 GB HBM3 (3.35 TB/s)
+    "H200-141GB": (67e12, 141e9),  # NVIDIA H200 SXM datasheet: same compute, 141 GB HBM3e (4.8 TB/s)
+}
+EFFICIENCY = 0.25  # optimistic end: GPTQ's mix of GEMMs, Cholesky and per-column steps at 25% of FP32 peak
+# Conservative end: QMoE's own measurement, switch-c-2048 (61,440 experts) in under a day on one RTX A6000
+# (38.7 TFLOPS FP32), i.e. 1.4 s per c2048 expert for everything; scaled by FLOPs per expert and FP32 peak.
+QMOE_S_PER_C2048_EXPERT, A6000_FP32 = 24 * 3600 / 61_440, 38.7e12
+NVME, LINK = (
+    5e9,
+    50e9,
+)  # bytes/s: one node's checkpoint reads; one rank's share of an inter-node link (400 Gb/s)
+TOKENS = 4096  # mean calibration tokens per expert (QMoE used ~2.5k on c2048)
+
+
+def flops_per_expert(spec: dict) -> float:
+    """Hessians (2 t c^2 per distinct input width) + GPTQ per projection group (c^3 for the inverse, 4 r c^2
+    for the updates and the objective); the first projections are one fused group, as the pipeline runs."""
+    first = [p for p in spec["proj"] if p[1] == spec["d"]]
+    second = [p for p in spec["proj"] if p[1] != spec["d"]]
+    groups = [(sum(r for r, _ in first), spec["d"]), *second]
+    hessians = sum(2 * TOKENS * c * c for c in {c for _, c in spec["proj"]})
+    return hessians + sum(c**3 + 4 * r * c * c for r, c in groups)
+
+
+def _gpus(hours: float, min_ranks: int | None, compute: float, read: float, gather: float) -> str:
+    """Fewest ranks (>= the memory minimum) whose conservative compute share plus the unsplit reading and
+    gathering fits in ``hours``."""
+    if min_ranks is None:
+        return "no (layer too large)"
+    for k in range(min_ranks, 4097):
+        if compute / k + read + (gather if k > 1 else 0) <= hours * 3600:
+            return str(k)
+    return "> 4096"
+
+
+def plan(rates: dict) -> None:
+    """Print the capacity plan's tables (docs/scale.md) from measured CPU rates and the GPU assumptions."""
+    ref = flops_per_expert(MODELS["switch-c-2048"])
+    print(
+        "\n| model | experts in all | expert weights (bf16) | layer fp32 | layer Hessians fp32 | FLOP/expert "
+        "| CPU core-hours (measured rates) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, spec in MODELS.items():
+        n = spec["experts"] * spec["layers"]
+        w = sum(r * c for r, c in spec["proj"])
+        hess = 4 * spec["experts"] * sum(c * c for c in {c for _, c in spec["proj"]})
+        per = rates.get(name)
+        cpu = f"{n * (per['hessian_s'] + per['gptq_s'] + per['encode_s']) / 3600:,.0f}" if per else "-"
+        print(
+            f"| {name} | {n:,} | {2 * n * w / 1e12:.2f} TB | {4 * spec['experts'] * w / 1e9:.0f} GB "
+            f"| {hess / 1e9:.0f} GB | {flops_per_expert(spec) / 1e12:.2f} T | {cpu} |"
+        )
+    print(
+        "\n| model | GPU | per expert: optimistic / conservative | one GPU: optimistic / conservative "
+        "| fits one rank? (2 x layer fp32 + Hessians / ranks) | GPUs for 24 h | GPUs for 2 h |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, spec in MODELS.items():
+        n = spec["experts"] * spec["layers"]
+        w = sum(r * c for r, c in spec["proj"])
+        layer = 4 * spec["experts"] * w
+        hess = 4 * spec["experts"] * sum(c * c for c in {c for _, c in spec["proj"]})
+        f = flops_per_expert(spec)
+        for gpu, (peak, mem) in GPUS.items():
+            opt = f / (EFFICIENCY * peak)
+            con = QMOE_S_PER_C2048_EXPERT * (f / ref) * (A6000_FP32 / peak)
+            read = 2 * n * w / NVME  # each node reads every expert once
+            gather = layer * spec["layers"] / LINK  # each rank receives (almost) every dequantized layer
+            min_ranks = next((k for k in (1, 2, 4, 8, 16, 32, 64) if 2 * layer + hess / k + 2e9 <= mem), None)
+            fits = "no" if min_ranks is None else f"from {min_ranks} rank{'s' if min_ranks > 1 else ''}"
+            need = [_gpus(h, min_ranks, n * con, read, gather) for h in (24, 2)]
+            print(
+                f"| {name} | {gpu} | {opt:.3f} / {con:.2f} s | {n * opt / 3600:.1f} / {n * con / 3600:.1f} h "
+                f"| {fits} | {need[0]} | {need[1]} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
@@ -144,7 +224,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--read", default=None, help="a checkpoint directory to time cold sequential reads on")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--plan",
+        default=None,
+        metavar="RATES_JSON",
+        help="print the capacity plan from a --json file of an earlier run (measures nothing)",
+    )
     args = ap.parse_args()
+    if args.plan:
+        plan(json.loads(Path(args.plan).read_text())["rates"])
+        return
 
     torch.set_num_threads(1)
     print(f"threads 1 (torch {torch.__version__}), {os.cpu_count()} cores; tokens per expert {args.tokens}")

@@ -98,12 +98,19 @@ class ExpertLayout:
         rows, cols = self.dims[proj]
         return size(rows), size(cols)
 
-    def weights(self, tensors: dict[str, Tensor], moe_layer: str, proj: str, n_experts: int) -> Tensor:
-        """``[E, rows, cols]`` (nn.Linear orientation) weights of ``proj`` from the on-disk ``tensors``."""
+    def weights(self, tensors: dict[str, Tensor], moe_layer: str, proj: str, experts: range) -> Tensor:
+        """``[len(experts), rows, cols]`` (nn.Linear orientation) weights of ``proj`` for ``experts`` from the
+        on-disk ``tensors`` (:meth:`keys_of` them)."""
         if self.stacked:
-            w = tensors[self.disk_key(moe_layer, proj)]
+            w = tensors[self.disk_key(moe_layer, proj)][experts.start : experts.stop]
             return w.transpose(1, 2) if self.transposed else w
-        return torch.stack([tensors[self.expert_key(moe_layer, e, proj)] for e in range(n_experts)])
+        return torch.stack([tensors[self.expert_key(moe_layer, e, proj)] for e in experts])
+
+    def keys_of(self, moe_layer: str, experts: range) -> list[str]:
+        """On-disk keys holding the weights of ``experts`` (a stacked layout's tensors hold every expert)."""
+        if self.stacked:
+            return [self.disk_key(moe_layer, p) for p in self.projections]
+        return [self.expert_key(moe_layer, e, p) for p in self.projections for e in experts]
 
 
 @dataclass(frozen=True)
@@ -299,13 +306,39 @@ def expert_forward(
     Token groups per expert, experts in ascending order, gate weights applied to the output: the same
     arithmetic as the transformers implementations of the families we support.
     """
-    out = torch.zeros_like(r.x)
+    return combine(torch.zeros_like(r.x), expert_outputs(r, w_first, w_second, glu, b_first, b_second))
+
+
+def expert_outputs(
+    r: Routing,
+    w_first: Tensor,
+    w_second: Tensor,
+    glu: Callable[[Tensor], Tensor],
+    b_first: Tensor | None = None,
+    b_second: Tensor | None = None,
+    experts: range | None = None,
+) -> list[tuple[int, Tensor, Tensor]]:
+    """``[(expert, token [t], gate-weighted output [t, d])]`` of the routed experts in ``experts`` (default:
+    all), ascending; the weights hold those experts only (row ``e - experts.start``)."""
+    experts = range(w_first.shape[0]) if experts is None else experts
+    out = []
     for e, tok, w in group_by_expert(r):
-        y = expert_hidden(r.x[tok], w_first[e], glu, None if b_first is None else b_first[e]) @ w_second[e].T
+        if e not in experts:
+            continue
+        i = e - experts.start
+        y = expert_hidden(r.x[tok], w_first[i], glu, None if b_first is None else b_first[i]) @ w_second[i].T
         if b_second is not None:
-            y = y + b_second[e]  # [t, d]
+            y = y + b_second[i]  # [t, d]
+        out.append((e, tok, (y * w[:, None]).to(r.x.dtype)))
+    return out
+
+
+def combine(out: Tensor, parts: list[tuple[int, Tensor, Tensor]]) -> Tensor:
+    """Add each expert's weighted output into ``out [T, d]`` in the order given (ascending expert, as
+    transformers does), one accumulating ``index_put_`` per expert."""
+    for _, tok, y in parts:
         # index_put_ with accumulate: the sums of index_add_, which is ~1000x slower on CPU in torch 2.13.
-        out.index_put_((tok,), (y * w[:, None]).to(out.dtype), accumulate=True)
+        out.index_put_((tok,), y, accumulate=True)
     return out
 
 

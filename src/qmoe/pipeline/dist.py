@@ -119,6 +119,29 @@ class Dist:
             dist.all_gather(parts, buf)
         return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
 
+    def all_gather_rows(self, local: Tensor) -> list[Tensor]:
+        """Every rank's ``local [n_r, ...]`` (``n_r`` may differ), in rank order, on every rank."""
+        if not self.active:
+            return [local]
+        import torch.distributed as dist
+
+        sizes = [int(v) for v in self.all_ints(local.shape[0])]
+        buf = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=local.device)
+        buf[: local.shape[0]] = local
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        with self._collective("all_gather"):
+            dist.all_gather(parts, buf)
+        return [p[:s] for p, s in zip(parts, sizes, strict=True)]
+
+    def all_ints(self, value: int) -> list[int]:
+        """Every rank's integer, in rank order."""
+        import torch.distributed as dist
+
+        parts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        with self._collective("all_gather"):
+            dist.all_gather(parts, torch.tensor([value], dtype=torch.int64))
+        return [int(p) for p in parts]
+
     def share_rows(self, data: Tensor, batches: Sequence[tuple[int, int]]) -> None:
         """After a split propagation pass: rows ``i0:i1`` of batch ``j`` from rank ``j % world`` to all."""
         if not self.active:

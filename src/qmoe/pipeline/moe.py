@@ -27,13 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qmoe.adapters import Adapter, expert_forward, expert_hidden
-from qmoe.adapters.base import Routing, group_by_expert
+from qmoe.adapters import Adapter, expert_hidden
+from qmoe.adapters.base import Routing, combine, expert_outputs, group_by_expert
 from qmoe.gptq import HessianAccumulator
 
 
 class MoELayerCalibration:
-    """Stacked experts ``w_first [E, F*I, d]`` and ``w_second [E, d, I]`` (float32, compute device)."""
+    """Stacked experts ``w_first [E_r, F*I, d]`` and ``w_second [E_r, d, I]`` (float32, compute device) of
+    the ``owned`` experts (all ``E`` in one process; a contiguous share in a distributed run, whose ``dist``
+    then combines every rank's expert outputs in ``"run"`` mode, qmoe.pipeline.dist)."""
 
     def __init__(
         self,
@@ -45,14 +47,17 @@ class MoELayerCalibration:
         gate_weighted: bool = False,
         biases: tuple[Tensor, Tensor] | None = None,
         owned: range | None = None,
+        n_experts: int | None = None,
+        dist: Any = None,
     ) -> None:
         self.adapter = adapter
         self.w_first, self.w_second = w_first, w_second
         self.glu = glu  # [t, F*I] -> [t, I]
-        self.b_first, self.b_second = (None, None) if biases is None else biases  # [E, F*I], [E, d]
-        self.n_experts = w_first.shape[0]
-        # The experts whose Hessians this process accumulates (a distributed run splits them, see
-        # qmoe.pipeline.dist): the accumulators hold experts owned.start .. owned.stop - 1 at rows 0, 1, ...
+        self.b_first, self.b_second = (None, None) if biases is None else biases  # [E_r, F*I], [E_r, d]
+        self.n_experts = w_first.shape[0] if n_experts is None else n_experts
+        self.dist = dist
+        # The experts whose weights, Hessians and outputs this process computes (a distributed run splits
+        # them, qmoe.pipeline.dist): weights and accumulators hold experts owned.start, ... at rows 0, 1, ...
         self.owned = range(self.n_experts) if owned is None else owned
         self.cap = cap
         self.gate_weighted = gate_weighted
@@ -92,9 +97,38 @@ class MoELayerCalibration:
         if self.count_tokens:
             self.routed += torch.bincount(r.expert.cpu(), minlength=self.n_experts)
         if self.mode == "run":
-            return expert_forward(r, self.w_first, self.w_second, self.glu, self.b_first, self.b_second)
+            parts = expert_outputs(
+                r, self.w_first, self.w_second, self.glu, self.b_first, self.b_second, self.owned
+            )
+            if self.dist is not None and self.dist.active:
+                parts = self._all_parts(parts, r.x)
+            return combine(torch.zeros_like(r.x), parts)
         self._capture(r)
         return torch.zeros_like(r.x)
+
+    def _all_parts(
+        self, parts: list[tuple[int, Tensor, Tensor]], x: Tensor
+    ) -> list[tuple[int, Tensor, Tensor]]:
+        """Every rank's ``(expert, token [t], output [t, d])`` in ascending expert order (ranks own ascending
+        ranges), so that they are added as in one process."""
+        d = x.shape[1]
+        expert = torch.cat(
+            [torch.full((len(t),), e, dtype=torch.int64, device=x.device) for e, t, _ in parts]
+            or [torch.zeros(0, dtype=torch.int64, device=x.device)]
+        )
+        token = torch.cat([t for _, t, _ in parts] or [torch.zeros(0, dtype=torch.int64, device=x.device)])
+        y = torch.cat([v for _, _, v in parts] or [x.new_zeros(0, d)])
+        experts, tokens, ys = (self.dist.all_gather_rows(t) for t in (expert, token.long(), y))
+        out = []
+        for es, ts, vs in zip(experts, tokens, ys, strict=True):
+            if es.numel() == 0:
+                continue
+            values, counts = torch.unique_consecutive(es, return_counts=True)
+            start = 0
+            for e, c in zip(values.tolist(), counts.tolist(), strict=True):
+                out.append((e, ts[start : start + c], vs[start : start + c]))
+                start += c
+        return out
 
     def _capture(self, r: Routing) -> None:
         xs, es = [], []
@@ -110,8 +144,9 @@ class MoELayerCalibration:
                 continue
             x = r.x[tok[:take]]  # [t, d]: the first tokens in sample order
             if self.mode == "second":
-                b = None if self.b_first is None else self.b_first[e]
-                x = expert_hidden(x, self.w_first[e], self.glu, b)  # [t, I]
+                i = e - self.owned.start
+                b = None if self.b_first is None else self.b_first[i]
+                x = expert_hidden(x, self.w_first[i], self.glu, b)  # [t, I]
             if self.gate_weighted:  # the layer adds g * expert(x): a token's error counts g^2 times
                 x = x * gate[:take, None].to(x.dtype)
             xs.append(x)

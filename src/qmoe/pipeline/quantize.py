@@ -268,9 +268,10 @@ def encode_fused(names: list[str], q: QuantizedExperts, bits: str) -> dict[str, 
 
 
 def stack_experts(
-    tensors: dict[str, Tensor], layout: ExpertLayout, moe_path: str, n_experts: int, device: torch.device
+    tensors: dict[str, Tensor], layout: ExpertLayout, moe_path: str, experts: range, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """``(w_first [E, F*I, d], w_second [E, d, I])`` float32 on ``device`` from the on-disk expert tensors."""
-    first = torch.cat([layout.weights(tensors, moe_path, p, n_experts) for p in layout.first], dim=1)
-    second = layout.weights(tensors, moe_path, layout.second, n_experts)
+    """``(w_first [E_r, F*I, d], w_second [E_r, d, I])`` float32 on ``device`` of ``experts`` (``E_r`` of
+    them) from the on-disk expert tensors."""
+    first = torch.cat([layout.weights(tensors, moe_path, p, experts) for p in layout.first], dim=1)
+    second = layout.weights(tensors, moe_path, layout.second, experts)
     return first.to(device, torch.float32), second.to(device, torch.float32)

@@ -179,9 +179,12 @@ class _Run:
         buf = self.buffers[f"{stack.name}/{stream.name}"]
         lift = stream.data == "calib" and self.config.no_drop
         all_batches = buf.batches(self.config.batch_size)
-        # A pass that writes activations splits its batches over the ranks (each batch as in one process);
-        # a Hessian pass runs them all, since each rank sums its own experts' tokens in order.
-        todo = [b for _, b in self.dist.mine(all_batches)] if write else all_batches
+        # Through a dense block, a pass that writes activations splits its batches over the ranks (each batch
+        # as in one process) and shares the rows after. Through an MoE block every rank runs every batch:
+        # each computes its own experts' outputs (all ranks' are then added in expert order), or sums its own
+        # experts' Hessians in the single run's token order.
+        split = write and bp.moe_path is None
+        todo = [b for _, b in self.dist.mine(all_batches)] if split else all_batches
         batches = tqdm(
             todo,
             desc=f"  {what} {stream.name}",
@@ -193,7 +196,7 @@ class _Run:
             lambda: self._run_batches(block, bp, stream, batches, write, cal, lift),
             f"the {what} pass of {stream.name} through {stack.name} block {bp.i}",
         )
-        if write:
+        if split:
             self.dist.share_rows(buf.data, all_batches)
 
     def _run_batches(
@@ -268,25 +271,29 @@ class _Run:
 
         layout = adapter.experts
         E = self.p.n_experts
-        w_first, w_second = stack_experts(
-            self.p.reader.get_many(bp.expert_keys), layout, bp.moe_path, E, self.device
+        owned = dist.owned(E)  # the experts whose weights, Hessians, GPTQ and outputs this process computes
+        lo, hi = owned.start, owned.stop
+        w_first, w_second = stack_experts(  # [E_r, F*I, d], [E_r, d, I]: this rank's experts only
+            self.p.reader.get_many(layout.keys_of(bp.moe_path, owned)),
+            layout,
+            bp.moe_path,
+            owned,
+            self.device,
         )
         mask = self.samples["calib"].get(f"mask:{bp.stack.inputs}")
         n_tokens = int(np.prod(self.samples["calib"][bp.stack.inputs].shape) if mask is None else mask.sum())
         cap = None
         if config.token_cap > 0:  # QMoE: at most token_cap x the mean routed tokens per expert
             cap = int(np.ceil(config.token_cap * n_tokens * adapter.top_k(self.p.source_cfg) / E))
-        biases = None  # (b_first [E, F*I], b_second [E, d]): kept as stored, but part of the experts' math
+        biases = None  # (b_first [E_r, F*I], b_second [E_r, d]): kept as stored, part of the experts' math
         if layout.bias is not None:
             b = {
-                p: raw[layout.bias_key(bp.moe_path, p)].to(self.device, torch.float32)
+                p: raw[layout.bias_key(bp.moe_path, p)][lo:hi].to(self.device, torch.float32)
                 for p in layout.projections
             }
             biases = (torch.cat([b[p] for p in layout.first], dim=1), b[layout.second])
-        owned = dist.owned(E)  # the experts whose Hessians and GPTQ this process computes
-        lo, hi = owned.start, owned.stop
         cal = MoELayerCalibration(
-            adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases, owned
+            adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases, owned, E, dist
         )
         cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
         shared = self._shared_modules(block, bp)  # [nn.Linear] in layout.projections order, if quantized
@@ -308,11 +315,11 @@ class _Run:
             self._propagate(block, bp, calib, write=False, what="H first", cal=cal)
             H1 = cal.hessian
             used = dist.gather_experts(H1.counts.cpu(), E).tolist()
-        quantize_first = partial(self._quantize, w_first[lo:hi], H1, list(layout.first), bp.moe_path, lo)
+        quantize_first = partial(self._quantize, w_first, H1, list(layout.first), bp.moe_path, lo)
         q1, rate1, scale1 = dist.guard(quantize_first, f"GPTQ of {where}")
         del quantize_first
         del H1
-        cal.w_first = dist.gather_experts(q1.dequantized, E).to(self.device)
+        cal.w_first = q1.dequantized.to(self.device)
         shared_tokens = 0
         if shared:
             if cal.shared_hessian is not None:
@@ -326,10 +333,10 @@ class _Run:
             self._propagate(block, bp, calib, write=False, what="H second", cal=cal)
             H2 = cal.hessian
             assert H2.counts.tolist() == used[lo:hi], "both capture passes must see the same tokens"
-        quantize_second = partial(self._quantize, w_second[lo:hi], H2, [layout.second], bp.moe_path, lo)
+        quantize_second = partial(self._quantize, w_second, H2, [layout.second], bp.moe_path, lo)
         q2, rate2, scale2 = dist.guard(quantize_second, f"GPTQ of {where}")
         del H2, w_first, w_second, quantize_second
-        cal.w_second = dist.gather_experts(q2.dequantized, E).to(self.device)
+        cal.w_second = q2.dequantized.to(self.device)
         shared_encoded: dict[str, Any] = {}
         if shared:
             sq2 = self._quantize_shared(cal.shared[1], cal.shared_hessian)
@@ -347,9 +354,7 @@ class _Run:
             cal.count_tokens = not gptq and s is calib  # RTN counts routing here; it does not depend on W
             self._propagate(block, bp, s, write=True, what="quantized")
 
-        routed = [int(v) for v in cal.routed.tolist()]
-        if not gptq:  # RTN counted the routing in the quantized calibration pass, whose batches are split
-            routed = dist.sum_ints(routed)
+        routed = [int(v) for v in cal.routed.tolist()]  # counted in passes every rank runs whole
         fallbacks = [dist.gather_experts(q.fallback.to(torch.uint8), E).bool().tolist() for q in (q1, q2)]
         objectives = [
             [None] * E if q.objective is None else dist.gather_experts(q.objective.cpu(), E).tolist()
