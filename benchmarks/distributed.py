@@ -20,23 +20,15 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 
 def run(src: Path, out: Path, ranks: int, args: argparse.Namespace) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    launcher = [sys.executable, "-m", "qmoe"]
-    if ranks > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={ranks}",
-        ]
-        launcher += ["-m", "qmoe"]
+    from qmoe.pipeline.dist import local_launcher
+
+    launcher = local_launcher(ranks)
     cmd = [*launcher, "compress", str(src), "--out", str(out), "--calib-samples", str(args.calib_samples)]
     cmd += ["--eval-samples", str(args.eval_samples), "--device", "cpu", "--quiet"]
     t0 = time.perf_counter()

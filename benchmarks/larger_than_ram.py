@@ -3,10 +3,11 @@
     python benchmarks/synthetic_switch.py --out runs/scale/switch-31gb --target-gb 31     # ~31 GB bf16
     python benchmarks/larger_than_ram.py --large runs/scale/switch-31gb [--small-layers 2]
 
-1. ``--large``: ``qmoe compress --method rtn`` of the given checkpoint (round-to-nearest for speed; every
-   stage but GPTQ's math runs: streaming, calibration forward passes, routing counts, encoding, the
-   evaluation streams), in a child process whose resident set is sampled every 0.2 s (psutil) besides the
-   report's ``ru_maxrss``; swap use of the machine is read before and after. Then ``qmoe eval`` of the output.
+1. ``--large``: ``qmoe compress --method rtn --rate 0`` of the given checkpoint (nearest rounding, for
+   speed; every stage but GPTQ's math runs: streaming, calibration forward passes, routing counts,
+   encoding, the evaluation streams), in a child process whose resident set is sampled every 0.2 s
+   (psutil) besides the report's ``ru_maxrss``; swap use of the machine is read before and after. Then
+   ``qmoe eval`` of the output.
 2. ``--small-layers N``: a checkpoint of the same block shape with N encoder + N decoder blocks is written
    and compressed with GPTQ (the default recipe), the same way, so the memory of the GPTQ stages (Hessians,
    GPTQ, dequantized copies) is measured on the same per-block sizes: the pipeline's memory is per block, so
@@ -48,6 +49,8 @@ def compress(src: Path, out: Path, method: str, args: argparse.Namespace) -> dic
     if not (out / "config.json").is_file():  # a finished output is reused (rerun: resume)
         cmd = [sys.executable, "-m", "qmoe", "compress", str(src), "--out", str(out), "--method", method]
         cmd += ["--calib-samples", str(args.calib_samples), "--eval-samples", str(args.eval_samples)]
+        if method == "rtn":  # plain nearest rounding (QMoE's RTN): the default's priced rounding is slow
+            cmd += ["--rate", "0"]
         cmd += ["--device", "cpu", "--quiet"]
         swap0 = psutil.swap_memory().used
         wall, sampled, rc = run_sampled(cmd)

@@ -40,6 +40,7 @@ MODELS = {
         "proj": [(6144, 2080), (2080, 6144)],
         "top_k": 1,
         "d": 2080,
+        "attn": 24e6,  # per MoE block: encoder self, decoder self + cross, 4 x 2080 x 1920 each, averaged
     },
     "deepseek-v3": {
         "experts": 256,
@@ -47,6 +48,7 @@ MODELS = {
         "proj": [(2048, 7168), (2048, 7168), (7168, 2048)],
         "top_k": 8,
         "d": 7168,
+        "attn": 187e6,  # MLA: q_a/q_b, kv_a/kv_b, o
     },
     "qwen3-235b-a22b": {
         "experts": 128,
@@ -54,6 +56,7 @@ MODELS = {
         "proj": [(1536, 4096), (1536, 4096), (4096, 1536)],
         "top_k": 8,
         "d": 4096,
+        "attn": 71e6,  # 64 query heads and 4 KV heads of 128, o
     },
 }
 
@@ -163,15 +166,22 @@ def flops_per_expert(spec: dict) -> float:
     return hessians + sum(c**3 + 4 * r * c * c for r, c in groups)
 
 
-def _gpus(hours: float, min_ranks: int | None, compute: float, read: float, gather: float) -> str:
-    """Fewest ranks (>= the memory minimum) whose conservative compute share plus the unsplit reading and
-    gathering fits in ``hours``."""
+def _gpus(hours: float, min_ranks: int | None, compute: float, fixed: float, gather: float) -> str:
+    """Fewest ranks (>= the memory minimum) whose conservative compute share plus what every rank does
+    whole (reading, the replicated attention passes: ``fixed``; the output exchange) fits in ``hours``."""
     if min_ranks is None:
         return "no (layer too large)"
     for k in range(min_ranks, 4097):
-        if compute / k + read + (gather if k > 1 else 0) <= hours * 3600:
+        if compute / k + fixed + (gather if k > 1 else 0) <= hours * 3600:
             return str(k)
     return "> 4096"
+
+
+def sizes(spec: dict) -> tuple[int, int, int, int]:
+    """(experts in all, weights per expert, one layer's expert bytes in fp32, its Hessians' bytes in fp32)."""
+    w = sum(r * c for r, c in spec["proj"])
+    hess = 4 * spec["experts"] * sum(c * c for c in {c for _, c in spec["proj"]})
+    return spec["experts"] * spec["layers"], w, 4 * spec["experts"] * w, hess
 
 
 def plan(rates: dict) -> None:
@@ -183,37 +193,43 @@ def plan(rates: dict) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for name, spec in MODELS.items():
-        n = spec["experts"] * spec["layers"]
-        w = sum(r * c for r, c in spec["proj"])
-        hess = 4 * spec["experts"] * sum(c * c for c in {c for _, c in spec["proj"]})
+        n, w, layer, hess = sizes(spec)
         per = rates.get(name)
         cpu = f"{n * (per['hessian_s'] + per['gptq_s'] + per['encode_s']) / 3600:,.0f}" if per else "-"
         print(
-            f"| {name} | {n:,} | {2 * n * w / 1e12:.2f} TB | {4 * spec['experts'] * w / 1e9:.0f} GB "
+            f"| {name} | {n:,} | {2 * n * w / 1e12:.2f} TB | {layer / 1e9:.0f} GB "
             f"| {hess / 1e9:.0f} GB | {flops_per_expert(spec) / 1e12:.2f} T | {cpu} |"
         )
     print(
         "\n| model | GPU | per expert: optimistic / conservative | one GPU: optimistic / conservative "
-        "| fits one rank? (2 x layer fp32 + Hessians / ranks) | GPUs for 24 h | GPUs for 2 h |"
+        "| memory: (2 x layer fp32 + Hessians) / ranks | not split: reads + replicated attention; exchange "
+        "| GPUs for 24 h | GPUs for 2 h |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, spec in MODELS.items():
-        n = spec["experts"] * spec["layers"]
-        w = sum(r * c for r, c in spec["proj"])
-        layer = 4 * spec["experts"] * w
-        hess = 4 * spec["experts"] * sum(c * c for c in {c for _, c in spec["proj"]})
+        n, w, layer, hess = sizes(spec)
         f = flops_per_expert(spec)
         for gpu, (peak, mem) in GPUS.items():
             opt = f / (EFFICIENCY * peak)
             con = QMOE_S_PER_C2048_EXPERT * (f / ref) * (A6000_FP32 / peak)
             read = 2 * n * w / NVME  # each node reads every expert once
-            gather = layer * spec["layers"] / LINK  # each rank receives (almost) every dequantized layer
-            min_ranks = next((k for k in (1, 2, 4, 8, 16, 32, 64) if 2 * layer + hess / k + 2e9 <= mem), None)
-            fits = "no" if min_ranks is None else f"from {min_ranks} rank{'s' if min_ranks > 1 else ''}"
-            need = [_gpus(h, min_ranks, n * con, read, gather) for h in (24, 2)]
+            tokens = TOKENS * spec["experts"] / spec["top_k"]  # calibration tokens for TOKENS per expert
+            # Every rank runs every batch through attention and routers: 2 Hessian passes + 2 propagations.
+            replicated = 4 * spec["layers"] * tokens * 2 * spec["attn"] / (EFFICIENCY * peak)
+            # ... and receives every expert output of the propagations (calibration + evaluation ~ 2 passes).
+            gather = 2 * spec["layers"] * tokens * spec["top_k"] * spec["d"] * 4 / LINK
+            # per rank: its experts in fp32 twice (original, quantized), its Hessians, 2 GB for the rest
+            min_ranks = next(
+                (k for k in (1, 2, 4, 8, 16, 32, 64, 128) if (2 * layer + hess) / k + 2e9 <= mem), None
+            )
+            fits = (
+                "> 128 ranks" if min_ranks is None else f"from {min_ranks} rank{'s' if min_ranks > 1 else ''}"
+            )
+            need = [_gpus(h, min_ranks, n * con, read + replicated, gather) for h in (24, 2)]
             print(
                 f"| {name} | {gpu} | {opt:.3f} / {con:.2f} s | {n * opt / 3600:.1f} / {n * con / 3600:.1f} h "
-                f"| {fits} | {need[0]} | {need[1]} |"
+                f"| {fits} | {(read + replicated) / 60:.0f} min; {gather / 60:.0f} min "
+                f"| {need[0]} | {need[1]} |"
             )
 
 
@@ -286,10 +302,8 @@ def main() -> None:
         if name == "read":
             continue
         spec = MODELS[name]
-        n = spec["experts"] * spec["layers"]
+        n, _, w_bytes, h_bytes = sizes(spec)
         total_h = n * (per["hessian_s"] + per["gptq_s"] + per["encode_s"]) / 3600
-        w_bytes = 4 * spec["experts"] * per["weights"]
-        h_bytes = 4 * spec["experts"] * sum(c * c for c in {c for _, c in spec["proj"]})
         print(
             f"| {name} | {spec['experts']} x {spec['layers']} | {per['hessian_s']:.2f} / "
             f"{per['gptq_s']:.2f} / {per['rtn_s']:.2f} / {per['encode_s']:.2f} | {total_h:,.0f} h | "

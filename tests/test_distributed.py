@@ -17,30 +17,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_switch
 
+from qmoe.pipeline.dist import local_launcher
 from qmoe.pipeline.run import FAIL_ENV, KILL_ENV
 
 SMALL = ["--calib-samples", "16", "--seq-len", "32", "--eval-samples", "8", "--batch-size", "8", "--quiet"]
 
 
 def _compress(src: Path, out: Path, args: list[str], ranks: int, env: dict[str, str] | None = None):
-    launcher = [sys.executable, "-m", "qmoe"]
-    if ranks > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={ranks}",
-            "-m",
-            "qmoe",
-        ]
+    launcher = local_launcher(ranks)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [*launcher, "compress", str(src), "--out", str(out), *args],
@@ -135,8 +124,21 @@ def test_failing_rank_is_named_and_the_rerun_resumes(qwen2_dir: Path, qwen2_one:
     _same_files(qwen2_one, out)
 
 
+def _save_tiny_switch(path: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """tests/conftest.py's builder (loaded by path: tests/runtime has a conftest of its own)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_qmoe_tests_conftest", Path(__file__).parent / "conftest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.save_tiny_switch(path, tokenizer_dir, **overrides)
+
+
 def test_killed_distributed_run_restarts_to_the_same_bytes(tmp_path: Path, tokenizer_dir: Path) -> None:
-    src = save_tiny_switch(tmp_path / "switch", tokenizer_dir, num_experts=5)
+    src = _save_tiny_switch(tmp_path / "switch", tokenizer_dir, num_experts=5)
     args = [*SMALL, "--no-eval"]
     one = tmp_path / "one"
     assert _compress(src, one, args, ranks=1).returncode == 0

@@ -207,6 +207,24 @@ class Dist:
             )
 
 
+def local_launcher(ranks: int) -> list[str]:
+    """The command prefix that runs ``qmoe ...`` on ``ranks`` processes of this machine (torchrun's module;
+    one process: plain ``python -m qmoe``), for scripts and tests."""
+    import sys
+
+    if ranks <= 1:
+        return [sys.executable, "-m", "qmoe"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "qmoe",
+    ]
+
+
 def from_environment(device: torch.device) -> Dist:
     """The job torchrun describes (``WORLD_SIZE``, ``RANK``), its process group started; else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
