@@ -149,3 +149,13 @@ def test_killed_distributed_run_restarts_to_the_same_bytes(tmp_path: Path, token
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "qmoe_report.json").read_text())["resumed_from_block"] == 3
     _same_files(one, out)
+
+
+def test_expert_ranges_cover_every_expert_once() -> None:
+    from qmoe.pipeline.dist import Dist
+
+    for world in (1, 2, 3, 5, 8):
+        for n in (world, 7, 16, 2048):
+            ranges = [Dist(r, world).owned(n) for r in range(world)]
+            assert [e for rg in ranges for e in rg] == list(range(n))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1

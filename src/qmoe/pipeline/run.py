@@ -639,6 +639,11 @@ def compress(
     dist = from_environment(dev)  # torchrun: this rank's place in the job; else one process
     dev = local_device(dev)
     p = plan(source, out, config, __version__)
+    if dist.world > p.n_experts:
+        raise ConfigError(
+            f"{dist.world} ranks but {p.n_experts} experts per MoE layer: every rank needs at least one "
+            f"expert; run at most {p.n_experts} ranks"
+        )
     dist.barrier()  # every rank has read the output directory's state before rank 0 writes to it
     if p.complete:
         shutil.rmtree(p.out / PARTIAL_DIR, ignore_errors=True)
