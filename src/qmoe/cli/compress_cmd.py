@@ -8,7 +8,8 @@ import os
 NAME = "compress"
 HELP = (
     "Compress a Mixture-of-Experts checkpoint below 1 bit per parameter: stream it block by block, "
-    "calibrate, GPTQ-quantize every expert and entropy-code it (QMoE)."
+    "calibrate, GPTQ-quantize every expert and entropy-code it (QMoE). On several processes: "
+    "torchrun --nproc-per-node M -m qmoe compress ... (same output bytes). Supported families: qmoe families."
 )
 
 
