@@ -3,11 +3,19 @@
 ``prepare(enc)`` builds a small per-matrix handle once (kernel decode tables, shared per code; array
 addresses in a registry slot; cached per EncodedMatrix), so a call costs ~10 µs of Python before the kernel
 runs. ``matmul_experts`` runs a whole MoE layer's experts as one parallel call over (expert, row block) work
-items; inputs are read in place (torch or numpy, any strides). Kernels: qmoe.kernels._cpu_numba.
+items; inputs are read in place (torch or numpy, any strides).
+
+Two kernels compute the items, chosen once per process (``kernel()``): ``native``, rows decoded 8 at a time
+across AVX2 lanes (cpu_lanes.c, compiled on first use by qmoe.kernels._native), and ``numba``, the portable
+fallback (qmoe.kernels._cpu_numba, which also packs the inputs and schedules the items for both).
+``QMOE_CPU_KERNEL=native|numba`` forces one; by default (``auto``) native is used when it builds and the
+CPU has AVX2, else numba.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +29,11 @@ from qmoe.kernels._io import as_source, wrap
 # Work-item size: about this many weights per (matrix, row block), so a 2-core call has tens of items to
 # balance yet each item's fixed cost (row levels, scheduling) stays small.
 ITEM_WEIGHTS = 1 << 16
+# The native kernel's items: at least LANE_ROWS rows, so its 16 lanes rarely idle while an item drains.
+LANE_ITEM_WEIGHTS, LANE_ROWS = 1 << 18, 64
+KERNELS = ("native", "numba")
+_kernel: str | None = None  # resolved on first use
+_log = logging.getLogger(__name__)
 
 _handles: weakref.WeakKeyDictionary[EncodedMatrix, Prepared] = weakref.WeakKeyDictionary()
 _luts: weakref.WeakValueDictionary[tuple, np.ndarray] = weakref.WeakValueDictionary()
@@ -34,6 +47,38 @@ def probe() -> None:
         import numba  # noqa: F401
     except ImportError as err:  # pragma: no cover - numba is a dependency
         raise BackendUnavailable(f"the 'cpu' kernel backend needs numba ({err}); pip install numba") from err
+
+
+def kernel() -> str:
+    """The kernel this process uses, resolved on first call from ``QMOE_CPU_KERNEL`` (auto, native, numba)."""
+    global _kernel
+    if _kernel is None:
+        want = os.environ.get("QMOE_CPU_KERNEL", "auto").strip().lower() or "auto"
+        if want not in ("auto", *KERNELS):
+            raise BackendUnavailable(f"QMOE_CPU_KERNEL={want!r}: choose auto, native or numba")
+        set_kernel(None if want == "auto" else want)
+    return _kernel  # type: ignore[return-value]
+
+
+def set_kernel(name: str | None) -> str:
+    """Use kernel ``name`` from now on (None: native if available, else numba); returns the one chosen.
+    ``"native"`` raises BackendUnavailable (with the compiler's message) when it cannot be built or run."""
+    global _kernel
+    from qmoe.kernels import _native
+
+    if name not in (None, *KERNELS):
+        raise ValueError(f"unknown CPU kernel {name!r}; choose one of {KERNELS}")
+    if name in (None, "native"):
+        try:
+            _native.load()
+            _kernel = "native"
+            return _kernel
+        except BackendUnavailable as err:
+            if name == "native":
+                raise
+            _log.info("qmoe: using the numba CPU kernel: %s", err)
+    _kernel = "numba"
+    return _kernel
 
 
 def _nb():
@@ -122,6 +167,27 @@ def build_lut2(enc: EncodedMatrix) -> tuple[np.ndarray, int]:
     return lut2, limit + 1
 
 
+def build_lane_tables(enc: EncodedMatrix) -> np.ndarray:
+    """The native kernel's two ``[4097] int32`` tables (``[2, 4097]``: TA, TB; layout in cpu_lanes.c), the
+    multi-symbol table ``build_lut2`` split into 32-bit fields a gather can fetch; entry 4096 is all zero."""
+    t = enc.table
+    key = ("lanes", t.kind, t.run_limit, t.background, t.lengths.tobytes())
+    got = _luts.get(key)
+    if got is not None:
+        return got
+    nb = _nb()
+    e = build_lut2(enc)[0][:-1]
+    n, vv = e & 15, (e >> 4) & 15
+    c1, c2, adv = (e >> 8) & 0xFFFF, (e >> 24) & 0xFFFF, e >> nb.E2_ADV_SHIFT
+    assert c1.max() < 1 << 15 and c2.max() < 1 << 15 and adv.max() <= nb.E2_ADV_END, "lane field overflow"
+    tabs = np.zeros((2, len(e) + 1), dtype=np.uint32)
+    tabs[0, :-1] = n | (vv << 4) | (adv << 8)
+    tabs[1, :-1] = c1 | (((vv & 3) != 0) << 15) | (c2 << 16) | (((vv >> 2) != 0).astype(np.int64) << 31)
+    tabs = tabs.view(np.int32)
+    _luts[key] = tabs
+    return tabs
+
+
 class _Registry:
     """Registry rows ``[slots, NMETA] int64``, one per live Prepared handle, so a call passes the kernel
     slot numbers instead of building per-matrix rows (each costs ~µs of numpy from Python)."""
@@ -152,7 +218,7 @@ _registry: _Registry | None = None
 class Prepared:
     """Per-matrix handle: the arrays the kernel reads (kept alive here) and its registry slot."""
 
-    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "xpad", "_arrays", "meta", "slot",
+    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "lanes", "xpad", "_arrays", "meta", "slot",
                  "__weakref__")
 
     def __init__(self, enc: EncodedMatrix):
@@ -162,6 +228,7 @@ class Prepared:
         self.enc, self.rows, self.cols, self.int2 = enc, rows, cols, enc.kind == "int2"
         self.lut = build_lut(enc)
         self.lut2, self.xpad = build_lut2(enc)
+        self.lanes = build_lane_tables(enc)
         stream = np.ascontiguousarray(enc.stream, dtype="<u4")
         bo = np.ascontiguousarray(enc.block_offsets, dtype="<u4")
         rd = np.ascontiguousarray(enc.row_deltas, dtype="<u2")
@@ -181,6 +248,7 @@ class Prepared:
         m[nb.M_INT2], m[nb.M_BACKGROUND] = self.int2, enc.table.background
         m[nb.M_LEVELS_F16] = levels.dtype == np.dtype("<f2")
         m[nb.M_RPI] = max(4, min(252, (ITEM_WEIGHTS // cols) // 4 * 4))  # whole 4-row groups
+        m[nb.M_LANE_LUT], m[nb.M_RPI_LANES] = self.lanes.ctypes.data, max(LANE_ROWS, LANE_ITEM_WEIGHTS // cols)
         self.meta = m
         if _registry is None:
             _registry = _Registry()
@@ -216,14 +284,21 @@ def _run(handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]
     call = np.array(calls, dtype=np.int64).reshape(len(handles), nb.NCALL)
     xbuf = np.empty(xoff, dtype=np.float32)
     out = np.empty(ooff, dtype=np.float32)
+    native = _native_addr() if kernel() == "native" else 0
     with numba.parallel_chunksize(1):
-        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out)
+        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, native)
     if bad >= 0:
         h = handles[bad]
         row, code = divmod(int(status), 4)
         raise FormatError(f"encoded {h.enc.kind} matrix {h.enc.shape} is corrupt: row {row} "
                           f"{_STATUS_TEXT[code]}")
     return _split(out, handles, srcs)
+
+
+def _native_addr() -> int:
+    from qmoe.kernels import _native
+
+    return _native.load()
 
 
 def _split(out: np.ndarray, handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]:
