@@ -36,9 +36,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from llvmlite import ir
 from numba.extending import intrinsic
 
 # Kernel decode-table entry (int32), derived from the codec's table by qmoe.kernels.cpu.build_lut:
@@ -416,18 +416,17 @@ def _pack(m, c, xbuf):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def matmul_call(reg, calls, xbuf, out, native):  # pragma: no cover - compiled
+def matmul_call(reg, calls, xbuf, out, native, native_min_tokens):  # pragma: no cover - compiled
     """``out[c] = x_c @ W_c^T`` for each row of ``calls [n, NCALL]`` (registry slot, tokens, input address
     and element strides, offsets into ``xbuf`` and ``out``) over the matrices of ``reg [slots, NMETA]``.
 
     Work items are (call, block of the matrix's M_RPI rows), run with dynamic scheduling when called under
     ``numba.parallel_chunksize(1)`` (set from Python: setting it in here would make the function
     uncacheable), so uneven rows and busy cores balance out. ``native``: 0, or the address of the native
-    kernel (cpu_lanes.c), which then computes every item, in blocks of M_RPI_LANES rows. Returns
-    (call, row * 4 + status) of the first bad row, or (-1, -1).
+    kernel (cpu_lanes.c), which then computes the items of every call with at least ``native_min_tokens``
+    tokens, in blocks of M_RPI_LANES rows. Returns (call, row * 4 + status) of the first bad row, or (-1, -1).
     """
     n = calls.shape[0]
-    rpi_col = M_RPI if native == 0 else M_RPI_LANES
     first = np.empty(n + 1, dtype=np.int64)  # first work item of each call
     first[0] = 0
     for c in range(n):
@@ -435,18 +434,21 @@ def matmul_call(reg, calls, xbuf, out, native):  # pragma: no cover - compiled
         t = calls[c, C_TOKENS]
         if t > 0:
             _pack(m, calls[c], xbuf)
-        first[c + 1] = first[c] + (0 if t == 0 else (m[M_ROWS] + m[rpi_col] - 1) // m[rpi_col])
+        rpi = m[M_RPI_LANES] if native != 0 and t >= native_min_tokens else m[M_RPI]
+        first[c + 1] = first[c] + (0 if t == 0 else (m[M_ROWS] + rpi - 1) // rpi)
     total = first[n]
     status = np.empty(total, dtype=np.int64)
     for i in prange(total):
         c = np.searchsorted(first, i, side="right") - 1
         m = reg[calls[c, C_SLOT]]
-        rows, rpi, t, tp = m[M_ROWS], m[rpi_col], calls[c, C_TOKENS], calls[c, C_TPAD]
+        t, tp = calls[c, C_TOKENS], calls[c, C_TPAD]
+        lanes = native != 0 and t >= native_min_tokens
+        rows, rpi = m[M_ROWS], m[M_RPI_LANES] if lanes else m[M_RPI]
         r0 = (i - first[c]) * rpi
         xo = calls[c, C_XOFF]
         oo = calls[c, C_OOFF]
         r1 = min(r0 + rpi, rows)
-        if native != 0:
+        if lanes:
             status[i] = _call_native(native, np.int64(m.ctypes.data), np.int64(xbuf.ctypes.data + 4 * xo),
                                      np.int64(out.ctypes.data + 4 * oo), t, tp, r0, r1)
         else:

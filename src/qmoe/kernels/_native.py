@@ -21,7 +21,7 @@ from pathlib import Path
 from qmoe.errors import BackendUnavailable
 
 SOURCE = Path(__file__).with_name("cpu_lanes.c")
-ABI = 1 * 1000 + 20  # QMOE_NATIVE_ABI * 1000 + NMETA in cpu_lanes.c; NMETA = qmoe.kernels._cpu_numba.NMETA
+ABI = 2 * 1000 + 20  # QMOE_NATIVE_ABI * 1000 + NMETA in cpu_lanes.c; NMETA = qmoe.kernels._cpu_numba.NMETA
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-strict-aliasing"]
 COMPILE_TIMEOUT_S = 120
 
@@ -74,7 +74,7 @@ def load() -> int:
         raise _state["error"]  # type: ignore[misc]
     try:
         if platform.machine().lower() not in ("x86_64", "amd64"):
-            raise BackendUnavailable(f"the native CPU kernel needs x86-64 with AVX2, this is {platform.machine()}")
+            raise BackendUnavailable(f"the native CPU kernel needs x86-64, not {platform.machine()}")
         path = library_path()
         if not path.is_file():
             build(path)

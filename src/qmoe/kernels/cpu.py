@@ -5,11 +5,15 @@ addresses in a registry slot; cached per EncodedMatrix), so a call costs ~10 µs
 runs. ``matmul_experts`` runs a whole MoE layer's experts as one parallel call over (expert, row block) work
 items; inputs are read in place (torch or numpy, any strides).
 
-Two kernels compute the items, chosen once per process (``kernel()``): ``native``, rows decoded 8 at a time
-across AVX2 lanes (cpu_lanes.c, compiled on first use by qmoe.kernels._native), and ``numba``, the portable
-fallback (qmoe.kernels._cpu_numba, which also packs the inputs and schedules the items for both).
-``QMOE_CPU_KERNEL=native|numba`` forces one; by default (``auto``) native is used when it builds and the
-CPU has AVX2, else numba.
+Two kernels compute the items: ``native``, rows decoded 8 at a time across AVX2 lanes (cpu_lanes.c, compiled
+on first use by qmoe.kernels._native), and ``numba``, the portable one (qmoe.kernels._cpu_numba, which also
+packs the inputs and schedules the items for both). The mode is chosen once per process (``kernel()``) from
+``QMOE_CPU_KERNEL``:
+
+    auto    (default) native for calls of 2 or more tokens when it builds and the CPU has AVX2, numba for
+            single tokens (measured faster there, docs/kernels.md) and everywhere native is unavailable
+    native  native for every call (BackendUnavailable if it cannot be built)
+    numba   numba for every call
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from qmoe.kernels._io import as_source, wrap
 ITEM_WEIGHTS = 1 << 16
 # The native kernel's items: at least LANE_ROWS rows, so its 16 lanes rarely idle while an item drains.
 LANE_ITEM_WEIGHTS, LANE_ROWS = 1 << 18, 64
-KERNELS = ("native", "numba")
+KERNELS = ("auto", "native", "numba")
 _kernel: str | None = None  # resolved on first use
 _log = logging.getLogger(__name__)
 
@@ -50,28 +54,29 @@ def probe() -> None:
 
 
 def kernel() -> str:
-    """The kernel this process uses, resolved on first call from ``QMOE_CPU_KERNEL`` (auto, native, numba)."""
-    global _kernel
+    """The mode this process uses (``auto`` only when the native kernel is available, else ``numba``),
+    resolved on first call from ``QMOE_CPU_KERNEL`` (auto, native, numba)."""
     if _kernel is None:
         want = os.environ.get("QMOE_CPU_KERNEL", "auto").strip().lower() or "auto"
-        if want not in ("auto", *KERNELS):
-            raise BackendUnavailable(f"QMOE_CPU_KERNEL={want!r}: choose auto, native or numba")
-        set_kernel(None if want == "auto" else want)
+        if want not in KERNELS:
+            raise BackendUnavailable(f"QMOE_CPU_KERNEL={want!r}: choose one of {', '.join(KERNELS)}")
+        set_kernel(want)
     return _kernel  # type: ignore[return-value]
 
 
-def set_kernel(name: str | None) -> str:
-    """Use kernel ``name`` from now on (None: native if available, else numba); returns the one chosen.
-    ``"native"`` raises BackendUnavailable (with the compiler's message) when it cannot be built or run."""
+def set_kernel(name: str) -> str:
+    """Use mode ``name`` (auto, native, numba) from now on; returns the mode in force, which is ``numba`` when
+    ``auto`` finds the native kernel unavailable. ``native`` raises BackendUnavailable (with the compiler's
+    message) when it cannot be built or run."""
     global _kernel
     from qmoe.kernels import _native
 
-    if name not in (None, *KERNELS):
+    if name not in KERNELS:
         raise ValueError(f"unknown CPU kernel {name!r}; choose one of {KERNELS}")
-    if name in (None, "native"):
+    if name != "numba":
         try:
             _native.load()
-            _kernel = "native"
+            _kernel = name
             return _kernel
         except BackendUnavailable as err:
             if name == "native":
@@ -168,8 +173,9 @@ def build_lut2(enc: EncodedMatrix) -> tuple[np.ndarray, int]:
 
 
 def build_lane_tables(enc: EncodedMatrix) -> np.ndarray:
-    """The native kernel's two ``[4097] int32`` tables (``[2, 4097]``: TA, TB; layout in cpu_lanes.c), the
-    multi-symbol table ``build_lut2`` split into 32-bit fields a gather can fetch; entry 4096 is all zero."""
+    """The native kernel's tables ``[2, 8193] int32`` (TA, TB; layout in cpu_lanes.c): entries 0..4095 the
+    multi-symbol table ``build_lut2``, 4096..8191 the single-symbol table ``build_lut``, split into 32-bit
+    fields a gather can fetch; entry 8192 is all zero (parked lanes)."""
     t = enc.table
     key = ("lanes", t.kind, t.run_limit, t.background, t.lengths.tobytes())
     got = _luts.get(key)
@@ -179,11 +185,16 @@ def build_lane_tables(enc: EncodedMatrix) -> np.ndarray:
     e = build_lut2(enc)[0][:-1]
     n, vv = e & 15, (e >> 4) & 15
     c1, c2, adv = (e >> 8) & 0xFFFF, (e >> 24) & 0xFFFF, e >> nb.E2_ADV_SHIFT
+    s = build_lut(enc).astype(np.int64)
+    sv = (s >> nb.VAL_SHIFT) & 3
+    sadv = np.minimum(s >> nb.ADV_SHIFT, nb.E2_ADV_END)  # end of row: 2**22 is past any width too
     assert c1.max() < 1 << 15 and c2.max() < 1 << 15 and adv.max() <= nb.E2_ADV_END, "lane field overflow"
-    tabs = np.zeros((2, len(e) + 1), dtype=np.uint32)
-    tabs[0, :-1] = n | (vv << 4) | (adv << 8)
-    tabs[1, :-1] = c1 | (((vv & 3) != 0) << 15) | (c2 << 16) | (((vv >> 2) != 0).astype(np.int64) << 31)
-    tabs = tabs.view(np.int32)
+    tabs = np.zeros((2, 2 * len(e) + 1), dtype=np.int64)
+    tabs[0, :len(e)] = n | (vv << 4) | (adv << 8)
+    tabs[1, :len(e)] = c1 | (((vv & 3) != 0) << 15) | (c2 << 16) | (((vv >> 2) != 0).astype(np.int64) << 31)
+    tabs[0, len(e):-1] = (s & nb.LEN_MASK) | (sv << 4) | (sadv << 8)
+    tabs[1, len(e):-1] = np.where(sv != 0, (sadv - 1) | (1 << 15), 0)  # the value's column: skip
+    tabs = tabs.astype(np.uint32).view(np.int32)
     _luts[key] = tabs
     return tabs
 
@@ -248,7 +259,8 @@ class Prepared:
         m[nb.M_INT2], m[nb.M_BACKGROUND] = self.int2, enc.table.background
         m[nb.M_LEVELS_F16] = levels.dtype == np.dtype("<f2")
         m[nb.M_RPI] = max(4, min(252, (ITEM_WEIGHTS // cols) // 4 * 4))  # whole 4-row groups
-        m[nb.M_LANE_LUT], m[nb.M_RPI_LANES] = self.lanes.ctypes.data, max(LANE_ROWS, LANE_ITEM_WEIGHTS // cols)
+        m[nb.M_LANE_LUT] = self.lanes.ctypes.data
+        m[nb.M_RPI_LANES] = max(LANE_ROWS, LANE_ITEM_WEIGHTS // cols)
         self.meta = m
         if _registry is None:
             _registry = _Registry()
@@ -284,9 +296,10 @@ def _run(handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]
     call = np.array(calls, dtype=np.int64).reshape(len(handles), nb.NCALL)
     xbuf = np.empty(xoff, dtype=np.float32)
     out = np.empty(ooff, dtype=np.float32)
-    native = _native_addr() if kernel() == "native" else 0
+    mode = kernel()
+    native = 0 if mode == "numba" else _native_addr()
     with numba.parallel_chunksize(1):
-        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, native)
+        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, native, 1 if mode == "native" else 2)
     if bad >= 0:
         h = handles[bad]
         row, code = divmod(int(status), 4)

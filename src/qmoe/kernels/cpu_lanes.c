@@ -27,7 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define QMOE_NATIVE_ABI 1
+#define QMOE_NATIVE_ABI 2
 
 /* meta columns: qmoe.kernels._cpu_numba (M_*), one int64 row per matrix */
 enum {
@@ -37,7 +37,8 @@ enum {
 #define NMETA 20
 #define ERR_LENGTH 1
 #define ERR_WIDTH 2
-#define LANE_ZERO 4096
+#define LANE_SINGLE 4096 /* table offset of the single-symbol half */
+#define LANE_ZERO 8192   /* the all-zero entry */
 #define TCHUNK 64 /* tokens per pass at batch T > 1 (per-lane accumulators: 8 * NG * 64 floats) */
 
 int64_t qmoe_native_abi(void) { return QMOE_NATIVE_ABI * 1000 + NMETA; }
@@ -59,7 +60,7 @@ static void load_mat(const int64_t *m, mat_t *t) {
     t->levels = (const void *)(intptr_t)m[M_LEVELS];
     t->lut = (const int32_t *)(intptr_t)m[M_LUT];
     t->ta = (const int32_t *)(intptr_t)m[M_LANE_LUT];
-    t->tb = t->ta + LANE_ZERO + 1;
+    t->tb = t->ta + LANE_ZERO + 1; /* [2, 8193]: TA then TB */
     t->rows = m[M_ROWS];
     t->cols = m[M_COLS];
     t->g = m[M_BLOCK_LOG2];
@@ -191,7 +192,7 @@ static int64_t item_scalar(const mat_t *t, const float *x, float *out, int64_t n
 #include <immintrin.h>
 
 #define AVX2 __attribute__((target("avx2,fma")))
-#define NG 2 /* groups of 8 lanes in flight */
+#define NG 4 /* groups of 8 lanes in flight */
 #define NL (8 * NG)
 
 int64_t qmoe_native_cpu_ok(void) {
@@ -204,7 +205,7 @@ typedef struct {
     int32_t bit[NL] __attribute__((aligned(32)));
     int32_t pos[NL] __attribute__((aligned(32)));
     int32_t end12[NL] __attribute__((aligned(32)));
-    int32_t park[NL] __attribute__((aligned(32)));
+    int32_t off[NL] __attribute__((aligned(32)));
     float acc[NL] __attribute__((aligned(32)));
     float w1[NL] __attribute__((aligned(32)));
     float w2[NL] __attribute__((aligned(32)));
@@ -221,18 +222,19 @@ typedef struct {
 /* Put the item's next row that has a zone into lane l (rows too short for one are finished here); park
    the lane when none is left. tokens: 0 at batch 1 (x = packed x), else the T > 1 pass (xt, tp, t0, tc)
    and the lane's accumulators accT [tc]. */
-static void refill(lanes_t *L, int l, const float *x, float *out, int64_t tp, int64_t t0, int tc, float *accT) {
+static void refill(lanes_t *L, int l, const float *x, float *out, int64_t tp, int64_t t0, int tc, float *accT,
+                   int single) {
     const mat_t *t = L->t;
     float w[4];
     while (L->next < L->r1) {
         int64_t r = L->next++, s, e;
         row_bits(t, r, &s, &e);
         float base = row_weights(t, r, w);
-        if (e - s >= 12) {
+        if (e - s >= 12 || single) {
             L->bit[l] = (int32_t)(s - L->gbase);
             L->pos[l] = 0;
             L->end12[l] = (int32_t)(e - 12 - L->gbase);
-            L->park[l] = 0;
+            L->off[l] = e - s >= 12 || !single ? 0 : LANE_SINGLE;
             L->acc[l] = 0.0f;
             L->w1[l] = w[1];
             L->w2[l] = w[2];
@@ -260,34 +262,28 @@ static void refill(lanes_t *L, int l, const float *x, float *out, int64_t tp, in
     L->bit[l] = 0; /* the item's first byte: always readable */
     L->pos[l] = 0;
     L->end12[l] = INT32_MAX;
-    L->park[l] = LANE_ZERO;
+    L->off[l] = LANE_ZERO;
     L->acc[l] = 0.0f;
     L->w1[l] = L->w2[l] = L->w3[l] = 0.0f;
     L->row[l] = -1;
     L->live--;
 }
 
-/* lane l left its zone after a step whose entry was L->ea[l]: finish its row (batch 1), refill */
+/* lane l finished its row (batch 1) with the step whose entry was L->ea[l]: write it, refill the lane */
 static void finish1(lanes_t *L, int l, const float *x, float *out) {
     const mat_t *t = L->t;
-    int64_t bit = L->gbase + L->bit[l], pos = L->pos[l], e = L->ea[l], end = L->end[l], r = L->row[l];
-    float a = L->acc[l], w[4] = {0.0f, L->w1[l], L->w2[l], L->w3[l]};
-    int st;
-    if (pos >= t->cols) /* the last entry crossed the width: check it symbol by symbol */
-        st = walk(t, bit - (e & 15), end, pos - (e >> 8));
-    else
-        st = tail1(t, x, w, bit, end, pos, &a);
-    out[r] = a + L->base[l] * x[t->cols + t->xpad];
-    note_bad(&L->bad, r, st);
-    refill(L, l, x, out, 1, 0, 0, NULL);
+    int64_t r = L->row[l];
+    out[r] = L->acc[l] + L->base[l] * x[t->cols + t->xpad];
+    note_bad(&L->bad, r, status_of(L->gbase + L->bit[l], L->end[l], L->pos[l], L->ea[l], t->cols));
+    refill(L, l, x, out, 1, 0, 0, NULL, 1);
 }
 
-AVX2 static inline void store_group(lanes_t *L, int g, __m256i bit, __m256i pos, __m256i end12, __m256i park,
+AVX2 static inline void store_group(lanes_t *L, int g, __m256i bit, __m256i pos, __m256i end12, __m256i off,
                                     __m256 acc, __m256 w1, __m256 w2, __m256 w3, __m256i ea) {
     _mm256_store_si256((__m256i *)(L->bit + 8 * g), bit);
     _mm256_store_si256((__m256i *)(L->pos + 8 * g), pos);
     _mm256_store_si256((__m256i *)(L->end12 + 8 * g), end12);
-    _mm256_store_si256((__m256i *)(L->park + 8 * g), park);
+    _mm256_store_si256((__m256i *)(L->off + 8 * g), off);
     _mm256_store_ps(L->acc + 8 * g, acc);
     _mm256_store_ps(L->w1 + 8 * g, w1);
     _mm256_store_ps(L->w2 + 8 * g, w2);
@@ -302,25 +298,38 @@ AVX2 static inline void store_group(lanes_t *L, int g, __m256i bit, __m256i pos,
                                _mm256_castsi256_ps(_mm256_slli_epi32(ea, s1)))                                   \
             : _mm256_blendv_ps(w1, w2, _mm256_castsi256_ps(_mm256_slli_epi32(ea, s1))))
 
-/* Batch 1. The step of one group; its lanes are all in their zones (or parked) on entry. */
+/* Batch 1. The step of one group. A lane is in multi-symbol mode (off 0) while its whole 12-bit window lies
+   in the row and pos < cols; an entry that would carry pos past the width is not committed (bit, pos and acc
+   keep their values) and the lane, like one with fewer than 12 bits left, continues in single-symbol mode
+   (off LANE_SINGLE): one codeword per step, exactly the reference decoder's walk, so a corrupt row stops
+   where the codec stops. A single-mode lane is done when pos >= cols or bit >= end; ex holds those lanes. */
 #define STEP1(INT2, gg)                                                                                         \
     do {                                                                                                        \
         __m256i raw = _mm256_i32gather_epi32((const int *)bytes, _mm256_srli_epi32(vbit[gg], 3), 1);            \
         __m256i win = _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_and_si256(vbit[gg], seven)), m4095);       \
-        win = _mm256_max_epi32(win, vpark[gg]);                                                                 \
-        __m256i ea = _mm256_i32gather_epi32(t->ta, win, 4);                                                     \
-        __m256i eb = _mm256_i32gather_epi32(t->tb, win, 4);                                                     \
+        __m256i idx = _mm256_min_epi32(_mm256_add_epi32(win, voff[gg]), zidx);                                  \
+        __m256i ea = _mm256_i32gather_epi32(t->ta, idx, 4);                                                     \
+        __m256i eb = _mm256_i32gather_epi32(t->tb, idx, 4);                                                     \
         __m256i i1 = _mm256_add_epi32(vpos[gg], _mm256_and_si256(eb, mcol));                                    \
         __m256i i2 = _mm256_add_epi32(vpos[gg], _mm256_and_si256(_mm256_srli_epi32(eb, 16), mcol));             \
         __m256 x1 = _mm256_mask_i32gather_ps(zero, x, i1, _mm256_castsi256_ps(_mm256_slli_epi32(eb, 16)), 4);   \
         __m256 x2 = _mm256_mask_i32gather_ps(zero, x, i2, _mm256_castsi256_ps(eb), 4);                          \
-        vacc[gg] = _mm256_fmadd_ps(PICK(INT2, ea, 27, 26, vw1[gg], vw2[gg], vw3[gg]), x1, vacc[gg]);            \
-        vacc[gg] = _mm256_fmadd_ps(PICK(INT2, ea, 25, 24, vw1[gg], vw2[gg], vw3[gg]), x2, vacc[gg]);            \
-        vbit[gg] = _mm256_add_epi32(vbit[gg], _mm256_and_si256(ea, m15));                                       \
-        vpos[gg] = _mm256_add_epi32(vpos[gg], _mm256_srli_epi32(ea, 8));                                        \
+        __m256 acc = _mm256_fmadd_ps(PICK(INT2, ea, 27, 26, vw1[gg], vw2[gg], vw3[gg]), x1, vacc[gg]);          \
+        acc = _mm256_fmadd_ps(PICK(INT2, ea, 25, 24, vw1[gg], vw2[gg], vw3[gg]), x2, acc);                      \
+        __m256i nbit = _mm256_add_epi32(vbit[gg], _mm256_and_si256(ea, m15));                                   \
+        __m256i npos = _mm256_add_epi32(vpos[gg], _mm256_srli_epi32(ea, 8));                                    \
+        __m256i multi = _mm256_cmpeq_epi32(voff[gg], izero);                                                    \
+        __m256i crossed = _mm256_and_si256(multi, _mm256_cmpgt_epi32(npos, colsm1));                            \
+        vbit[gg] = _mm256_blendv_epi8(nbit, vbit[gg], crossed);                                                 \
+        vpos[gg] = _mm256_blendv_epi8(npos, vpos[gg], crossed);                                                 \
+        vacc[gg] = _mm256_blendv_ps(acc, vacc[gg], _mm256_castsi256_ps(crossed));                               \
+        __m256i to1 = _mm256_and_si256(multi, _mm256_or_si256(crossed, _mm256_cmpgt_epi32(vbit[gg], vend[gg])));\
+        voff[gg] = _mm256_or_si256(voff[gg], _mm256_and_si256(to1, vsingle));                                   \
+        __m256i done = _mm256_and_si256(_mm256_cmpeq_epi32(voff[gg], vsingle),                                  \
+                                        _mm256_or_si256(_mm256_cmpgt_epi32(vpos[gg], colsm1),                   \
+                                                        _mm256_cmpgt_epi32(vbit[gg], _mm256_add_epi32(vend[gg], eleven)))); \
         vea[gg] = ea;                                                                                           \
-        ex[gg] = _mm256_movemask_ps(_mm256_castsi256_ps(                                                        \
-            _mm256_or_si256(_mm256_cmpgt_epi32(vpos[gg], colsm1), _mm256_cmpgt_epi32(vbit[gg], vend[gg])))); \
+        ex[gg] = _mm256_movemask_ps(_mm256_castsi256_ps(done));                                                 \
     } while (0)
 
 #define LOAD_GROUP(g)                                                                                           \
@@ -328,7 +337,7 @@ AVX2 static inline void store_group(lanes_t *L, int g, __m256i bit, __m256i pos,
         vbit[g] = _mm256_load_si256((const __m256i *)(L.bit + 8 * (g)));                                        \
         vpos[g] = _mm256_load_si256((const __m256i *)(L.pos + 8 * (g)));                                        \
         vend[g] = _mm256_load_si256((const __m256i *)(L.end12 + 8 * (g)));                                      \
-        vpark[g] = _mm256_load_si256((const __m256i *)(L.park + 8 * (g)));                                      \
+        voff[g] = _mm256_load_si256((const __m256i *)(L.off + 8 * (g)));                                      \
         vacc[g] = _mm256_load_ps(L.acc + 8 * (g));                                                              \
         vw1[g] = _mm256_load_ps(L.w1 + 8 * (g));                                                                \
         vw2[g] = _mm256_load_ps(L.w2 + 8 * (g));                                                                \
@@ -344,7 +353,9 @@ AVX2 static inline void store_group(lanes_t *L, int g, __m256i bit, __m256i pos,
         const __m256i m15 = _mm256_set1_epi32(15), mcol = _mm256_set1_epi32(0x7FFF);                            \
         const __m256i colsm1 = _mm256_set1_epi32((int32_t)(t->cols - 1));                                       \
         const __m256 zero = _mm256_setzero_ps();                                                                \
-        __m256i vbit[NG], vpos[NG], vend[NG], vpark[NG], vea[NG];                                               \
+        const __m256i izero = _mm256_setzero_si256(), zidx = _mm256_set1_epi32(LANE_ZERO);                      \
+        const __m256i vsingle = _mm256_set1_epi32(LANE_SINGLE), eleven = _mm256_set1_epi32(11);                 \
+        __m256i vbit[NG], vpos[NG], vend[NG], voff[NG], vea[NG];                                               \
         __m256 vacc[NG], vw1[NG], vw2[NG], vw3[NG];                                                             \
         int ex[NG];                                                                                             \
         for (int g = 0; g < NG; g++) LOAD_GROUP(g);                                                             \
@@ -357,7 +368,7 @@ AVX2 static inline void store_group(lanes_t *L, int g, __m256i bit, __m256i pos,
             if (__builtin_expect(any, 0)) {                                                                     \
                 for (int g = 0; g < NG; g++) {                                                                  \
                     if (!ex[g]) continue;                                                                       \
-                    store_group(&L, g, vbit[g], vpos[g], vend[g], vpark[g], vacc[g], vw1[g], vw2[g], vw3[g],     \
+                    store_group(&L, g, vbit[g], vpos[g], vend[g], voff[g], vacc[g], vw1[g], vw2[g], vw3[g],     \
                                 vea[g]);                                                                        \
                     for (int m = ex[g]; m; m &= m - 1) finish1(&L, 8 * g + __builtin_ctz(m), x, out);           \
                     LOAD_GROUP(g);                                                                              \
@@ -386,7 +397,7 @@ AVX2 static void item_tn(lanes_t *restrict Lp, const float *restrict xt, float *
     int32_t i1a[8] __attribute__((aligned(32))), i2a[8] __attribute__((aligned(32)));
     float w1a[8] __attribute__((aligned(32))), w2a[8] __attribute__((aligned(32)));
     __m256i vbit = _mm256_load_si256((const __m256i *)L.bit), vpos = _mm256_load_si256((const __m256i *)L.pos);
-    __m256i vend = _mm256_load_si256((const __m256i *)L.end12), vpark = _mm256_load_si256((const __m256i *)L.park);
+    __m256i vend = _mm256_load_si256((const __m256i *)L.end12), vpark = _mm256_load_si256((const __m256i *)L.off);
     __m256 vw1 = _mm256_load_ps(L.w1), vw2 = _mm256_load_ps(L.w2), vw3 = _mm256_load_ps(L.w3);
     while (L.live > 0) {
         __m256i raw = _mm256_i32gather_epi32((const int *)bytes, _mm256_srli_epi32(vbit, 3), 1);
@@ -432,12 +443,12 @@ AVX2 static void item_tn(lanes_t *restrict Lp, const float *restrict xt, float *
                 for (int k = 0; k < tc && t0 + k < ntok; k++)
                     out[(t0 + k) * t->rows + r] = accT[l][k] + L.base[l] * xs[k];
                 note_bad(&L.bad, r, st);
-                refill(&L, l, xt, out, tp, t0, tc, accT[l]);
+                refill(&L, l, xt, out, tp, t0, tc, accT[l], 0);
             }
             vbit = _mm256_load_si256((const __m256i *)L.bit);
             vpos = _mm256_load_si256((const __m256i *)L.pos);
             vend = _mm256_load_si256((const __m256i *)L.end12);
-            vpark = _mm256_load_si256((const __m256i *)L.park);
+            vpark = _mm256_load_si256((const __m256i *)L.off);
             vw1 = _mm256_load_ps(L.w1);
             vw2 = _mm256_load_ps(L.w2);
             vw3 = _mm256_load_ps(L.w3);
@@ -468,7 +479,7 @@ int64_t qmoe_native_item(const int64_t *m, const float *x, float *out, int64_t n
         L.r1 = r1;
         L.live = NL;
         L.ntok = 1;
-        for (int l = 0; l < NL; l++) refill(&L, l, x, out, 1, 0, 0, NULL);
+        for (int l = 0; l < NL; l++) refill(&L, l, x, out, 1, 0, 0, NULL, 1);
         if (t.int2)
             item_t1_int2(&L, x, out);
         else
@@ -489,9 +500,9 @@ int64_t qmoe_native_item(const int64_t *m, const float *x, float *out, int64_t n
         L.ntok = ntok;
         for (int l = 0; l < NL; l++) {
             if (l < 8) {
-                refill(&L, l, x, out, tp, t0, tc, accT[l]);
+                refill(&L, l, x, out, tp, t0, tc, accT[l], 0);
             } else { /* item_tn runs one group: park the others */
-                L.park[l] = LANE_ZERO;
+                L.off[l] = LANE_ZERO;
                 L.end12[l] = INT32_MAX;
             }
         }
