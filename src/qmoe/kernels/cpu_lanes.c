@@ -6,23 +6,28 @@
 
    One lane = one matrix row. A lane's state is (bit, pos, accumulator, the row's value weights); a step
    reads 32 stream bits at byte bit>>3 (one gather; the format is LSB-first, so bytes in memory order are
-   the stream), looks the next 12 bits up in the multi-symbol table (two gathers: TA, TB below, derived from
-   the numba kernel's lut2 by qmoe.kernels.cpu.build_lane_tables), gathers x at the up to two written
-   columns (masked gathers: empty slots load nothing) and adds w * x. NG groups of 8 lanes run interleaved
-   so that one group's gathers wait while another's issue (a step is a chain of two dependent gathers).
-   When a lane leaves its zone (pos >= cols, or fewer than 12 bits left), a scalar handler finishes that
-   row exactly as the numba kernel does (single-symbol table for the last < 12 bits; symbol-by-symbol
-   re-walk when an entry crossed the width, so corrupt rows are rejected where the codec rejects them),
-   writes its output and loads the item's next row into the lane, so lanes never idle while rows remain.
+   the stream), looks the next 12 bits up (two gathers: TA, TB below, built by
+   qmoe.kernels.cpu.build_lane_tables), gathers x at the up to two written columns (masked gathers: empty
+   slots load nothing) and adds w * x. NG groups of 8 lanes run interleaved so that one group's gathers wait
+   while another's issue (a step is a chain of two dependent gathers).
 
-   Tables (index 4096 is an all-zero entry that parked lanes look up: no bits, no columns, no values):
+   Batch 1: a lane decodes with the multi-symbol half of the tables while its 12-bit window lies in the row
+   and pos < cols, then with the single-symbol half (one codeword per step, the reference decoder's own
+   walk); an entry that would carry pos past the width is not committed and the lane switches halves, so a
+   corrupt row stops exactly where the codec stops. A scalar handler writes a finished row and loads the
+   item's next row into its lane, so lanes never idle while rows remain. Batch T > 1 (item_tn): one group,
+   multi-symbol half only; the handler finishes rows with the scalar single-symbol code (as the numba
+   kernel does) and adds each lane's values to its token accumulators.
+
+   Tables [2, 8193] int32: entries 0..4095 multi-symbol (the numba kernel's lut2), 4096..8191 single-symbol
+   (its lut), 8192 all zero (parked lanes: no bits, no columns, no values):
      TA[i] = len | v1 << 4 | v2 << 6 | adv << 8        (adv: pos advance, 2**22 for end of row / invalid)
      TB[i] = c1 | nz1 << 15 | c2 << 16 | nz2 << 31    (c: column of value k relative to pos, < 4096;
                                                        nz: value k present, the sign bit a gather mask uses)
-   Safety: a lane in its zone has pos < cols and bit <= end - 12, so its byte load lies inside the stream
-   (guard word) and its x columns inside the packed x (cols + pad zeros, pad > any c). Bits are relative to
-   the item's first row, in int32; an item spanning >= 2**30 bits (only corrupt offsets give that) is
-   decoded by the scalar path alone.
+   Safety: a lane decoding has pos < cols and bit < end (bit <= end - 12 in the multi-symbol half), so its
+   byte load lies inside the stream (guard word) and its x columns inside the packed x (cols + pad zeros,
+   pad > any c). Bits are relative to the item's first row, in int32; an item spanning >= 2**30 bits (only
+   corrupt offsets give that) is decoded by the scalar path alone.
 */
 #include <stdint.h>
 #include <string.h>
