@@ -179,6 +179,43 @@ def test_failed_compile_falls_back_to_numba(mode, monkeypatch, tmp_path) -> None
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["ternary", "int2"])
+def test_scalar_item_path(kind: str, mode, monkeypatch, tmp_path) -> None:
+    """The native kernel's scalar path (items whose bits do not fit the lanes' int32 offsets; non-x86
+    machines), forced for every item by compiling with -DQMOE_SCALAR_ONLY: reference results, corrupt
+    rows rejected like the codec."""
+    monkeypatch.setenv("QMOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{os.environ.get('CC', 'cc')} -DQMOE_SCALAR_ONLY")
+    _native.reset()
+    mode("native")
+    rng = np.random.default_rng(9)
+    for rows, cols, p0 in [(5, 13, 0.5), (70, 300, 0.885), (9, 2000, 0.99)]:
+        enc = MAKERS[kind](rng, rows, cols, p0)
+        for tokens in (1, 3, 70):
+            x = rng.standard_normal((tokens, cols)).astype(np.float32)
+            check(kernels.matmul(enc, x), enc, x)
+    enc = MAKERS[kind](rng, 20, 100, 0.885)
+    x = rng.standard_normal((2, 100)).astype(np.float32)
+    rejected = 0
+    for _ in range(40):
+        arrays = enc.to_arrays()
+        stream = arrays["stream"].copy()
+        bit = int(rng.integers(enc.total_bits))
+        stream[bit >> 5] ^= np.uint32(1 << (bit & 31))
+        arrays["stream"] = stream
+        bad = EncodedMatrix.from_arrays(arrays, verify=False)
+        try:
+            codec.dequantize(bad)
+        except FormatError:
+            rejected += 1
+            with pytest.raises(FormatError, match="corrupt"):
+                kernels.matmul(bad, x)
+            continue
+        kernels.matmul(bad, x)
+    assert rejected > 5
+
+
+@needs_native
 def test_import_compiles_nothing(tmp_path) -> None:
     env = {**os.environ, "QMOE_CACHE_DIR": str(tmp_path)}
     code = "import qmoe, qmoe.kernels, qmoe.kernels.cpu, qmoe.kernels._native"

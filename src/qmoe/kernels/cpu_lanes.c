@@ -473,6 +473,9 @@ int64_t qmoe_native_item(const int64_t *m, const float *x, float *out, int64_t n
     row_bits(&t, r0, &s0, &e0);
     row_bits(&t, r1 - 1, &s1, &e1);
     int64_t gbase = s0 & ~(int64_t)7;
+#ifdef QMOE_SCALAR_ONLY /* tests: the path below for every item */
+    e1 = gbase + ((int64_t)1 << 30);
+#endif
     if (e1 - gbase >= ((int64_t)1 << 30)) return item_scalar(&t, x, out, ntok, tp, r0, r1);
     lanes_t L;
     memset(&L, 0, sizeof L);
