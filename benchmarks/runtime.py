@@ -206,7 +206,7 @@ def generate_batch(model, tokenizer, windows: list[list[int]], n: int) -> tuple[
 
 class Worker:
     def __init__(self, source: Path, threads: int | None, clock: str, args: argparse.Namespace,
-                 dtype: str) -> None:
+                 dtype: str, cpu_kernel: str | None = None) -> None:
         argv = [
             sys.executable,
             __file__,
@@ -221,7 +221,9 @@ class Worker:
             "--worker",
             str(source),
         ]
-        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        env = {**os.environ, **({"QMOE_CPU_KERNEL": cpu_kernel} if cpu_kernel else {})}
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                  env=env)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -251,6 +253,9 @@ def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace, 
         for dt in dtypes:
             workers[f"dense {dt}"] = Worker(dense, args.threads, args.clock, args, dt)
         workers["compressed"] = Worker(compressed, args.threads, args.clock, args, dtypes[0])
+        for mode in filter(None, args.cpu_kernels.split(",")):  # the same model, another CPU kernel mode
+            workers[f"compressed ({mode})"] = Worker(compressed, args.threads, args.clock, args, dtypes[0],
+                                                     mode)
         runs: dict[str, list[dict]] = {k: [] for k in workers}
         for _ in range(rounds):  # interleaved: all see the same background load
             for k, w in workers.items():
@@ -271,6 +276,7 @@ def compare(name: str, dense: Path, compressed: Path, args: argparse.Namespace, 
             "sample": runs[k][-1]["text"],
         }
     out["ratio"] = out["compressed"]["tokens_per_s"] / out[label]["tokens_per_s"]
+    out["modes"] = {k: out[k]["tokens_per_s"] for k in workers if k.startswith("compressed (")}
     out["ratios"] = {k: out["compressed"]["tokens_per_s"] / out[k]["tokens_per_s"] for k in workers
                      if k.startswith("dense")}
     out["disk_mib"] = {"dense": dir_bytes(dense) / 2**20, "compressed": dir_bytes(compressed) / 2**20}
@@ -301,6 +307,10 @@ def table_dtypes(results: list[dict], args: argparse.Namespace) -> str:
             + " | ".join(f"{r['ratios'][d]:.2f}x" for d in dts)
             + " | " + " / ".join(f"{r[k]['rss_mib']:.0f}" for k in [*dts, "compressed"]) + " |"
         )
+    for r in results:
+        for k, v in r.get("modes", {}).items():
+            lines.append(f"{r['model']} batch {r['batch']}: {k} {v:.2f} tok/s (default mode "
+                         f"{r['compressed']['tokens_per_s']:.2f})")
     return "\n".join(lines)
 
 
@@ -358,6 +368,8 @@ def main() -> None:
     ap.add_argument(
         "--backend", default=None, help="kernel backend of the compressed experts (default by device)"
     )
+    ap.add_argument("--cpu-kernels", default="", help="also time the compressed model with these CPU kernel "
+                    "modes (QMOE_CPU_KERNEL: numba, native, auto), e.g. numba")
     ap.add_argument("--prepare-only", action="store_true", help="build the checkpoints, time nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
