@@ -176,6 +176,10 @@ def test_failed_compile_falls_back_to_numba(mode, monkeypatch, tmp_path) -> None
     with pytest.raises(BackendUnavailable, match="simulated compile failure"):
         mode("native")
     assert not list(tmp_path.rglob("*.so")), "a failed build left a library behind"
+    monkeypatch.setenv("QMOE_CACHE_DIR", str(tmp_path / "broken.h"))  # a file: no directory can be made there
+    monkeypatch.delenv("CC")
+    _native.reset()
+    assert mode("auto") == "numba"
 
 
 @needs_native

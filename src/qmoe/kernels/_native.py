@@ -77,7 +77,11 @@ def load() -> int:
             raise BackendUnavailable(f"the native CPU kernel needs x86-64, not {platform.machine()}")
         path = library_path()
         if not path.is_file():
-            build(path)
+            try:
+                build(path)
+            except OSError as err:  # e.g. an unwritable cache directory
+                raise BackendUnavailable(f"cannot build the native CPU kernel in {path.parent}: {err}") \
+                    from err
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as err:
