@@ -80,8 +80,8 @@ def load() -> int:
             try:
                 build(path)
             except OSError as err:  # e.g. an unwritable cache directory
-                raise BackendUnavailable(f"cannot build the native CPU kernel in {path.parent}: {err}") \
-                    from err
+                msg = f"cannot build the native CPU kernel in {path.parent}: {err}"
+                raise BackendUnavailable(msg) from err
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as err:
