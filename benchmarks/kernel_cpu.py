@@ -20,7 +20,9 @@ Two residencies per shape:
   each dense dtype, as in a MoE where each token touches a few of thousands of experts. The compressed side
   uses a ring of the same number of distinct encoded matrices as the fp32 ring (their encoded total is ~50x
   smaller and may well stay in the cache: that is the point of compressing). Dense rings hold random
-  values (the timing does not depend on them); every ring is walked once before timing.
+  values (the timing does not depend on them); every ring is walked once before timing. Memory: three
+  dense rings of >= 4x the LLC at once (~6 GB here), and up to 14 GB RSS at 4096x14336 int2 (encoding
+  temporaries); ``--cache-only`` or ``--llc-mib`` for smaller machines.
 
 All variants are timed interleaved (one call of each in turn, ``--reps`` rounds) and medians reported: the
 machine is shared, so single timings are noisy. Decode rate: weights of the matrix per second per thread.
