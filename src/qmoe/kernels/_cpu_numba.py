@@ -36,6 +36,7 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -62,8 +63,8 @@ E2_ADV_END = 1 << 22  # format.MAX_COLS: from any pos < cols it passes the width
 
 # meta columns, one row per matrix
 (M_STREAM, M_BLOCK_OFFSETS, M_ROW_DELTAS, M_LEVELS, M_LUT, M_LUT2, M_ROWS, M_COLS, M_BLOCK_LOG2, M_BITS,
- M_INT2, M_BACKGROUND, M_LEVELS_F16, M_XPAD, M_RPI) = range(15)
-NMETA = 16
+ M_INT2, M_BACKGROUND, M_LEVELS_F16, M_XPAD, M_RPI, M_LANE_LUT, M_RPI_LANES) = range(17)
+NMETA = 20  # the native kernel (cpu_lanes.c) reads the same columns: keep its enum in step
 
 # call columns, one row per (matrix, input) of a call
 C_SLOT, C_TOKENS, C_TPAD, C_XADDR, C_XS0, C_XS1, C_XOFF, C_OOFF = range(8)
@@ -81,6 +82,21 @@ def _voidptr(typingctx, addr):
 
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
+
+
+@intrinsic
+def _call_native(typingctx, fn, m, x, out, ntok, tp, r0, r1):
+    """Call the native kernel ``int64 fn(meta*, x*, out*, ntok, tp, r0, r1)`` (cpu_lanes.c) at address fn;
+    every argument an int64 (addresses included), so the caller stays cacheable."""
+    sig = types.int64(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64,
+                      types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        f = builder.inttoptr(args[0], ir.FunctionType(i64, [i64] * 7).as_pointer())
+        return builder.call(f, args[1:])
 
     return sig, codegen
 
@@ -400,14 +416,15 @@ def _pack(m, c, xbuf):  # pragma: no cover - compiled
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def matmul_call(reg, calls, xbuf, out):  # pragma: no cover - compiled
+def matmul_call(reg, calls, xbuf, out, native, native_min_tokens):  # pragma: no cover - compiled
     """``out[c] = x_c @ W_c^T`` for each row of ``calls [n, NCALL]`` (registry slot, tokens, input address
     and element strides, offsets into ``xbuf`` and ``out``) over the matrices of ``reg [slots, NMETA]``.
 
     Work items are (call, block of the matrix's M_RPI rows), run with dynamic scheduling when called under
     ``numba.parallel_chunksize(1)`` (set from Python: setting it in here would make the function
-    uncacheable), so uneven rows and busy cores balance out. Returns (call, row * 4 + status) of the first
-    bad row, or (-1, -1).
+    uncacheable), so uneven rows and busy cores balance out. ``native``: 0, or the address of the native
+    kernel (cpu_lanes.c), which then computes the items of every call with at least ``native_min_tokens``
+    tokens, in blocks of M_RPI_LANES rows. Returns (call, row * 4 + status) of the first bad row, or (-1, -1).
     """
     n = calls.shape[0]
     first = np.empty(n + 1, dtype=np.int64)  # first work item of each call
@@ -417,18 +434,26 @@ def matmul_call(reg, calls, xbuf, out):  # pragma: no cover - compiled
         t = calls[c, C_TOKENS]
         if t > 0:
             _pack(m, calls[c], xbuf)
-        first[c + 1] = first[c] + (0 if t == 0 else (m[M_ROWS] + m[M_RPI] - 1) // m[M_RPI])
+        rpi = m[M_RPI_LANES] if native != 0 and t >= native_min_tokens else m[M_RPI]
+        first[c + 1] = first[c] + (0 if t == 0 else (m[M_ROWS] + rpi - 1) // rpi)
     total = first[n]
     status = np.empty(total, dtype=np.int64)
     for i in prange(total):
         c = np.searchsorted(first, i, side="right") - 1
         m = reg[calls[c, C_SLOT]]
-        rows, rpi, t, tp = m[M_ROWS], m[M_RPI], calls[c, C_TOKENS], calls[c, C_TPAD]
+        t, tp = calls[c, C_TOKENS], calls[c, C_TPAD]
+        lanes = native != 0 and t >= native_min_tokens
+        rows, rpi = m[M_ROWS], m[M_RPI_LANES] if lanes else m[M_RPI]
         r0 = (i - first[c]) * rpi
         xo = calls[c, C_XOFF]
-        x = xbuf[xo: xo + (m[M_COLS] + m[M_XPAD] + 1) * tp]
         oo = calls[c, C_OOFF]
-        status[i] = _item(m, x, out[oo: oo + t * rows], t, tp, r0, min(r0 + rpi, rows))
+        r1 = min(r0 + rpi, rows)
+        if lanes:
+            status[i] = _call_native(native, np.int64(m.ctypes.data), np.int64(xbuf.ctypes.data + 4 * xo),
+                                     np.int64(out.ctypes.data + 4 * oo), t, tp, r0, r1)
+        else:
+            x = xbuf[xo: xo + (m[M_COLS] + m[M_XPAD] + 1) * tp]
+            status[i] = _item(m, x, out[oo: oo + t * rows], t, tp, r0, r1)
     for c in range(n):
         for i in range(first[c], first[c + 1]):
             if status[i] >= 0:

@@ -3,11 +3,23 @@
 ``prepare(enc)`` builds a small per-matrix handle once (kernel decode tables, shared per code; array
 addresses in a registry slot; cached per EncodedMatrix), so a call costs ~10 µs of Python before the kernel
 runs. ``matmul_experts`` runs a whole MoE layer's experts as one parallel call over (expert, row block) work
-items; inputs are read in place (torch or numpy, any strides). Kernels: qmoe.kernels._cpu_numba.
+items; inputs are read in place (torch or numpy, any strides).
+
+Two kernels compute the items: ``native``, rows decoded 8 at a time across AVX2 lanes (cpu_lanes.c, compiled
+on first use by qmoe.kernels._native), and ``numba``, the portable one (qmoe.kernels._cpu_numba, which also
+packs the inputs and schedules the items for both). The mode is chosen once per process (``kernel()``) from
+``QMOE_CPU_KERNEL``:
+
+    auto    (default) native for calls of 2 or more tokens when it builds and the CPU has AVX2, numba for
+            single tokens (measured faster there, docs/kernels.md) and everywhere native is unavailable
+    native  native for every call (BackendUnavailable if it cannot be built)
+    numba   numba for every call
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +33,11 @@ from qmoe.kernels._io import as_source, wrap
 # Work-item size: about this many weights per (matrix, row block), so a 2-core call has tens of items to
 # balance yet each item's fixed cost (row levels, scheduling) stays small.
 ITEM_WEIGHTS = 1 << 16
+# The native kernel's items: at least LANE_ROWS rows, so its 16 lanes rarely idle while an item drains.
+LANE_ITEM_WEIGHTS, LANE_ROWS = 1 << 18, 64
+KERNELS = ("auto", "native", "numba")
+_kernel: str | None = None  # resolved on first use
+_log = logging.getLogger(__name__)
 
 _handles: weakref.WeakKeyDictionary[EncodedMatrix, Prepared] = weakref.WeakKeyDictionary()
 _luts: weakref.WeakValueDictionary[tuple, np.ndarray] = weakref.WeakValueDictionary()
@@ -34,6 +51,39 @@ def probe() -> None:
         import numba  # noqa: F401
     except ImportError as err:  # pragma: no cover - numba is a dependency
         raise BackendUnavailable(f"the 'cpu' kernel backend needs numba ({err}); pip install numba") from err
+
+
+def kernel() -> str:
+    """The mode this process uses (``auto`` only when the native kernel is available, else ``numba``),
+    resolved on first call from ``QMOE_CPU_KERNEL`` (auto, native, numba)."""
+    if _kernel is None:
+        want = os.environ.get("QMOE_CPU_KERNEL", "auto").strip().lower() or "auto"
+        if want not in KERNELS:
+            raise BackendUnavailable(f"QMOE_CPU_KERNEL={want!r}: choose one of {', '.join(KERNELS)}")
+        set_kernel(want)
+    return _kernel  # type: ignore[return-value]
+
+
+def set_kernel(name: str) -> str:
+    """Use mode ``name`` (auto, native, numba) from now on; returns the mode in force, which is ``numba`` when
+    ``auto`` finds the native kernel unavailable. ``native`` raises BackendUnavailable (with the compiler's
+    message) when it cannot be built or run."""
+    global _kernel
+    from qmoe.kernels import _native
+
+    if name not in KERNELS:
+        raise ValueError(f"unknown CPU kernel {name!r}; choose one of {KERNELS}")
+    if name != "numba":
+        try:
+            _native.load()
+            _kernel = name
+            return _kernel
+        except BackendUnavailable as err:
+            if name == "native":
+                raise
+            _log.info("qmoe: using the numba CPU kernel: %s", err)
+    _kernel = "numba"
+    return _kernel
 
 
 def _nb():
@@ -122,6 +172,33 @@ def build_lut2(enc: EncodedMatrix) -> tuple[np.ndarray, int]:
     return lut2, limit + 1
 
 
+def build_lane_tables(enc: EncodedMatrix) -> np.ndarray:
+    """The native kernel's tables ``[2, 8193] int32`` (TA, TB; layout in cpu_lanes.c): entries 0..4095 the
+    multi-symbol table ``build_lut2``, 4096..8191 the single-symbol table ``build_lut``, split into 32-bit
+    fields a gather can fetch; entry 8192 is all zero (parked lanes)."""
+    t = enc.table
+    key = ("lanes", t.kind, t.run_limit, t.background, t.lengths.tobytes())
+    got = _luts.get(key)
+    if got is not None:
+        return got
+    nb = _nb()
+    e = build_lut2(enc)[0][:-1]
+    n, vv = e & 15, (e >> 4) & 15
+    c1, c2, adv = (e >> 8) & 0xFFFF, (e >> 24) & 0xFFFF, e >> nb.E2_ADV_SHIFT
+    s = build_lut(enc).astype(np.int64)
+    sv = (s >> nb.VAL_SHIFT) & 3
+    sadv = np.minimum(s >> nb.ADV_SHIFT, nb.E2_ADV_END)  # end of row: 2**22 is past any width too
+    assert c1.max() < 1 << 15 and c2.max() < 1 << 15 and adv.max() <= nb.E2_ADV_END, "lane field overflow"
+    tabs = np.zeros((2, 2 * len(e) + 1), dtype=np.int64)
+    tabs[0, :len(e)] = n | (vv << 4) | (adv << 8)
+    tabs[1, :len(e)] = c1 | (((vv & 3) != 0) << 15) | (c2 << 16) | (((vv >> 2) != 0).astype(np.int64) << 31)
+    tabs[0, len(e):-1] = (s & nb.LEN_MASK) | (sv << 4) | (sadv << 8)
+    tabs[1, len(e):-1] = np.where(sv != 0, (sadv - 1) | (1 << 15), 0)  # the value's column: skip
+    tabs = tabs.astype(np.uint32).view(np.int32)
+    _luts[key] = tabs
+    return tabs
+
+
 class _Registry:
     """Registry rows ``[slots, NMETA] int64``, one per live Prepared handle, so a call passes the kernel
     slot numbers instead of building per-matrix rows (each costs ~µs of numpy from Python)."""
@@ -152,7 +229,7 @@ _registry: _Registry | None = None
 class Prepared:
     """Per-matrix handle: the arrays the kernel reads (kept alive here) and its registry slot."""
 
-    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "xpad", "_arrays", "meta", "slot",
+    __slots__ = ("enc", "rows", "cols", "int2", "lut", "lut2", "lanes", "xpad", "_arrays", "meta", "slot",
                  "__weakref__")
 
     def __init__(self, enc: EncodedMatrix):
@@ -162,6 +239,7 @@ class Prepared:
         self.enc, self.rows, self.cols, self.int2 = enc, rows, cols, enc.kind == "int2"
         self.lut = build_lut(enc)
         self.lut2, self.xpad = build_lut2(enc)
+        self.lanes = build_lane_tables(enc)
         stream = np.ascontiguousarray(enc.stream, dtype="<u4")
         bo = np.ascontiguousarray(enc.block_offsets, dtype="<u4")
         rd = np.ascontiguousarray(enc.row_deltas, dtype="<u2")
@@ -181,6 +259,8 @@ class Prepared:
         m[nb.M_INT2], m[nb.M_BACKGROUND] = self.int2, enc.table.background
         m[nb.M_LEVELS_F16] = levels.dtype == np.dtype("<f2")
         m[nb.M_RPI] = max(4, min(252, (ITEM_WEIGHTS // cols) // 4 * 4))  # whole 4-row groups
+        m[nb.M_LANE_LUT] = self.lanes.ctypes.data
+        m[nb.M_RPI_LANES] = max(LANE_ROWS, LANE_ITEM_WEIGHTS // cols)
         self.meta = m
         if _registry is None:
             _registry = _Registry()
@@ -216,14 +296,22 @@ def _run(handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]
     call = np.array(calls, dtype=np.int64).reshape(len(handles), nb.NCALL)
     xbuf = np.empty(xoff, dtype=np.float32)
     out = np.empty(ooff, dtype=np.float32)
+    mode = kernel()
+    native = 0 if mode == "numba" else _native_addr()
     with numba.parallel_chunksize(1):
-        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out)
+        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, native, 1 if mode == "native" else 2)
     if bad >= 0:
         h = handles[bad]
         row, code = divmod(int(status), 4)
         raise FormatError(f"encoded {h.enc.kind} matrix {h.enc.shape} is corrupt: row {row} "
                           f"{_STATUS_TEXT[code]}")
     return _split(out, handles, srcs)
+
+
+def _native_addr() -> int:
+    from qmoe.kernels import _native
+
+    return _native.load()
 
 
 def _split(out: np.ndarray, handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]:
