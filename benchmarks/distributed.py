@@ -3,8 +3,9 @@
     python benchmarks/distributed.py [--experts 16] [--layers 2] [--d-model 512] [--d-ff 2048] [--reps 2]
 
 A synthetic Switch checkpoint (``benchmarks/synthetic_switch.py``, every block sparse, ``--experts`` per
-layer) is compressed with GPTQ by ``python -m qmoe compress`` (``OMP_NUM_THREADS=1``) and by ``torchrun
---standalone --nproc-per-node 2 -m qmoe compress`` (gloo, ``OMP_NUM_THREADS=1`` per rank), alternately
+layer) is compressed with GPTQ by ``python -m qmoe compress`` and by ``torchrun --standalone
+--nproc-per-node 2 -m qmoe compress`` (gloo), one thread per process for torch and for numba
+(``OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1``: numba's encoder otherwise adds a thread per core), alternately
 ``--reps`` times each. Printed: wall time of each run (the whole command: start-up, calibration, every block,
 evaluation, writing), the median ratio, and whether every output file but the report is byte-identical to
 the first single-process run. Target (issue 14): ratio >= 1.6x, identical bytes.
@@ -32,7 +33,8 @@ def run(src: Path, out: Path, ranks: int, args: argparse.Namespace) -> float:
     cmd = [*launcher, "compress", str(src), "--out", str(out), "--calib-samples", str(args.calib_samples)]
     cmd += ["--eval-samples", str(args.eval_samples), "--device", "cpu", "--quiet"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    one_thread = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}  # torch's and numba's (encoding) threads
+    subprocess.run(cmd, check=True, env={**os.environ, **one_thread}, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 

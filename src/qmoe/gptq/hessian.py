@@ -11,14 +11,12 @@ from torch import Tensor
 
 from qmoe.errors import ConfigError
 
-_PAD_ELEMS = 1 << 26  # cap on the padded [experts, tokens, cols] buffer in HessianAccumulator.add
-
 
 class HessianAccumulator:
     """Streams ``sum x x^T`` per expert over token batches: ``[E, cols, cols]`` plus a token count per expert.
 
-    ``add`` takes the tokens of many experts at once; they are grouped by expert and multiplied as one padded,
-    batched GEMM (experts sorted by token count, so padding stays small), never token by token.
+    ``add`` takes the tokens of many experts at once; they are grouped by expert and each expert's tokens go
+    through one GEMM, never token by token.
     """
 
     def __init__(
@@ -55,34 +53,18 @@ class HessianAccumulator:
         counts = torch.bincount(idx, minlength=E)  # [E]
         self.counts += counts
 
-        # Rank experts by token count (descending) and sort tokens by that rank: each chunk of consecutive
-        # ranks is a contiguous token range whose padded [m, c_max, cols] buffer wastes at most half its rows.
-        by_count = torch.argsort(counts, descending=True, stable=True)  # [E] expert at each rank
-        rank = torch.empty_like(by_count)
-        rank[by_count] = torch.arange(E, device=idx.device)
-        key = rank[idx]  # [T]
-        order = torch.argsort(key, stable=True)
-        xs, key = x[order], key[order]  # [T, cols], [T] (ascending rank)
-        sorted_counts = counts[by_count].tolist()
-        starts = [0]
-        for c in sorted_counts:
-            starts.append(starts[-1] + c)
-        n_present = sum(1 for c in sorted_counts if c > 0)
-        r0 = 0
-        while r0 < n_present:
-            c_max, r1, total = sorted_counts[r0], r0 + 1, sorted_counts[r0]
-            while r1 < n_present:
-                m, total_next = r1 - r0 + 1, total + sorted_counts[r1]
-                if m * c_max > 2 * total_next or m * c_max * cols > _PAD_ELEMS:
-                    break
-                r1, total = r1 + 1, total_next
-            t0, t1 = starts[r0], starts[r1]
-            slot = key[t0:t1] - r0  # [t] chunk slot of each token
-            first_token = torch.tensor(starts, device=idx.device)[key[t0:t1]]
-            pos = torch.arange(t0, t1, device=idx.device) - first_token  # [t] row within its expert
-            padded = xs.new_zeros(r1 - r0, c_max, cols)  # [m, c_max, cols]
-            padded[slot, pos] = xs[t0:t1]
-            self._sum.index_add_(0, by_count[r0:r1], padded.transpose(1, 2) @ padded)  # [m, cols, cols]
-            r0 = r1
+        # One GEMM per expert over exactly its own tokens ([t_e, cols] -> [cols, cols]): an expert's Hessian
+        # then does not depend on which other experts share the call, so a distributed run, whose ranks each
+        # hold a share of the experts, sums every Hessian exactly as one process does (qmoe.pipeline.dist).
+        # (The padded, batched GEMM used before rounded differently depending on which experts shared it:
+        # measured, a 2-rank run then differed from one process in the last bits of some Hessians.)
+        order = torch.argsort(idx, stable=True)  # tokens grouped by expert, in their order within each
+        xs = x[order]  # [T, cols]
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                xe = xs[start : start + c]  # [t_e, cols]
+                self._sum[e].addmm_(xe.T, xe)
+                start += c
 
 

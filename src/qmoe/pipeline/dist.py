@@ -238,6 +238,11 @@ def from_environment(device: torch.device) -> Dist:
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
+    # Ranks share the machine: numba's worker threads (parallel encoding) follow torch's thread count
+    # (torchrun sets OMP_NUM_THREADS=1 per rank), instead of one per core in every rank.
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
