@@ -3,17 +3,19 @@
 What each rank does, so that the output is byte-identical to a single-process run with the same settings
 and the same threads per process:
 
-- **Hessian capture passes** run every calibration batch on every rank (attention and routers are cheap
-  next to the experts, and a Hessian must sum its tokens in the single run's order), but a rank accumulates
-  only the Hessians of the experts it owns: a contiguous range, ``E / world`` of them (:meth:`Dist.owned`).
-  Hessian memory is divided by the world size.
-- **GPTQ** quantizes the owned experts only; the results (codes, levels, dequantized weights, objectives)
-  are then gathered to every rank (:meth:`Dist.gather_experts`: exact copies, no arithmetic). Each expert's
-  arithmetic does not depend on which other experts are in its batch (tested: same bytes).
-- **Propagation passes** (the activations written for the next block) split the batches: rank ``r`` runs
-  batches ``r, r + world, ...`` with the batch boundaries of the single run, and every batch's rows are then
-  broadcast from the rank that computed them (:meth:`Dist.share_rows`). A batch's output depends only on
-  its own samples, so every rank ends with the single run's buffers.
+- **Experts** are split: a rank reads, holds and computes only a contiguous range of each MoE layer's
+  experts, ``E / world`` of them (:meth:`Dist.owned`), so memory per rank falls with the ranks.
+- **Hessian capture passes** run every calibration batch on every rank (a Hessian must sum its tokens in
+  the single run's order; attention and routers are replicated), each rank accumulating its own experts'
+  Hessians, one GEMM per expert over exactly its tokens, so nothing depends on which experts a rank holds.
+- **GPTQ** quantizes the owned experts; only report statistics are gathered (:meth:`Dist.gather_experts`).
+  Each expert's arithmetic does not depend on which other experts are in its batch (tested: same bytes).
+- **Propagation through an MoE block** runs every batch on every rank; each rank computes its experts'
+  gate-weighted outputs, all are gathered (:meth:`Dist.all_gather_rows`) and added into the output in
+  ascending expert order, one accumulating ``index_put_`` per expert, exactly as one process adds them.
+- **Propagation through a dense block** splits the batches: rank ``r`` runs batches ``r, r + world, ...``
+  with the single run's batch boundaries, and every batch's rows are then broadcast from the rank that
+  computed them (:meth:`Dist.share_rows`). A batch's output depends only on its own samples.
 - **Encoding** of the owned experts is split too; rank 0 gathers the encoded matrices and writes the shard,
   the resume state and the activation snapshots. Resume reads them on every rank, so ``--out`` must be on a
   filesystem every rank sees (checked at start).
