@@ -47,6 +47,7 @@ class Recipe:
     lr: float  # peak of the first cycle
     warmup: int  # steps of the first cycle's warm-up (later cycles: a third of it)
     restart_lr: float = 0.5  # peak of each later cycle, as a fraction of ``lr``
+    balance: float = 0.0  # weight of the per-layer load-balancing loss (decoder-only MoE; see layer_balance_loss)
 
     @property
     def steps(self) -> int:
@@ -68,7 +69,9 @@ class Recipe:
 
 RECIPES = {
     "switch": Recipe("tiny-switch", cycles=(2400,), batch=32, lr=1e-3, warmup=300),
-    "qwen3-moe": Recipe("tiny-qwen3-moe", cycles=(1600,), batch=32, lr=2e-3, warmup=100),
+    # balance: each layer balanced on its own (v1 used transformers' all-layer loss at 0.01 and kept
+    # near-dead experts; production MoEs trained with per-layer balancing have none)
+    "qwen3-moe": Recipe("tiny-qwen3-moe", cycles=(1600,), batch=32, lr=2e-3, warmup=100, balance=0.03),
 }
 
 
@@ -98,7 +101,7 @@ def qwen3_config(vocab: int):
         num_attention_heads=6, num_key_value_heads=2, head_dim=32, hidden_act="silu",
         max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
         moe_intermediate_size=192, num_experts=32, num_experts_per_tok=4, norm_topk_prob=True,
-        decoder_sparse_step=1, router_aux_loss_coef=0.01, output_router_logits=False,
+        decoder_sparse_step=1, router_aux_loss_coef=0.0, output_router_logits=False,
         pad_token_id=0, bos_token_id=None, eos_token_id=1, initializer_range=0.02,
     )
 
@@ -160,12 +163,39 @@ class Data:
         return epoch, tuple(torch.from_numpy(a[idx]) for a in self._arrays)
 
 
-def forward_loss(model, family: str, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def forward_loss(model, family: str, tensors: tuple[torch.Tensor, ...], balance: float) -> torch.Tensor:
     """Training loss, including the router's load-balancing (and, for Switch, z-) loss."""
     if family == "switch":
         out = model(input_ids=tensors[0], labels=tensors[1], output_router_logits=True)
         return out.loss + switch_router_losses(model, out)
-    return model(input_ids=tensors[0], labels=tensors[0], output_router_logits=True).loss
+    # the config's router_aux_loss_coef is 0, so out.loss is the LM loss alone
+    out = model(input_ids=tensors[0], labels=tensors[0], output_router_logits=True)
+    top_k = model.config.num_experts_per_tok
+    return out.loss + balance * sum(layer_balance_loss(lg, top_k) for lg in out.router_logits)
+
+
+def layer_balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch's load-balancing loss for ONE layer: E * sum_e f_e * P_e, 1 when balanced.
+
+    ``logits`` [T, E]. f_e is the share of the layer's T * top_k routing slots that went to expert e, P_e its
+    mean router probability. transformers' ``load_balancing_loss_func`` concatenates all layers before the
+    product, so a layer can starve experts as long as another layer uses them; summing this per layer cannot.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    chosen = torch.topk(probs, top_k, dim=-1).indices  # [T, k]
+    share = torch.zeros_like(probs).scatter_(1, chosen, 1.0).mean(0) / top_k  # [E], sums to 1
+    return probs.shape[-1] * (share * probs.mean(0)).sum()
+
+
+@torch.no_grad()
+def routing_shares(model, tokens: np.ndarray) -> list[list[float]]:
+    """Per layer, each expert's share of the routing slots on ``tokens`` [N, S], relative to the mean (1.0)."""
+    out = model(input_ids=torch.from_numpy(tokens), output_router_logits=True)
+    k, shares = model.config.num_experts_per_tok, []
+    for lg in out.router_logits:  # [N * S, E]
+        counts = torch.bincount(torch.topk(lg, k, dim=-1).indices.flatten(), minlength=lg.shape[-1])
+        shares.append((counts.float() / counts.float().mean()).tolist())
+    return shares
 
 
 def switch_router_losses(model, out) -> torch.Tensor | float:
@@ -194,6 +224,8 @@ def evaluate(model, family: str, val: tuple[np.ndarray, ...]) -> dict[str, float
     out = {"val": model_loss(model, val)[0]}
     if family == "switch":
         out["val_wrong_input"] = model_loss(model, (np.roll(val[0], 1, axis=0), val[1]))[0]
+    else:  # the least-routed expert's share of the mean, over layers: balance is a per-layer property
+        out["min_share"] = min(min(s) for s in routing_shares(model, val[0][:64]))
     model.train()
     return out
 
@@ -240,6 +272,7 @@ def main() -> None:
     ap.add_argument("--family", choices=sorted(RECIPES), required=True)
     ap.add_argument("--steps", type=int, help="default: the family's recipe")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--balance", type=float, help="per-layer load-balancing weight (default: the recipe's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=50)
@@ -251,6 +284,8 @@ def main() -> None:
     recipe = RECIPES[args.family]
     if args.steps:  # a single cycle of that length
         recipe = replace(recipe, cycles=(args.steps,))
+    if args.balance is not None:
+        recipe = replace(recipe, balance=args.balance)
     steps = recipe.steps
     run_dir = Path(args.run_dir or f"runs/{recipe.name}")
     out_dir = Path(args.out or run_dir / "model")
@@ -310,7 +345,7 @@ def main() -> None:
         epoch, tensors = data.batch_at(step)
         for g in opt.param_groups:
             g["lr"] = recipe.lr_at(step)
-        loss = forward_loss(model, args.family, tensors)
+        loss = forward_loss(model, args.family, tensors, recipe.balance)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -339,7 +374,7 @@ def main() -> None:
     model.half().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log.update(command="python " + " ".join(sys.argv), family=args.family, steps=steps, batch=recipe.batch,
-               cycles=list(recipe.cycles), lr=recipe.lr, warmup=recipe.warmup,
+               cycles=list(recipe.cycles), lr=recipe.lr, warmup=recipe.warmup, balance=recipe.balance,
                seed=args.seed, epochs_started=epoch + 1,
                params=n_params, expert_params=n_expert, val_samples=DEFAULT_SAMPLES,
                torch_threads=args.threads)
