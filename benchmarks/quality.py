@@ -68,12 +68,21 @@ ABLATIONS: dict[str, dict[str, Any]] = {  # the default recipe with one setting 
 }
 
 
-def sweep_variants(sweep: list[float], sweep_seeds: int) -> dict[str, dict[str, Any]]:
+def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) -> dict[str, dict[str, Any]]:
+    """``target B``: every expert matrix group lands on B (``--allocation uniform``); ``budget B``: B for the
+    whole model at one price per bit (``--allocation global``)."""
     v: dict[str, dict[str, Any]] = {}
     for b in sweep:
         v[f"target {b:g}"] = {
             "recipe": "default",
             "over": {"target_bits": b},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
+    for b in budget:
+        v[f"budget {b:g}"] = {
+            "recipe": "default",
+            "over": {"target_bits": b, "allocation": "global"},
             "calibrated": True,
             "seeds": sweep_seeds,
         }
@@ -207,7 +216,23 @@ def figure(results: dict[str, Any], path: Path) -> None:
         )
         if sweep:
             x, y, e = zip(*sweep, strict=True)
-            ax.errorbar(x, y, yerr=e, fmt="-o", color="C0", capsize=3, label="qmoe --target-bits B")
+            ax.errorbar(x, y, yerr=e, fmt="-o", color="C0", capsize=3, label="qmoe --target-bits B (uniform)")
+        budget = sorted(
+            (v["expert_bits_per_weight"], v["validation"]["delta"], v["validation"]["ci95"])
+            for k, v in res.items()
+            if k.startswith("budget ")
+        )
+        if budget:
+            x, y, e = zip(*budget, strict=True)
+            ax.errorbar(
+                x,
+                y,
+                yerr=e,
+                fmt="-s",
+                color="C1",
+                capsize=3,
+                label="qmoe --target-bits B --allocation global",
+            )
         styles = {
             "qmoe default": ("C0", "*"),
             "QMoE recipe": ("C3", "s"),
@@ -250,6 +275,14 @@ def main() -> None:
         default=[0.8, 1.0, 1.2, 1.4],
         help="--target-bits values for the default recipe's size curve",
     )
+    ap.add_argument(
+        "--budget",
+        nargs="*",
+        type=float,
+        default=[],
+        help="--target-bits values with --allocation global (one model-wide budget), paired with the same "
+        "--sweep point where both ran",
+    )
     ap.add_argument("--sweep-seeds", type=int, default=2, help="calibration seeds per sweep point")
     ap.add_argument("--ablations", action="store_true", help="also the default recipe with one change each")
     ap.add_argument("--write-docs", action="store_true", help="rewrite the tables in docs/results.md")
@@ -264,7 +297,7 @@ def main() -> None:
 
     import torch
 
-    specs = {**variants(), **sweep_variants(args.sweep, args.sweep_seeds)}
+    specs = {**variants(), **sweep_variants(args.sweep, args.sweep_seeds, args.budget)}
     if args.ablations:
         specs.update(
             {
@@ -292,7 +325,8 @@ def main() -> None:
             ("GPTQ 2-bit", "RTN 2-bit"),
             ("qmoe default 2-bit", "RTN 2-bit"),
         ]
-        pairs += [(k, "QMoE recipe") for k in runs if k.startswith("target ")]
+        pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
+        pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ")]
         pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
         for a, b in pairs:
             if a in runs and b in runs:

@@ -13,7 +13,7 @@ from typing import Any
 
 from qmoe.errors import ConfigError
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 # Settings that version 1 lacked, with the values version-1 runs used: read old configs as they ran.
 _V1_DEFAULTS = {
     "rate": 0.0,
@@ -26,10 +26,13 @@ _V1_DEFAULTS = {
 }
 # Settings that version 2 lacked, with the values version-2 runs used.
 _V2_DEFAULTS = {"shared_experts": "keep"}
+# Settings that version 3 lacked, with the values version-3 runs used.
+_V3_DEFAULTS = {"allocation": "uniform"}
 
 BITS = ("ternary", "2")
 SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
 METHODS = ("gptq", "rtn")
+ALLOCATIONS = ("uniform", "global")  # how target_bits is spent: alike per group, or by one model-wide price
 # Grids each width may use (names from qmoe.grids); the first is the default.
 GRIDS_FOR_BITS = {"ternary": ("ternary", "ternary-opt"), "2": ("int2",)}
 
@@ -52,7 +55,10 @@ class CompressConfig:
       ``qmoe.gptq.rate``); ``0`` is nearest rounding (QMoE). ``target_bits``: instead of a fixed ``rate``,
       search it per expert matrix group so that the group's stored expert bits/weight (every byte counted)
       land on this value (below the grid's own size by raising the rate, above it by shrinking the
-      levels). ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more weights
+      levels). ``allocation``: ``"uniform"`` lands every group on ``target_bits``; ``"global"`` spends
+      ``target_bits`` over the whole model at one price per bit in nats of loss, so experts and layers that
+      matter more get more bits (``qmoe.pipeline.budget``). ``level_scale``: multiply the grid's levels
+      by this before quantizing (< 1: more weights
       get a nonzero code, each smaller; more bits, less error). ``refit``: re-solve each row's levels for
       its final codes (``qmoe.gptq.refit``).
     - ``no_drop``: lift the router's expert capacity during calibration passes, so no calibration token is
@@ -85,6 +91,7 @@ class CompressConfig:
     rate: float = 0.05
     level_scale: float = 1.0
     target_bits: float | None = None
+    allocation: str = "uniform"
     refit: bool = False
     no_drop: bool = True
     gate_weighted: bool = True
@@ -101,6 +108,12 @@ class CompressConfig:
         if self.shared_experts not in SHARED:
             raise ConfigError(
                 f"shared_experts must be one of {', '.join(SHARED)}, got {self.shared_experts!r}"
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "global" and self.target_bits is None:
+            raise ConfigError(
+                "allocation 'global' spends a budget: give target_bits too (e.g. --target-bits 1.0)"
             )
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -154,9 +167,11 @@ class CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
         if version == 1:
-            d = {**_V1_DEFAULTS, **_V2_DEFAULTS, **d}
+            d = {**_V1_DEFAULTS, **_V2_DEFAULTS, **_V3_DEFAULTS, **d}
         elif version == 2:
-            d = {**_V2_DEFAULTS, **d}
+            d = {**_V2_DEFAULTS, **_V3_DEFAULTS, **d}
+        elif version == 3:
+            d = {**_V3_DEFAULTS, **d}
         elif version != CONFIG_VERSION:
             raise ConfigError(
                 f"compress config version {version} is not supported (this qmoe reads "

@@ -28,7 +28,7 @@ from qmoe.errors import ConfigError
 # The fields a recipe decides; everything else (data, seed, evaluation, batch size) is left to the caller.
 RECIPE_FIELDS = (
     "bits", "method", "grid", "token_cap", "min_tokens", "damp", "block_size", "act_order", "rate",
-    "target_bits", "refit", "no_drop", "skip_sentinels", "gate_weighted",
+    "target_bits", "allocation", "refit", "no_drop", "skip_sentinels", "gate_weighted",
     "level_scale",
 )
 
@@ -43,6 +43,7 @@ _QMOE: dict[str, Any] = {
     "act_order": False,
     "rate": 0.0,
     "target_bits": None,
+    "allocation": "uniform",
     "refit": False,
     "no_drop": True,
     "skip_sentinels": True,

@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "e.g. 1.2 (ternary only)",
     )
     p.add_argument(
+        "--allocation",
+        choices=("uniform", "global"),
+        default=None,
+        help="how --target-bits is spent: 'uniform' lands every expert matrix group on B; 'global' spends B "
+        "over the whole model at one price per bit in nats of loss (measured per layer and expert), so the "
+        "experts and layers that matter get more bits (default recipe: uniform)",
+    )
+    p.add_argument(
         "--rate",
         type=float,
         default=None,
@@ -209,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         "rate": args.rate,
         "level_scale": args.level_scale,
         "target_bits": args.target_bits,
+        "allocation": args.allocation,
         "refit": args.refit,
         "shared_experts": args.shared_experts,
         "no_drop": False if args.keep_capacity else None,

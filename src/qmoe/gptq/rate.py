@@ -91,21 +91,48 @@ def rd_codes(x: Tensor, levels: Tensor, price: Tensor, offset: int, lock: Tensor
     return out
 
 
-def price_of(rate: float, scale: Tensor, bits: Tensor, c: Tensor) -> Tensor:
+Rate = float | Tensor  # one price for every expert, or one per expert ``[B]`` (a model-wide budget)
+
+
+def is_priced(rate: Rate) -> bool:
+    """Whether any expert's decisions carry a bit price (else: nearest rounding throughout)."""
+    return bool((rate > 0).any()) if isinstance(rate, Tensor) else rate > 0
+
+
+def check_rate(rate: Rate, n: int) -> None:
+    """``rate`` is a number >= 0 or a finite ``[n]`` tensor of them; raises ``ConfigError`` otherwise."""
+    from qmoe.errors import ConfigError
+
+    if isinstance(rate, Tensor):
+        if rate.shape != (n,) or not bool(torch.isfinite(rate).all()) or not bool((rate >= 0).all()):
+            raise ConfigError(f"per-expert rates must be a finite [{n}] tensor >= 0, got {tuple(rate.shape)}")
+    elif not rate >= 0:
+        raise ConfigError(f"rate must be >= 0, got {rate}")
+
+
+def per_row(rate: Rate, scale: Tensor) -> Tensor:
+    """``rate * s_r`` as ``[B, rows]`` for ``scale [B, rows]`` (``rate`` a number or ``[B]``)."""
+    if isinstance(rate, Tensor):
+        return rate.to(scale.device, scale.dtype)[:, None] * scale
+    return rate * scale
+
+
+def price_of(rate: Rate, scale: Tensor, bits: Tensor, c: Tensor) -> Tensor:
     """``rate * s_r * bits_l / c_j`` as ``[B, rows, cols, L]``-broadcastable ``[B, rows|1, cols, L]``.
 
-    ``scale [B, rows]``, ``bits [B, L]``, ``c [B, cols]``; a column of weight 0 gets an infinite price on
-    every level whose bit cost exceeds the cheapest one (its weights cost nothing to zero).
+    ``rate`` a number or per expert ``[B]``, ``scale [B, rows]``, ``bits [B, L]``, ``c [B, cols]``; a column
+    of weight 0 gets an infinite price on every level whose bit cost exceeds the cheapest one (its weights
+    cost nothing to zero).
     """
     inv_c = torch.where(c > 0, 1.0 / c.clamp(min=torch.finfo(c.dtype).tiny), torch.inf)  # [B, cols]
     rel = bits - bits.amin(-1, keepdim=True)  # [B, L]: only differences between levels matter
-    p = rate * scale[:, :, None, None] * rel[:, None, None, :] * inv_c[:, None, :, None]
+    p = per_row(rate, scale)[:, :, None, None] * rel[:, None, None, :] * inv_c[:, None, :, None]
     return torch.nan_to_num(
         p, nan=0.0, posinf=torch.inf
     )  # inf * 0 (the cheapest level of a dead column) costs nothing
 
 
-def fit_prices(W: Tensor, levels: Tensor, c: Tensor, rate: float, offset: int, iterations: int = 8) -> Tensor:
+def fit_prices(W: Tensor, levels: Tensor, c: Tensor, rate: Rate, offset: int, iterations: int = 8) -> Tensor:
     """Bit prices ``[B, L]`` consistent with the decisions they cause, on unquantized ``W [B, rows, cols]``.
 
     Starts from nearest rounding's code frequencies and alternates decision and re-estimate (the code

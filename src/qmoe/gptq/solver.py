@@ -201,7 +201,7 @@ def _scaled(levels: Tensor, level_scale: float) -> Tensor:
     return (levels * level_scale).to(torch.float16).float()
 
 
-def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: float) -> Tensor:
+def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: rd.Rate) -> Tensor:
     """Relative bit prices ``[B, L]`` (cheapest level 0) for ``W [B, rows, cols]``, column weights ``d``."""
     bits = rd.fit_prices(W, levels, rd.column_weights(d), rate, grid.code_offset)
     return bits - bits.amin(-1, keepdim=True)
@@ -216,7 +216,7 @@ def _gptq_batch(
     act_order: bool,
     fallback: Tensor,
     first: int,
-    rate: float = 0.0,
+    rate: rd.Rate = 0.0,
     refit: bool = False,
     level_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -232,7 +232,8 @@ def _gptq_batch(
     Hw = H.clone()
     Hw.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     WT = W.transpose(1, 2).masked_fill(dead[:, :, None], 0.0)  # [B, cols, rows] copy
-    if rate > 0:  # bit prices consistent with the decisions, on H's diagonal (no feedback yet)
+    priced = rd.is_priced(rate)
+    if priced:  # bit prices consistent with the decisions, on H's diagonal (no feedback yet)
         rel_bits = _prices(WT.transpose(1, 2), levels, hdiag.masked_fill(dead, 0.0), grid, rate)
 
     if act_order:  # quantize the columns with the largest H_ii first
@@ -250,11 +251,11 @@ def _gptq_batch(
     U[fallback] = torch.eye(cols, dtype=U.dtype, device=U.device)  # U = I: round to nearest
     U = U.to(torch.float32)
     pricing = None
-    if rate > 0:  # GPTQ's per-column cost of a unit error is 1 / U_jj^2
+    if priced:  # GPTQ's per-column cost of a unit error is 1 / U_jj^2
         d = U.diagonal(dim1=-2, dim2=-1).pow(-2)  # [B, cols] (in the order the columns are quantized)
         c = rd.column_weights(d)
         inv_c = 1.0 / c.clamp(min=torch.finfo(c.dtype).tiny)
-        pricing = (rate * rd.row_scale(W), rel_bits, inv_c)
+        pricing = (rd.per_row(rate, rd.row_scale(W)), rel_bits, inv_c)
     codes, Q = _gptq_columns(WT, U, grid, levels, block_size, pricing)
     del U, WT
 
@@ -297,7 +298,7 @@ def gptq_quantize(
     counts: Tensor | None = None,
     min_tokens: int = 1,
     expert_batch: int | None = None,
-    rate: float = 0.0,
+    rate: rd.Rate = 0.0,
     refit: bool = False,
     level_scale: float = 1.0,
 ) -> QuantizedExperts:
@@ -309,7 +310,8 @@ def gptq_quantize(
     - ``counts [E]`` / ``min_tokens``: experts with fewer tokens (or an all-zero ``H``) are rounded to
       nearest; so are experts whose damped Hessian stays non-positive-definite after retries. Both set
       ``fallback``.
-    - ``rate``: price of a coded bit in entropy-constrained rounding (``qmoe.gptq.rate``; 0: nearest).
+    - ``rate``: price of a coded bit in entropy-constrained rounding (``qmoe.gptq.rate``; 0: nearest); a
+      tensor ``[E]`` gives each expert its own (a model-wide budget prices important experts' bits lower).
     - ``refit``: re-solve each row's levels for its final codes (``qmoe.gptq.refit``).
     - ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more, smaller nonzeros).
     - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working
@@ -325,15 +327,14 @@ def gptq_quantize(
         or block_size < 1
         or min_tokens < 0
         or (expert_batch is not None and expert_batch < 1)
-        or not rate >= 0
         or not 0 < level_scale <= 4
     ):
         raise ConfigError(
-            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1, rate >= 0, "
-            f"0 < level_scale <= 4; got {damp}, {block_size}, {min_tokens}, {expert_batch}, {rate}, "
-            f"{level_scale}"
+            f"need damp >= 0, block_size >= 1, min_tokens >= 0, expert_batch >= 1, "
+            f"0 < level_scale <= 4; got {damp}, {block_size}, {min_tokens}, {expert_batch}, {level_scale}"
         )
     E, rows, cols = W.shape
+    rd.check_rate(rate, E)
     if counts is not None and counts.shape != (E,):
         raise ConfigError(f"counts must be [{E}], got {tuple(counts.shape)}")
     _check_finite(W, "weights", 0)
@@ -362,7 +363,7 @@ def gptq_quantize(
                 act_order,
                 starved[s:e].to(W.device),
                 s,
-                rate,
+                rate[s:e] if isinstance(rate, Tensor) else rate,
                 refit,
                 level_scale,
             )
@@ -378,7 +379,7 @@ def rtn_quantize(
     W: Tensor,
     grid: str | Grid = "ternary",
     H: Tensor | None = None,
-    rate: float = 0.0,
+    rate: rd.Rate = 0.0,
     refit: bool = False,
     damp: float = 0.1,
     level_scale: float = 1.0,
@@ -391,15 +392,14 @@ def rtn_quantize(
     """
     _check_stack(W, H)
     g = get_grid(grid)
-    if not rate >= 0:
-        raise ConfigError(f"rate must be >= 0, got {rate}")
+    rd.check_rate(rate, W.shape[0])
     _check_finite(W, "weights", 0)
     if H is not None:
         _check_finite(H, "Hessian entries", 0)
     Wf = W.float()
     hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device).float()
     levels = _scaled(g.fit(Wf, hdiag), level_scale)
-    if rate > 0:
+    if rd.is_priced(rate):
         d = torch.ones(W.shape[0], W.shape[2], device=W.device) if hdiag is None else hdiag
         rel_bits = _prices(Wf, levels, d, g, rate)
         price = rd.price_of(rate, rd.row_scale(Wf), rel_bits, rd.column_weights(d))

@@ -71,6 +71,11 @@ class MoELayerCalibration:
         # every unmasked token enters their Hessian (no cap, no gate weight), in the same capture passes.
         self.shared: tuple[Tensor, Tensor] | None = None
         self.shared_hessian: HessianAccumulator | None = None
+        # The budget's sensitivity pass (qmoe.pipeline.sensitivity): in "run" mode, while ``stats_on``, add
+        # each expert's gate-weighted output energy sum g^2 ||y||^2 into stats["energy"] [E] (float64), the
+        # layer output's sum of squares into stats["out_sq"] and its positions into stats["positions"].
+        self.stats: dict[str, Any] | None = None
+        self.stats_on = False
 
     def install(self, experts_module: torch.nn.Module) -> None:
         experts_module.forward = self._forward  # type: ignore[method-assign]
@@ -102,7 +107,13 @@ class MoELayerCalibration:
             )
             if self.dist is not None and self.dist.active:
                 parts = self._all_parts(parts, r.x)
-            return combine(torch.zeros_like(r.x), parts)
+            out = combine(torch.zeros_like(r.x), parts)  # [T, d]
+            if self.stats is not None and self.stats_on:
+                for e, _, y in parts:
+                    self.stats["energy"][e] += float(y.double().pow(2).sum())
+                self.stats["out_sq"] += float(out.double().pow(2).sum())
+                self.stats["positions"] += out.shape[0]
+            return out
         self._capture(r)
         return torch.zeros_like(r.x)
 

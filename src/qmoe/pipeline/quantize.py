@@ -23,11 +23,11 @@ def quantize(
     H: Tensor | None,
     counts: Tensor | None,
     config: CompressConfig,
-    rate: float | None = None,
+    rate: float | Tensor | None = None,
     level_scale: float | None = None,
 ) -> QuantizedExperts:
-    """``W [E, rows, cols]`` quantized on ``config.grid`` by ``config.method`` at ``rate`` and
-    ``level_scale`` (default: the config's)."""
+    """``W [E, rows, cols]`` quantized on ``config.grid`` by ``config.method`` at ``rate`` (a number, or
+    one per expert ``[E]``) and ``level_scale`` (default: the config's)."""
     rate = config.rate if rate is None else rate
     scale = config.level_scale if level_scale is None else level_scale
     if config.method == "rtn" or H is None:
@@ -55,15 +55,30 @@ _RATE_RANGE = (1e-4, 1e4)  # beyond 1e4 every weight of a normal row is zero
 _SCALE_MIN = 0.25  # smallest level scale tried when the target is above the grid's own size
 
 
+MAX_RATE = 1e6  # per-expert rates are clamped here: beyond it every weight of any row is zero anyway
+
+
+def expert_rates(rate: float, weights: Tensor | None) -> float | Tensor:
+    """``rate`` for every expert, or ``rate * weights [E]`` (a budget's relative prices), clamped."""
+    return rate if weights is None else (rate * weights).clamp(max=MAX_RATE)
+
+
 def _rtn_guess(
-    W: Tensor, H: Tensor, config: CompressConfig, bits_of: Callable[[QuantizedExperts], float], target: float
+    W: Tensor,
+    H: Tensor,
+    config: CompressConfig,
+    bits_of: Callable[[QuantizedExperts], float],
+    target: float,
+    weights: Tensor | None = None,
 ) -> float:
     """A starting rate for the GPTQ search: where priced round-to-nearest (cheap: no column loop) has the
     target size. GPTQ at the same rate lands close, so the search needs two or three GPTQ runs, not six."""
     lo, hi = 1e-3, 1e3  # log-space bisection over this range: 12 halvings reach a factor of ~1.3
     for _ in range(12):
         mid = float(np.sqrt(lo * hi))
-        q = rtn_quantize(W, grid=config.grid, H=H, rate=mid, level_scale=config.level_scale)
+        q = rtn_quantize(
+            W, grid=config.grid, H=H, rate=expert_rates(mid, weights), level_scale=config.level_scale
+        )
         if bits_of(q) > target:
             lo = mid
         else:
@@ -119,8 +134,12 @@ def quantize_to_size(
     counts: Tensor | None,
     config: CompressConfig,
     bits_of: Callable[[QuantizedExperts], float],
+    target: float | None = None,
+    rate_weights: Tensor | None = None,
 ) -> tuple[QuantizedExperts, float, float, float]:
-    """Quantize so that the stored size ``bits_of(q)`` (bits/weight) is closest to ``config.target_bits``.
+    """Quantize so that the stored size ``bits_of(q)`` (bits/weight) is closest to ``target`` (default
+    ``config.target_bits``); ``rate_weights [E]``: each expert's rate is the searched rate times its weight
+    (a model-wide budget's relative prices, ``qmoe.pipeline.budget``).
 
     Nearest rounding on the grid (rate 0, the configured level scale) is the first try. Smaller than that:
     search the bit price ``rate`` (more zeros as it rises), in log space from where priced round-to-nearest
@@ -131,12 +150,12 @@ def quantize_to_size(
     Returns ``(q, rate, level_scale, bits/weight)`` of the closest result seen. A target out of reach
     returns the nearest end. Deterministic.
     """
-    target = float(config.target_bits)  # type: ignore[arg-type]
+    target = float(config.target_bits if target is None else target)  # type: ignore[arg-type]
     tol = _SEARCH_TOL * target
     best: list[tuple[float, float, float, float, QuantizedExperts]] = []  # (|miss|, rate, scale, bits, q)
 
     def run(rate: float, scale: float) -> float:
-        q = quantize(W, H, counts, config, rate=rate, level_scale=scale)
+        q = quantize(W, H, counts, config, rate=expert_rates(rate, rate_weights), level_scale=scale)
         b = bits_of(q)
         best.append((abs(b - target), rate, scale, b, q))
         best.sort(key=lambda t: t[:3])
@@ -147,7 +166,9 @@ def quantize_to_size(
     g0 = run(0.0, scale0)
     if g0 > tol:  # too big at nearest rounding: price the bits
         start = (
-            _rtn_guess(W, H, config, bits_of, target) if config.method == "gptq" and H is not None else 1.0
+            _rtn_guess(W, H, config, bits_of, target, rate_weights)
+            if config.method == "gptq" and H is not None
+            else 1.0
         )
         lo, hi = np.log(_RATE_RANGE[0]), np.log(_RATE_RANGE[1])
         _solve_decreasing(

@@ -44,6 +44,7 @@ from qmoe.config import CompressConfig
 from qmoe.errors import ConfigError, SourceError
 from qmoe.gptq import QuantizedExperts
 from qmoe.pipeline import output, report
+from qmoe.pipeline.budget import BudgetPlan, make_plan
 from qmoe.pipeline.buffers import ActivationBuffer, MemoryBudget, to_device
 from qmoe.pipeline.dist import Dist, from_environment, local_device
 from qmoe.pipeline.moe import MoELayerCalibration
@@ -119,9 +120,22 @@ class _Run:
                 self.streams += [Stream(f"ref:{s}", s, True), Stream(f"q:{s}", s, False)]
         self.buffers: dict[str, ActivationBuffer] = {}
         self.stack_state: dict[str, dict[str, Any]] = {}
-        self.norm_weights: dict[str, Tensor] = {}
+        self.norm_weights: dict[str, Tensor] = {}  # [d] each: the next stack's memory and the head need them
+        for stack in p.stacks:
+            if stack.final_norm_key:
+                self.norm_weights[stack.name] = p.reader.get(stack.final_norm_key).float()
         self.glu = p.adapter.expert_glu(p.hf_config.to_dict())  # [t, F*I] -> [t, I]
         self._printed_header = False
+        self.budget_plan: BudgetPlan | None = None  # --allocation global: the model-wide plan
+        self.spent_bits = 0.0  # stored bits of the groups quantized so far (the plan's drift correction)
+
+    def set_budget(self, plan: BudgetPlan) -> None:
+        """Follow ``plan``; the groups of blocks already done (a resumed run) count as spent."""
+        self.budget_plan = plan
+        self.spent_bits = 0.0
+        for row in self.state.layers:
+            for kind, bits in zip(("first", "second"), row["group_bits"], strict=True):
+                self.spent_bits += bits * plan.groups[plan.index(row["name"], kind)].weights
 
     # -- buffers ---------------------------------------------------------------------------------------------
     def _restore_buffers(self) -> None:
@@ -233,7 +247,41 @@ class _Run:
         """On-disk keys of this block's shared-expert weights that are quantized (``--shared-experts``)."""
         return bp.shared_keys if self.config.shared_experts != "keep" else []
 
-    def _load_block(self, bp: BlockPlan) -> tuple[torch.nn.Module, dict[str, Tensor]]:
+    def layer_calibration(
+        self, block: torch.nn.Module, raw: dict[str, Tensor], bp: BlockPlan, owned: range, dist: Dist | None
+    ) -> MoELayerCalibration:
+        """The MoE layer of ``block`` taken over by a ``MoELayerCalibration`` holding experts ``owned``
+        (weights read from the source, float32 on the device; biases from the block's tensors ``raw``)."""
+        config, adapter, layout = self.config, self.p.adapter, self.p.adapter.experts
+        E = self.p.n_experts
+        w_first, w_second = stack_experts(  # [E_r, F*I, d], [E_r, d, I]
+            self.p.reader.get_many(layout.keys_of(bp.moe_path, owned)),
+            layout,
+            bp.moe_path,
+            owned,
+            self.device,
+        )
+        mask = self.samples["calib"].get(f"mask:{bp.stack.inputs}")
+        n_tokens = int(np.prod(self.samples["calib"][bp.stack.inputs].shape) if mask is None else mask.sum())
+        cap = None
+        if config.token_cap > 0:  # QMoE: at most token_cap x the mean routed tokens per expert
+            cap = int(np.ceil(config.token_cap * n_tokens * adapter.top_k(self.p.source_cfg) / E))
+        biases = None  # (b_first [E_r, F*I], b_second [E_r, d]): kept as stored, part of the experts' math
+        if layout.bias is not None:
+            b = {
+                p: raw[layout.bias_key(bp.moe_path, p)][owned.start : owned.stop].to(
+                    self.device, torch.float32
+                )
+                for p in layout.projections
+            }
+            biases = (torch.cat([b[p] for p in layout.first], dim=1), b[layout.second])
+        cal = MoELayerCalibration(
+            adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases, owned, E, dist
+        )
+        cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
+        return cal
+
+    def load_block(self, bp: BlockPlan) -> tuple[torch.nn.Module, dict[str, Tensor]]:
         """The block with every tensor loaded, and the source-dtype tensors written to the output as they
         are (all but the experts' and the quantized shared experts' weights)."""
         shared = self._shared_quantized(bp)
@@ -256,7 +304,7 @@ class _Run:
     def _block(self, bp: BlockPlan) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         config, adapter = self.config, self.p.adapter
-        block, raw = self._load_block(bp)
+        block, raw = self.load_block(bp)
         ref_streams = [s for s in self.streams if s.reference]
         out_streams = [s for s in self.streams if not s.reference]
         calib = self.streams[0]
@@ -273,29 +321,8 @@ class _Run:
         E = self.p.n_experts
         owned = dist.owned(E)  # the experts whose weights, Hessians, GPTQ and outputs this process computes
         lo, hi = owned.start, owned.stop
-        w_first, w_second = stack_experts(  # [E_r, F*I, d], [E_r, d, I]: this rank's experts only
-            self.p.reader.get_many(layout.keys_of(bp.moe_path, owned)),
-            layout,
-            bp.moe_path,
-            owned,
-            self.device,
-        )
-        mask = self.samples["calib"].get(f"mask:{bp.stack.inputs}")
-        n_tokens = int(np.prod(self.samples["calib"][bp.stack.inputs].shape) if mask is None else mask.sum())
-        cap = None
-        if config.token_cap > 0:  # QMoE: at most token_cap x the mean routed tokens per expert
-            cap = int(np.ceil(config.token_cap * n_tokens * adapter.top_k(self.p.source_cfg) / E))
-        biases = None  # (b_first [E_r, F*I], b_second [E_r, d]): kept as stored, part of the experts' math
-        if layout.bias is not None:
-            b = {
-                p: raw[layout.bias_key(bp.moe_path, p)][lo:hi].to(self.device, torch.float32)
-                for p in layout.projections
-            }
-            biases = (torch.cat([b[p] for p in layout.first], dim=1), b[layout.second])
-        cal = MoELayerCalibration(
-            adapter, w_first, w_second, self.glu, cap, config.gate_weighted, biases, owned, E, dist
-        )
-        cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
+        cal = self.layer_calibration(block, raw, bp, owned, dist)
+        w_first, w_second = cal.w_first, cal.w_second  # [E_r, F*I, d], [E_r, d, I]: this rank's experts
         shared = self._shared_modules(block, bp)  # [nn.Linear] in layout.projections order, if quantized
         if shared:
             F_ = len(layout.first)
@@ -315,8 +342,8 @@ class _Run:
             self._propagate(block, bp, calib, write=False, what="H first", cal=cal)
             H1 = cal.hessian
             used = dist.gather_experts(H1.counts.cpu(), E).tolist()
-        quantize_first = partial(self._quantize, w_first, H1, list(layout.first), bp.moe_path, lo)
-        q1, rate1, scale1 = dist.guard(quantize_first, f"GPTQ of {where}")
+        quantize_first = partial(self._quantize, w_first, H1, "first", bp.moe_path, lo)
+        q1, rate1, scale1, bits1 = dist.guard(quantize_first, f"GPTQ of {where}")
         del quantize_first
         del H1
         cal.w_first = q1.dequantized.to(self.device)
@@ -333,8 +360,8 @@ class _Run:
             self._propagate(block, bp, calib, write=False, what="H second", cal=cal)
             H2 = cal.hessian
             assert H2.counts.tolist() == used[lo:hi], "both capture passes must see the same tokens"
-        quantize_second = partial(self._quantize, w_second, H2, [layout.second], bp.moe_path, lo)
-        q2, rate2, scale2 = dist.guard(quantize_second, f"GPTQ of {where}")
+        quantize_second = partial(self._quantize, w_second, H2, "second", bp.moe_path, lo)
+        q2, rate2, scale2, bits2 = dist.guard(quantize_second, f"GPTQ of {where}")
         del H2, w_first, w_second, quantize_second
         cal.w_second = q2.dequantized.to(self.device)
         shared_encoded: dict[str, Any] = {}
@@ -387,6 +414,7 @@ class _Run:
             rates=[rate1, rate2],
             level_scales=[scale1, scale2],
         )
+        row["group_bits"] = [bits1, bits2]  # each group's stored bits/weight, header estimate included
         if (
             bp.shared_keys
         ):  # the shared experts' own line: stored (kept) or encoded bytes, header share included
@@ -420,35 +448,43 @@ class _Run:
         return quantize(W, H, counts, shared_config)
 
     def _quantize(
-        self, W: Tensor, acc: Any, projections: list[str], moe_path: str, first: int = 0
-    ) -> tuple[QuantizedExperts, float, float]:
-        """Quantize one group (fused first projections, or the second) at the configured rate and level
-        scale, or at those that land its stored size on ``target_bits``: ``(q, rate, level_scale)``.
+        self, W: Tensor, acc: Any, kind: str, moe_path: str, first: int = 0
+    ) -> tuple[QuantizedExperts, float, float, float | None]:
+        """Quantize one group (``kind`` "first": the fused first projections, "second": the second) at the
+        configured rate and level scale, or at those that land its stored size on ``target_bits`` (uniform)
+        or on the budget plan's share (global): ``(q, rate, level_scale, bits/weight of the group)``, the
+        last ``None`` without a size target (not measured: it would encode the group twice).
 
         ``W [E_r, rows, cols]`` holds experts ``first, first + 1, ...`` (a distributed run's share); a size
         target then counts the whole group, summed over the ranks, so every rank searches alike."""
         if os.environ.get(FAIL_ENV) == f"{self.dist.rank}:{moe_path}":
             raise RuntimeError(f"{FAIL_ENV} asked rank {self.dist.rank} to fail here")
         config = self.config
-        H, counts = (None, None) if acc is None else (acc.H, acc.counts)
-        if config.target_bits is None:
-            return quantize(W, H, counts, config), config.rate, config.level_scale
         layout = self.p.adapter.experts
+        projections = list(layout.first) if kind == "first" else [layout.second]
+        H, counts = (None, None) if acc is None else (acc.H, acc.counts)
 
         def bits_of(q: QuantizedExperts) -> float:
             return group_bits(layout, moe_path, q, projections, config.bits, first, self.dist.sum_ints)
 
-        q, rate, scale, _ = quantize_to_size(W, H, counts, config, bits_of)
-        return q, rate, scale
+        if config.target_bits is None:
+            return quantize(W, H, counts, config), config.rate, config.level_scale, None
+        target, weights = None, None
+        if self.budget_plan is not None:
+            i = self.budget_plan.index(moe_path, kind)
+            target = self.budget_plan.target(i, self.spent_bits)
+            m = self.budget_plan.groups[i].multipliers[first : first + W.shape[0]]
+            weights = torch.tensor(m, dtype=torch.float32, device=W.device)
+        q, rate, scale, bits = quantize_to_size(W, H, counts, config, bits_of, target, weights)
+        if self.budget_plan is not None:
+            self.spent_bits += bits * self.budget_plan.groups[i].weights
+        return q, rate, scale, bits
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> float:
         from tqdm import tqdm
 
         self._restore_buffers()
-        for stack in self.p.stacks:  # [d] each: the next stack's memory and the head need them
-            if stack.final_norm_key:
-                self.norm_weights[stack.name] = self.p.reader.get(stack.final_norm_key).float()
         t_start = time.perf_counter()
         bar = tqdm(
             total=len(self.p.blocks),
@@ -679,6 +715,8 @@ def compress(
         p, config, dev, state, samples, MemoryBudget(budget_bytes // dist.world, spill), progress, dist
     )
     with torch.inference_mode():
+        if config.allocation == "global":
+            run.set_budget(make_plan(run))
         run.run()
         usage = dist.gather_objects((report.cpu_seconds(), report.peak_rss_bytes()))
 
@@ -712,6 +750,7 @@ def compress(
                 "cpu_seconds": sum(c for c, _ in usage),  # every rank's
                 "peak_rss_bytes": max(r for _, r in usage),  # of the largest process
                 "resumed_from_block": resumed_from,
+                "budget": None if run.budget_plan is None else run.budget_plan.to_dict(),
                 "ranks": dist.world,
             }
             atomic_write_text(p.out / report.REPORT_FILE, json.dumps(rep, indent=1) + "\n")

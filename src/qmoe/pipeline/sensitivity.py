@@ -1,0 +1,165 @@
+"""The sensitivity pass of a model-wide budget: each MoE layer's loss curvature and each expert's energy.
+
+A small calibration sample (``budget.PLAN_SAMPLES``) is streamed through the *reference* model block by
+block, as the compression streams it. At every MoE layer the reference stream counts each expert's routed
+positions and gate-weighted output energy, and two perturbed streams start there: the layer's output plus
+and minus the same Gaussian noise. Every stream then runs through all later blocks (an encoder's perturbed
+streams through the whole decoder too, cross-attending to their own encoder output) to the loss. With ``L``
+MoE layers, block ``i`` runs ``1 + 2 * (MoE layers before it)`` streams of the small sample: ``O(L^2)``
+block passes of 64 samples, against the compression's few passes of the full calibration set per block.
+
+``kappa = (loss(+e) + loss(-e) - 2 loss) / 2 / (sigma^2 d)`` per token: the curvature of the loss along
+random directions of the layer output, per unit squared error per position (``qmoe.pipeline.budget``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qmoe.pipeline.budget import NOISE_SCALE, PLAN_SAMPLES, LayerSensitivity
+from qmoe.pipeline.buffers import ActivationBuffer, to_device
+
+
+def measure(run: Any) -> list[LayerSensitivity]:
+    """``LayerSensitivity`` of every MoE layer, in block order, for the pipeline run ``run`` (``_Run``:
+    its plan, config, device, samples, memory budget and block loader)."""
+    p = run.p
+    calib = run.samples["calib"]
+    n = min(PLAN_SAMPLES, len(calib["labels"]))
+    bufs: dict[tuple[str, str], ActivationBuffer] = {}  # (stream, stack) -> [n, S, d]
+    streams = ["ref"]
+    stats: dict[str, dict[str, Any]] = {}  # per MoE layer: routed, energy, positions, sigma
+    stack_state: dict[str, dict[str, Any]] = {}
+    for stack in p.stacks:
+        stack_state[stack.name] = p.adapter.prepare_stack(p.hf_config, stack, p.reader.get)
+        embed = p.reader.get(stack.embed_key).float()  # [vocab, d]
+        ids = torch.from_numpy(calib[stack.inputs][:n])  # [n, S]
+        for s in streams:
+            buf = ActivationBuffer(f"plan/{stack.name}/{s}", (*ids.shape, embed.shape[1]), run.budget)
+            buf.data[:] = torch.nn.functional.embedding(ids, embed)
+            bufs[(s, stack.name)] = buf
+        del embed
+        for bp in (b for b in p.blocks if b.stack.name == stack.name):
+            block, raw = run.load_block(bp)
+            cal = None
+            if bp.moe_path is not None:
+                cal = run.layer_calibration(block, raw, bp, range(p.n_experts), None)
+                cal.stats = {
+                    "energy": torch.zeros(p.n_experts, dtype=torch.float64),
+                    "out_sq": 0.0,
+                    "positions": 0,
+                }
+                cal.start("run", count_tokens=True)
+            for s in list(streams):
+                if cal is not None:
+                    cal.count_tokens = s == "ref"
+                    cal.stats_on = s == "ref"
+                _forward(run, block, bp, stack_state[stack.name], bufs, s, stack)
+            if cal is not None:
+                st = cal.stats
+                positions = int(st["positions"])
+                d = bufs[("ref", stack.name)].shape[2]
+                sigma = NOISE_SCALE * (st["out_sq"] / max(1, positions * d)) ** 0.5
+                stats[bp.moe_path] = {
+                    "routed": [int(v) for v in cal.routed.tolist()],
+                    "energy": st["energy"].tolist(),
+                    "positions": positions,
+                    "sigma": sigma,
+                    "stack": stack.name,
+                }
+                _perturb(run, bufs, streams, stack.name, bp.moe_path, bp.g, sigma)
+            del block, raw, cal
+    losses = _losses(run, bufs, streams, n)
+    out = []
+    for name, st in stats.items():
+        d = next(b.shape[2] for (s, k), b in bufs.items() if s == "ref" and k == st["stack"])
+        curvature = (losses[f"+{name}"] + losses[f"-{name}"] - 2 * losses["ref"]) / 2
+        kappa = curvature / (st["sigma"] ** 2 * d) if st["sigma"] > 0 else 0.0
+        out.append(
+            LayerSensitivity(
+                name,
+                float(kappa),
+                float(st["sigma"]),
+                st["positions"],
+                tuple(st["routed"]),
+                tuple(float(v) for v in st["energy"]),
+            )
+        )
+    for b in bufs.values():
+        b.release()
+    return out
+
+
+def _forward(
+    run: Any,
+    block: torch.nn.Module,
+    bp: Any,
+    state: dict[str, Any],
+    bufs: dict[tuple[str, str], ActivationBuffer],
+    stream: str,
+    stack: Any,
+) -> None:
+    """Stream ``stream`` through ``block`` in place (capacity lifted when the recipe lifts it)."""
+    from qmoe.pipeline.run import _capacity_lifted
+
+    p, device = run.p, run.device
+    buf = bufs[(stream, stack.name)]
+    mem = None
+    if stack.memory:  # cross-attention: the stream's own encoder output, or the reference's
+        mem = bufs.get((stream, stack.memory)) or bufs[("ref", stack.memory)]
+    lift = p.adapter.capacity_attribute if run.config.no_drop else None
+    with _capacity_lifted(block, lift):
+        for i0, i1 in buf.batches(run.config.batch_size):
+            h = to_device(buf.data[i0:i1], device)
+            m = None
+            if mem is not None:
+                w = run.norm_weights[stack.memory].to(device)
+                m = p.adapter.final_norm(p.hf_config, w, to_device(mem.data[i0:i1], device))
+            buf.data[i0:i1] = p.adapter.block_forward(block, bp.i, h, m, state).to("cpu", torch.float32)
+
+
+def _perturb(
+    run: Any,
+    bufs: dict[tuple[str, str], ActivationBuffer],
+    streams: list[str],
+    stack: str,
+    name: str,
+    g: int,
+    sigma: float,
+) -> None:
+    """Start the streams ``+name`` / ``-name``: the reference output of this block plus / minus noise."""
+    ref = bufs[("ref", stack)]
+    gen = torch.Generator().manual_seed(1_000_003 * (run.config.seed + 1) + g)
+    noise = torch.randn(ref.shape, generator=gen) * sigma  # [n, S, d]
+    for sign in (1.0, -1.0):
+        s = f"{'+' if sign > 0 else '-'}{name}"
+        buf = ActivationBuffer(f"plan/{stack}/{s}", ref.shape, run.budget)
+        buf.data[:] = ref.data + sign * noise
+        bufs[(s, stack)] = buf
+        streams.append(s)
+
+
+def _losses(
+    run: Any, bufs: dict[tuple[str, str], ActivationBuffer], streams: list[str], n: int
+) -> dict[str, float]:
+    """Mean loss per target token of every stream on the plan sample."""
+    p, device = run.p, run.device
+    last = p.stacks[-1]
+    head = {
+        k: p.reader.get(key).float().to(device)
+        for k, key in p.adapter.head_keys(p.hf_config.to_dict()).items()
+    }
+    norm = run.norm_weights[last.name].to(device)
+    labels = torch.from_numpy(run.samples["calib"]["labels"][:n])
+    out = {}
+    for s in streams:
+        buf = bufs[(s, last.name)]
+        total, count = 0.0, 0
+        for i0, i1 in buf.batches(run.config.batch_size):
+            h = p.adapter.final_norm(p.hf_config, norm, to_device(buf.data[i0:i1], device))
+            ls, c = p.adapter.loss(p.hf_config, head, h, labels[i0:i1].to(device))
+            total, count = total + ls, count + c
+        out[s] = total / max(1, count)
+    return out
