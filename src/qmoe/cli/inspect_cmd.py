@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(report))
     if args.plot:
-        from qmoe.pipeline.plot import plot_report
+        from qmoe.pipeline.plot import budget_figure_path, plot_budget, plot_report
 
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
+        if report.get("budget"):  # --allocation global: the planner's choices per expert
+            plot_budget(report, budget_figure_path(args.plot))
+            print(f"wrote {budget_figure_path(args.plot)}")
     return 0

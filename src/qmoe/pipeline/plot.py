@@ -49,3 +49,46 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def budget_figure_path(path: str | Path) -> Path:
+    """Where ``qmoe inspect --plot PATH`` writes the budget figure: ``PATH`` with ``-budget`` added."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}-budget{p.suffix}")
+
+
+def plot_budget(report: dict[str, Any], path: str | Path) -> None:
+    """The planner's choices (``--allocation global``): each expert's stored bits/weight against its share of
+    the routed tokens and against its importance (loss per unit relative error), one colour per layer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise BackendUnavailable("--plot needs matplotlib; pip install 'qmoe[plot]'") from exc
+    budget = report["budget"]
+    sens = {s["name"]: s for s in budget["layers"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for i, row in enumerate(report["layers"]):
+        s = sens.get(row["name"])
+        if s is None:
+            continue
+        bits = [e["bits_per_weight"] for e in row["per_expert"]]
+        routed = [r / max(1, sum(s["routed"])) for r in s["routed"]]
+        imp = [max(s["kappa"], 0.0) * en / max(1, s["positions"]) for en in s["energy"]]
+        label = f"{row['name']} (kappa {s['kappa']:.2g})"
+        axes[0].scatter(routed, bits, s=14, color=f"C{i % 10}", label=label)
+        axes[1].scatter(imp, bits, s=14, color=f"C{i % 10}")
+    axes[0].set_xlabel("share of the layer's routed tokens (plan sample)")
+    axes[0].set_ylabel("expert bits / weight (arrays)")
+    axes[1].set_xlabel("importance: nats per unit relative squared error")
+    axes[1].set_xscale("log")
+    for ax in axes:
+        ax.axhline(budget["budget"], ls="--", c="gray")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{report.get('source')}: budget {budget['budget']:g} bits/weight, one price per bit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
