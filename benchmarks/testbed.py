@@ -7,7 +7,10 @@ experts in ways that bound what a compression recipe can do to them:
 - each MoE layer's experts replaced by their mean (what is specific to each expert);
 - round-to-nearest ternary on every expert, QMoE's per-row ``{min(row, 0), 0, max(row, 0)}`` grid;
 - round-to-nearest 2-bit (asymmetric min-max per row), for scale;
-- (Switch) each sample given another sample's encoder input (does the decoder use the encoder?).
+- (Switch) each sample given another sample's encoder input (does the decoder use the encoder?);
+- (decoder-only) the quarter of each layer's experts that the router chooses least often on the validation
+  samples zeroed (are there near-dead experts a compression recipe could drop for free?), and the routing
+  balance: the least-chosen expert's share of the mean, per layer.
 
 Each damaged variant is compared with the intact model on identical samples: the report gives the mean
 per-token loss increase and a 95% interval from the per-sample paired differences.
@@ -89,6 +92,40 @@ DAMAGE = {
 }
 
 
+@torch.no_grad()
+def routing_counts(model, val: tuple[np.ndarray, ...], batch: int = 32) -> list[np.ndarray]:
+    """Per MoE layer, how often the router chose each expert on ``val`` (decoder-only models)."""
+    k = model.config.num_experts_per_tok
+    counts: list[np.ndarray] = []
+    for i in range(0, len(val[0]), batch):
+        out = model(input_ids=torch.from_numpy(val[0][i : i + batch]), output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):  # [T, E]
+            c = np.bincount(
+                torch.topk(logits, k, dim=-1).indices.flatten().numpy(), minlength=logits.shape[-1]
+            )
+            if layer == len(counts):
+                counts.append(c)
+            else:
+                counts[layer] += c
+    return counts
+
+
+def zero_least_used(
+    groups: dict[str, list[torch.nn.Parameter]],
+    originals: dict[str, torch.Tensor],
+    counts: list[np.ndarray],
+    fraction: float = 0.25,
+) -> None:
+    """Zero the ``fraction`` of each layer's experts with the fewest routed tokens (fused 3-D experts)."""
+    for key, g in groups.items():
+        layer = int(re.search(r"layers\.(\d+)\.", key).group(1))
+        c = counts[layer]
+        drop = np.argsort(c, kind="stable")[: int(len(c) * fraction)]
+        w = originals[key].clone()
+        w[torch.from_numpy(drop)] = 0
+        assign(g, w)
+
+
 def mean_loss(per: np.ndarray) -> float:
     """Token-mean loss of ``sample_losses`` output [N, 2] (summed loss, tokens)."""
     return float(per[:, 0].sum() / per[:, 1].sum())
@@ -125,6 +162,18 @@ def report(name: str, samples: int) -> dict:
             base, sample_losses(model, (np.roll(val[0], 1, axis=0), val[1]))
         )
     originals = {k: stacked(g) for k, g in groups.items()}
+    if len(val) == 1 and hasattr(model.config, "num_experts_per_tok"):  # decoder-only: routing balance
+        counts = routing_counts(model, val)
+        res["min_share"] = [float(c.min() / c.mean()) for c in counts]
+        res["routed_share_of_least_used_quarter"] = [
+            float(np.sort(c)[: len(c) // 4].sum() / c.sum()) for c in counts
+        ]
+        zero_least_used(groups, originals, counts)
+        res["variants"]["least-used quarter of each layer's experts zeroed"] = paired(
+            base, sample_losses(model, val)
+        )
+        for k, g in groups.items():
+            assign(g, originals[k])
     for label, fn in DAMAGE.items():
         for k, g in groups.items():
             assign(g, fn(originals[k]))
@@ -149,6 +198,10 @@ def markdown(results: list[dict]) -> str:
     row("validation loss", [f"**{r['val']:.3f}**" for r in results])
     row("test-book loss", [f"{r['test']:.3f} ({r['test'] - r['val']:+.3f})" for r in results])
     row("unigram baseline", [f"{r['unigram']:.3f} (val = {r['val'] / r['unigram']:.2f}x)" for r in results])
+    row(
+        "least-chosen expert's share of the mean, per layer",
+        [", ".join(f"{v:.2f}" for v in r["min_share"]) if "min_share" in r else "n/a" for r in results],
+    )
     labels = list(dict.fromkeys(k for r in results for k in r["variants"]))
     for label in labels:
         cells = []

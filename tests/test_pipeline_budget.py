@@ -195,7 +195,8 @@ def test_sensitivity_pass_equals_transformers(tmp_path: Path, tokenizer_dir: Pat
         assert sum(s["energy"]) > 0 and s["positions"] == ids.numel()
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_global_budget_lands_and_resumes(tmp_path: Path, tokenizer_dir: Path) -> None:
     """Lands within 2% of B; important experts get more bits than unimportant ones; a run killed after a
     block resumes to the same bytes."""
