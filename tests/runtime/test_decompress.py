@@ -93,3 +93,38 @@ def test_families_lists_every_adapter_with_its_transformers_class(capsys):
         for ln in lines
     )
     assert any("SwitchTransformersForConditionalGeneration" in ln and "wi/wo" in ln for ln in lines)
+
+
+def test_decompress_names_matrix_and_row(tmp_path, switch_compressed) -> None:
+    """``qmoe decompress`` on a checkpoint whose first expert matrix was replaced by corrupt entries (crc32
+    recomputed, so only the rule can catch them): the message names the tensor and the row."""
+    import shutil
+
+    from corrupt_corpus import corpus, expected, rebuild, row_bits
+
+    from qmoe.codec import ROW_STATUS_TEXT, load_shard, save_shard
+    from qmoe.errors import FormatError
+
+    CORPUS = corpus()
+    LABELS = sorted(CORPUS)
+
+    picks = {}
+    for label in LABELS:
+        kind, msg = expected(CORPUS[label])
+        for text in ROW_STATUS_TEXT.values():
+            if kind == "error" and text in msg and "ternary" in label:
+                picks.setdefault(text, label)
+    assert len(picks) == len(ROW_STATUS_TEXT)
+    for i, label in enumerate(picks.values()):
+        src = tmp_path / f"src{i}"
+        shutil.copytree(switch_compressed, src)
+        shard_file = next(f for f in sorted(src.glob("*.safetensors")) if load_shard(f).encoded)
+        shard = load_shard(shard_file)
+        key = sorted(shard.encoded)[0]
+        enc = rebuild(CORPUS[label], row_bits(CORPUS[label]))  # a copy: load_shard names its own
+        save_shard(shard_file, shard.tensors, {**shard.encoded, key: enc}, metadata=shard.metadata)
+        with pytest.raises(FormatError) as info:
+            decompress(src, tmp_path / f"out{i}", "fp32")
+        enc.name = key
+        assert str(info.value).endswith(expected(enc)[1]), str(info.value)
+        assert f"'{key}'" in str(info.value) and not (tmp_path / f"out{i}").exists()
