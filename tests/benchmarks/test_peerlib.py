@@ -95,8 +95,11 @@ def test_gguf_bytes_reads_the_header_as_written(tmp_path: Path):
     # an entry: name (8 + len) + n_dims (4) + dims (8 each) + type (4) + offset (8)
     assert got[0].info == 8 + len("blk.0.ffn_gate_exps.weight") + 4 + 3 * 8 + 4 + 8
     assert 8 * got[0].data / got[0].weights == 1.5625 and 8 * got[2].data / got[2].weights == 2.625
-    assert sum(t.data + t.padding for t in got) + got[0].info > 0
-    assert f.stat().st_size >= sum(t.data + t.padding for t in got)
+    # the file is the header, padded to the 32-byte alignment, then every tensor's data and padding
+    region = sum(t.data + t.padding for t in got)
+    assert region == 300 + 20 + 28 + 4 + 43008 + 0 + 340 + 12
+    header = f.stat().st_size - region
+    assert header % 32 == 0 and header >= sum(t.info for t in got)
 
 
 def test_gguf_bytes_rejects_other_files(tmp_path: Path):
