@@ -128,3 +128,47 @@ def test_decompress_names_matrix_and_row(tmp_path, switch_compressed) -> None:
         enc.name = key
         assert str(info.value).endswith(expected(enc)[1]), str(info.value)
         assert f"'{key}'" in str(info.value) and not (tmp_path / f"out{i}").exists()
+
+
+def test_partial_folder_of_someone_else_is_refused_not_deleted(switch_compressed, tmp_path: Path) -> None:
+    from qmoe.runtime.decompress import PARTIAL_MARKER
+
+    theirs = tmp_path / "out.partial"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not left by qmoe decompress"):
+        decompress(switch_compressed, tmp_path / "out", "fp32")
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / PARTIAL_MARKER).write_text("")
+    link = tmp_path / "linked.partial"
+    link.symlink_to(elsewhere)  # a symlink is refused even to a folder that looks like ours
+    with pytest.raises(ConfigError, match="not left by qmoe decompress"):
+        decompress(switch_compressed, tmp_path / "linked", "fp32")
+    assert (elsewhere / PARTIAL_MARKER).exists()
+    ours = tmp_path / "again.partial"  # an interrupted run of ours: replaced
+    ours.mkdir()
+    (ours / PARTIAL_MARKER).write_text("")
+    (ours / "model-00001-of-00009.safetensors").write_text("half")
+    decompress(switch_compressed, tmp_path / "again", "fp32")
+    assert not ours.exists() and not (tmp_path / "again" / PARTIAL_MARKER).exists()
+
+
+@pytest.mark.parametrize("name", ["../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors", ".."])
+def test_index_shard_names_must_be_plain_file_names(switch_compressed, tmp_path: Path, name: str) -> None:
+    import shutil
+
+    from qmoe.errors import FormatError
+    from qmoe.runtime.load import INDEX_FILE, check_dir
+
+    src = tmp_path / "src"
+    shutil.copytree(switch_compressed, src)
+    index = json.loads((src / INDEX_FILE).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    (src / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(FormatError, match="not a plain file name"):
+        check_dir(src)
+    with pytest.raises(FormatError, match="not a plain file name"):
+        decompress(src, tmp_path / "out", "fp32")
