@@ -207,3 +207,19 @@ def test_user_data_is_split_into_disjoint_calibration_and_evaluation_halves(tmp_
     f.write_text("one\n\ntwo")
     with pytest.raises(SystemExit, match="2 documents; need at least 4"):
         split_user_data(str(f), tmp_path)
+
+
+def test_work_folder_is_named_from_the_model_never_inside_it(tmp_path: Path):
+    import quality
+
+    model = tmp_path / "checkpoints" / "my-moe"
+    model.mkdir(parents=True)
+    work = tmp_path / "work"
+    assert quality.model_work_dir(work, str(model)) == work.resolve() / "my-moe"  # not work/<abs path>
+    assert quality.model_work_dir(work, "tiny-switch") == work.resolve() / "tiny-switch"
+    with pytest.raises(SystemExit, match="lies inside"):  # --work inside the checkpoint
+        quality.model_work_dir(model / "runs", str(model))
+    src = tmp_path / "repo" / "src"
+    (src / "qmoe").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="lies inside"):  # never inside a source tree
+        quality.model_work_dir(src / "qmoe", "tiny-switch")
