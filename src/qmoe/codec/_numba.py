@@ -35,13 +35,22 @@ PARALLEL_MIN_WEIGHTS = 1 << 24
 
 @contextmanager
 def threads_for(n_weights: int):
-    """Run numba kernels on one thread for matrices below PARALLEL_MIN_WEIGHTS, else on all numba threads."""
+    """Run numba kernels on one thread for matrices below PARALLEL_MIN_WEIGHTS, else on all numba threads.
+
+    numba's OpenMP layer shares the OpenMP thread count with torch, so torch's count is put back too: a
+    numba call must not change how many threads torch computes with (the bytes depend on it)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported here: only restored if the caller uses it
+    torch_threads = torch.get_num_threads() if torch is not None else None
     prev = numba.get_num_threads()
     numba.set_num_threads(1 if n_weights < PARALLEL_MIN_WEIGHTS else prev)
     try:
         yield
     finally:
         numba.set_num_threads(prev)
+        if torch_threads is not None and torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _chunks(rows: int, per: int = 64) -> np.ndarray:
