@@ -27,6 +27,7 @@ def _check(tmp_path: Path, *cmd: str, timeout: int) -> subprocess.CompletedProce
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow  # the whole check script: two compressions, evaluations, kernels (the slow tier)
 def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
     out = tmp_path / "gpu_check.json"
     r = _check(tmp_path, "bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", timeout=900)
