@@ -313,7 +313,8 @@ def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
                     "seeds": len(reps),
                     "reference_drift": drift,
                     "dir": str(
-                        Path(args.qmoe_work) / args.model / f"{name.replace(' ', '_')}-s{args.seeds[0]}"
+                        quality.model_work_dir(args.qmoe_work, args.model)
+                        / f"{name.replace(' ', '_')}-s{args.seeds[0]}"
                     ),
                 }
             )
@@ -595,7 +596,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     src = resolve_source(args.model)
-    work = Path(args.work) / (args.model if args.data is None else f"{args.model}-{Path(args.data).stem}")
+    work = quality.model_work_dir(args.work, args.model)
+    if args.data is not None:
+        work = work.with_name(f"{work.name}-{Path(args.data).stem}")
     work.mkdir(parents=True, exist_ok=True)
     args.seq_len = CompressConfig().seq_len
     args.calib_data, eval_data = "calibration", SPLITS

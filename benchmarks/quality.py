@@ -89,11 +89,28 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
     return v
 
 
+def model_work_dir(work: str | Path, model: str) -> Path:
+    """``work/<name>`` for a built-in name or a model directory: named from the model's name (the folder's
+    last part), never its path, so an absolute ``--model DIR`` cannot put outputs inside the checkpoint;
+    refused when it would still land inside the model's folder or inside a ``src`` source tree."""
+    name = Path(model).name if ("/" in model or "\\" in model or Path(model).is_dir()) else model
+    if name in ("", ".", ".."):
+        raise SystemExit(f"cannot name a work folder after the model {model!r}; pass a model directory")
+    out = Path(work).expanduser().resolve() / name
+    src = Path(model).expanduser().resolve()
+    forbidden = [src] if src.is_dir() else []
+    forbidden += [p for p in out.parents if p.name == "src" and (p / "qmoe").is_dir()]  # qmoe's own sources
+    for f in forbidden:
+        if out == f or f in out.parents:
+            raise SystemExit(f"the work folder {out} lies inside {f}; choose another --work")
+    return out
+
+
 def run_one(model: str, name: str, spec: dict[str, Any], seed: int, args: argparse.Namespace) -> dict:
     from qmoe.pipeline import compress
     from qmoe.recipes import recipe
 
-    out = Path(args.work) / model / f"{name.replace(' ', '_')}-s{seed}"
+    out = model_work_dir(args.work, model) / f"{name.replace(' ', '_')}-s{seed}"
     cfg = recipe(
         spec["recipe"],
         **spec["over"],

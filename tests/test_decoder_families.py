@@ -100,7 +100,12 @@ def _family(path: Path) -> str:
     return json.loads((path / "config.json").read_text())["model_type"]
 
 
-@pytest.fixture(scope="module", params=list(LAYERS))
+# One family end to end in the fast tier; every family (compress, load, decompress, CLI) in the slow tier.
+FAST_FAMILY = "olmoe"
+FAMILIES = [f if f == FAST_FAMILY else pytest.param(f, marks=pytest.mark.slow) for f in LAYERS]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def family_dir(request, tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
     model = _model(request.param)
@@ -192,7 +197,7 @@ def test_cli_eval_and_generate(family_compressed, capsys: pytest.CaptureFixture)
     assert main(["generate", str(out), "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_shared_experts_quantized(family: str, tmp_path: Path, tokenizer_dir: Path) -> None:
     """``--shared-experts ternary``: the shared experts are encoded (Hessians from every calibration token),
     reported on their own line, run compressed by ``qmoe.load`` and decompressed back to dense weights."""

@@ -25,6 +25,8 @@ import torch
 from qmoe.pipeline.dist import local_launcher
 from qmoe.pipeline.run import FAIL_ENV, KILL_ENV
 
+pytestmark = pytest.mark.slow  # process launches: the slow tier (pytest -m slow; .ci/run runs it)
+
 SMALL = ["--calib-samples", "16", "--seq-len", "32", "--eval-samples", "8", "--batch-size", "8", "--quiet"]
 
 
@@ -159,3 +161,17 @@ def test_expert_ranges_cover_every_expert_once() -> None:
             ranges = [Dist(r, world).owned(n) for r in range(world)]
             assert [e for rg in ranges for e in rg] == list(range(n))
             assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_builtin_tiny_switch_two_ranks_match_one_process(tmp_path: Path) -> None:
+    """The issue's case: the built-in model, 1 process x 1 thread and 2 ranks x 1 thread, byte for byte; the
+    report records the threads of every rank."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--eval-samples", "8", "--quiet"]
+    for out, ranks in ((one, 1), (two, 2)):
+        r = _compress("tiny-switch", out, args, ranks)  # type: ignore[arg-type]
+        assert r.returncode == 0, r.stderr[-3000:]
+    _same_files(one, two)
+    for out, ranks in ((one, 1), (two, 2)):
+        ex = json.loads((out / "qmoe_report.json").read_text())["execution"]
+        assert ex["threads"] == 1 and ex["rank_threads"] == [1] * ranks, ex

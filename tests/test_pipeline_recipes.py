@@ -324,3 +324,60 @@ def test_cli_recipe_and_size_knob(tmp_path: Path) -> None:
     assert qc["calibration"]["target_bits"] == 1.2 and qc["calibration"]["min_tokens"] == 1
     rep = json.loads((out / "qmoe_report.json").read_text())
     assert abs(rep["totals"]["expert_bits_per_weight"] - 1.2) <= 0.036
+
+
+def _routed_gated_hessian(model: torch.nn.Module, layer: int, ids: np.ndarray, E: int, power: float,
+                          shift: int = 0):
+    """``2/n sum (g^power x)(g^power x)^T`` over the tokens each expert of ``layer`` receives, with the gates
+    ``g`` that transformers' own router hands its experts module (``shift``: each gate paired with the
+    token ``shift`` places later, a misalignment)."""
+    experts = model.model.layers[layer].mlp.experts
+    got: list = []
+
+    def hook(_m, args, kwargs):  # noqa: ANN001, ANN202
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        idx = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+        w = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+        got.append((x.detach().reshape(-1, x.shape[-1]).double(), idx.detach().reshape(x.shape[0], -1),
+                    w.detach().reshape(x.shape[0], -1).double()))
+
+    h = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ids))
+    h.remove()
+    x, idx, gate = (torch.cat([g[i] for g in got]) for i in range(3))  # [T, d], [T, k], [T, k]
+    H = torch.zeros(E, x.shape[1], x.shape[1], dtype=torch.float64)
+    for e in range(E):
+        hit = idx == e  # [T, k]: at most one slot per token
+        g = (gate * hit).sum(1)[hit.any(1)]  # [t] this expert's gate for each of its tokens
+        g = torch.roll(g, shift)
+        xe = x[hit.any(1)] * g[:, None] ** power
+        H[e] = 2.0 / max(1, xe.shape[0]) * xe.T @ xe
+    return H
+
+
+def test_default_hessians_are_weighted_by_the_routers_squared_gates(
+    tiny_qwen3_moe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default recipe's gate-weighted Hessians, rebuilt from transformers' router: each token's
+    ``x x^T`` counts ``g^2`` times (the layer adds ``g * expert(x)``); misaligned or unsquared gates fail."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from qmoe.pipeline import compress
+
+    seen = _capture_hessians(monkeypatch)
+    cfg = recipe("default", token_cap=0, eval=False, **FAST)
+    assert cfg.gate_weighted  # the default's key ingredient
+    compress(tiny_qwen3_moe_dir, tmp_path / "out", cfg, device="cpu", progress=False)
+    ids = _calib_ids(tiny_qwen3_moe_dir, cfg)
+    model = Qwen3MoeForCausalLM.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32).eval()
+    E = model.config.num_experts
+    H_seen = seen[0][0].double()  # layer 0, first projections: transformers' inputs, nothing compressed yet
+
+    def close(H: torch.Tensor) -> bool:
+        return torch.allclose(H_seen, H, rtol=1e-3, atol=1e-4 * H.abs().max())
+
+    assert close(_routed_gated_hessian(model, 0, ids, E, power=1.0))
+    assert not close(_routed_gated_hessian(model, 0, ids, E, power=0.5))  # |g| instead of g^2
+    assert not close(_routed_gated_hessian(model, 0, ids, E, power=0.0))  # no gates
+    assert not close(_routed_gated_hessian(model, 0, ids, E, power=1.0, shift=1))  # gates off by one token

@@ -95,8 +95,11 @@ def test_gguf_bytes_reads_the_header_as_written(tmp_path: Path):
     # an entry: name (8 + len) + n_dims (4) + dims (8 each) + type (4) + offset (8)
     assert got[0].info == 8 + len("blk.0.ffn_gate_exps.weight") + 4 + 3 * 8 + 4 + 8
     assert 8 * got[0].data / got[0].weights == 1.5625 and 8 * got[2].data / got[2].weights == 2.625
-    assert sum(t.data + t.padding for t in got) + got[0].info > 0
-    assert f.stat().st_size >= sum(t.data + t.padding for t in got)
+    # the file is the header, padded to the 32-byte alignment, then every tensor's data and padding
+    region = sum(t.data + t.padding for t in got)
+    assert region == 300 + 20 + 28 + 4 + 43008 + 0 + 340 + 12
+    header = f.stat().st_size - region
+    assert header % 32 == 0 and header >= sum(t.info for t in got)
 
 
 def test_gguf_bytes_rejects_other_files(tmp_path: Path):
@@ -204,3 +207,19 @@ def test_user_data_is_split_into_disjoint_calibration_and_evaluation_halves(tmp_
     f.write_text("one\n\ntwo")
     with pytest.raises(SystemExit, match="2 documents; need at least 4"):
         split_user_data(str(f), tmp_path)
+
+
+def test_work_folder_is_named_from_the_model_never_inside_it(tmp_path: Path):
+    import quality
+
+    model = tmp_path / "checkpoints" / "my-moe"
+    model.mkdir(parents=True)
+    work = tmp_path / "work"
+    assert quality.model_work_dir(work, str(model)) == work.resolve() / "my-moe"  # not work/<abs path>
+    assert quality.model_work_dir(work, "tiny-switch") == work.resolve() / "tiny-switch"
+    with pytest.raises(SystemExit, match="lies inside"):  # --work inside the checkpoint
+        quality.model_work_dir(model / "runs", str(model))
+    src = tmp_path / "repo" / "src"
+    (src / "qmoe").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="lies inside"):  # never inside a source tree
+        quality.model_work_dir(src / "qmoe", "tiny-switch")

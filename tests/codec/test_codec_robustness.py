@@ -64,7 +64,8 @@ def test_bit_flips(kind: str, seed: int, name: str, bits: list[int]) -> None:
     ref = _outcome(lambda: codec.decode_reference(bare))
     assert isinstance(fast, FormatError) == isinstance(ref, FormatError)
     if not isinstance(fast, FormatError):
-        assert np.array_equal(fast, ref) and fast.shape == codes.shape
+        # a header flip may leave a sound matrix of another width (trailing background): compare decoders
+        assert np.array_equal(fast, ref) and (name == "header" or fast.shape == codes.shape)
         assert np.array_equal(codec.dequantize_fast(bare), codec.dequantize(bare, backend="reference"),
                               equal_nan=True)
 

@@ -93,3 +93,82 @@ def test_families_lists_every_adapter_with_its_transformers_class(capsys):
         for ln in lines
     )
     assert any("SwitchTransformersForConditionalGeneration" in ln and "wi/wo" in ln for ln in lines)
+
+
+def test_decompress_names_matrix_and_row(tmp_path, switch_compressed) -> None:
+    """``qmoe decompress`` on a checkpoint whose first expert matrix was replaced by corrupt entries (crc32
+    recomputed, so only the rule can catch them): the message names the tensor and the row."""
+    import shutil
+
+    from corrupt_corpus import corpus, expected, rebuild, row_bits
+
+    from qmoe.codec import ROW_STATUS_TEXT, load_shard, save_shard
+    from qmoe.errors import FormatError
+
+    CORPUS = corpus()
+    LABELS = sorted(CORPUS)
+
+    picks = {}
+    for label in LABELS:
+        kind, msg = expected(CORPUS[label])
+        for text in ROW_STATUS_TEXT.values():
+            if kind == "error" and text in msg and "ternary" in label:
+                picks.setdefault(text, label)
+    assert len(picks) == len(ROW_STATUS_TEXT)
+    for i, label in enumerate(picks.values()):
+        src = tmp_path / f"src{i}"
+        shutil.copytree(switch_compressed, src)
+        shard_file = next(f for f in sorted(src.glob("*.safetensors")) if load_shard(f).encoded)
+        shard = load_shard(shard_file)
+        key = sorted(shard.encoded)[0]
+        enc = rebuild(CORPUS[label], row_bits(CORPUS[label]))  # a copy: load_shard names its own
+        save_shard(shard_file, shard.tensors, {**shard.encoded, key: enc}, metadata=shard.metadata)
+        with pytest.raises(FormatError) as info:
+            decompress(src, tmp_path / f"out{i}", "fp32")
+        enc.name = key
+        assert str(info.value).endswith(expected(enc)[1]), str(info.value)
+        assert f"'{key}'" in str(info.value) and not (tmp_path / f"out{i}").exists()
+
+
+def test_partial_folder_of_someone_else_is_refused_not_deleted(switch_compressed, tmp_path: Path) -> None:
+    from qmoe.runtime.decompress import PARTIAL_MARKER
+
+    theirs = tmp_path / "out.partial"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="not left by qmoe decompress"):
+        decompress(switch_compressed, tmp_path / "out", "fp32")
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / PARTIAL_MARKER).write_text("")
+    link = tmp_path / "linked.partial"
+    link.symlink_to(elsewhere)  # a symlink is refused even to a folder that looks like ours
+    with pytest.raises(ConfigError, match="not left by qmoe decompress"):
+        decompress(switch_compressed, tmp_path / "linked", "fp32")
+    assert (elsewhere / PARTIAL_MARKER).exists()
+    ours = tmp_path / "again.partial"  # an interrupted run of ours: replaced
+    ours.mkdir()
+    (ours / PARTIAL_MARKER).write_text("")
+    (ours / "model-00001-of-00009.safetensors").write_text("half")
+    decompress(switch_compressed, tmp_path / "again", "fp32")
+    assert not ours.exists() and not (tmp_path / "again" / PARTIAL_MARKER).exists()
+
+
+@pytest.mark.parametrize("name", ["../evil.safetensors", "/tmp/evil.safetensors", "sub/x.safetensors", ".."])
+def test_index_shard_names_must_be_plain_file_names(switch_compressed, tmp_path: Path, name: str) -> None:
+    import shutil
+
+    from qmoe.errors import FormatError
+    from qmoe.runtime.load import INDEX_FILE, check_dir
+
+    src = tmp_path / "src"
+    shutil.copytree(switch_compressed, src)
+    index = json.loads((src / INDEX_FILE).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = name
+    (src / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(FormatError, match="not a plain file name"):
+        check_dir(src)
+    with pytest.raises(FormatError, match="not a plain file name"):
+        decompress(src, tmp_path / "out", "fp32")

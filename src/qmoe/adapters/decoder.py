@@ -85,11 +85,16 @@ class DecoderMoEAdapter(Adapter):
     def prepare_stack(self, hf_config: Any, stack: StackSpec, get: Callable[[str], Tensor]) -> dict[str, Any]:
         with torch.device("cpu"):  # no weights, only the inv_freq buffer computed from the config
             rotary = _import(self.rotary_class)(hf_config)
-        # Layers of type "sliding_attention" (gpt-oss alternates them with full attention) see only the last
-        # ``sliding_window`` positions, as transformers' sliding_window_causal_mask_function defines.
-        types = getattr(hf_config, "layer_types", None) or ()
-        window = getattr(hf_config, "sliding_window", None)
-        windows = [window if t == "sliding_attention" and window else None for t in types]
+        # Windowed layers see only the last ``sliding_window`` positions (transformers'
+        # sliding_window_causal_mask_function). With ``layer_types`` (gpt-oss alternates sliding and full
+        # attention) only "sliding_attention" layers are; without it (Mixtral, Qwen3-MoE) transformers windows
+        # every layer whenever ``sliding_window`` is set.
+        types = getattr(hf_config, "layer_types", None)
+        window = getattr(hf_config, "sliding_window", None) or None
+        if types:
+            windows = [window if t == "sliding_attention" else None for t in types]
+        else:
+            windows = [window] * int(hf_config.num_hidden_layers)
         return {"rotary": rotary, "windows": windows, "cache": {}}
 
     def _context(

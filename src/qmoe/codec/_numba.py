@@ -16,15 +16,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from qmoe.codec.format import MAX_CODE_LEN
 from qmoe.codec.huffman import LEN_MASK, SKIP_SHIFT, VAL_SHIFT
 
-# Row-decode status codes (0 = ok); `decode_rows` reports the first failing row and its status.
-ERR_BITS = 1  # ran past the row's bits
-ERR_CODE = 2  # no codeword matches the next bits
-ERR_WIDTH = 3  # a symbol lands past the row's width
-ERR_LENGTH = 4  # row decoded but did not use exactly its bits
-STATUS_TEXT = {ERR_BITS: "runs past its bits", ERR_CODE: "holds an invalid codeword",
-               ERR_WIDTH: "runs past the row width", ERR_LENGTH: "does not end where the next row starts"}
+# Row-decode status codes: the rule of qmoe.codec.decode (ROW_OK = 0, ROW_PAST_BITS, ...), whose reference
+# decoder defines them; `decode_rows` reports the first failing row and its status.
+ERR_BITS = 1  # ROW_PAST_BITS: the next codeword needs bits at or past the row's end
+ERR_LENGTH = 2  # ROW_ENDS_SHORT: the row is complete before its last bit
+ERR_WIDTH = 3  # ROW_PAST_WIDTH: a value lands past the row's width
+ERR_CODE = 4  # ROW_BAD_SYMBOL: the row's next 12 bits start no codeword
 
 
 # Below this many weights a kernel runs on one thread: on a busy machine (the usual case when encoding while
@@ -35,13 +35,22 @@ PARALLEL_MIN_WEIGHTS = 1 << 24
 
 @contextmanager
 def threads_for(n_weights: int):
-    """Run numba kernels on one thread for matrices below PARALLEL_MIN_WEIGHTS, else on all numba threads."""
+    """Run numba kernels on one thread for matrices below PARALLEL_MIN_WEIGHTS, else on all numba threads.
+
+    numba's OpenMP layer shares the OpenMP thread count with torch, so torch's count is put back too: a
+    numba call must not change how many threads torch computes with (the bytes depend on it)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported here: only restored if the caller uses it
+    torch_threads = torch.get_num_threads() if torch is not None else None
     prev = numba.get_num_threads()
     numba.set_num_threads(1 if n_weights < PARALLEL_MIN_WEIGHTS else prev)
     try:
         yield
     finally:
         numba.set_num_threads(prev)
+        if torch_threads is not None and torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _chunks(rows: int, per: int = 64) -> np.ndarray:
@@ -246,8 +255,10 @@ def decode_row(words, bit, end, lut, cols, out_row, rowtab):  # pragma: no cover
             return ERR_BITS
         e = decode_symbol(words, bit, lut)
         n = e & LEN_MASK
-        if n == 0:
-            return ERR_CODE
+        if n == 0:  # no codeword in the next 12 bits: invalid if all 12 lie in the row, else bits ran out
+            return ERR_CODE if bit + MAX_CODE_LEN <= end else ERR_BITS
+        if bit + n > end:
+            return ERR_BITS
         bit += n
         pos += e >> SKIP_SHIFT  # end of row: a skip past any width; an escape may also run past the end
         v = (e >> VAL_SHIFT) & 3

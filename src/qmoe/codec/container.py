@@ -159,6 +159,7 @@ def load_shard(path: str | os.PathLike, verify: bool = True) -> Shard:
             raise FormatError(f"{path}: encoded matrix {name!r}: {e}") from None
         if enc.kind != kind:
             raise FormatError(f"{path}: encoded matrix {name!r} is {enc.kind}, header says {kind}")
+        enc.name = name  # messages from the decoders name the tensor
         shard.encoded[name] = enc
     stray = [n for n in raw if SEP in n]
     if stray:

@@ -97,16 +97,14 @@ class EncodedMatrix:
     row_deltas: np.ndarray  # [rows] uint16
     levels: np.ndarray  # [rows, 2|4] float16 or float32
     total_bits: int
-    table_shared: bool = False
+    table_shared: bool = False  # encoded with a table built for several matrices (each still stores it)
     _lut: np.ndarray | None = field(default=None, repr=False)
+    name: str = ""  # the tensor name it was read under (load_shard), for messages; not serialized
 
     @property
     def nbytes(self) -> int:
-        """Serialized bytes needed to reconstruct the matrix; a shared table is not counted."""
-        arrays = self.to_arrays()
-        if self.table_shared:
-            arrays.pop("lengths")
-        return sum(a.nbytes for a in arrays.values())
+        """Serialized bytes of the matrix: every array, its code table included (stored even when shared)."""
+        return sum(a.nbytes for a in self.to_arrays().values())
 
     @property
     def bits_per_weight(self) -> float:
@@ -126,6 +124,10 @@ class EncodedMatrix:
         starts[:rows] += self.row_deltas
         starts[rows] = self.total_bits
         return starts
+
+    def validate(self) -> None:
+        """FormatError unless the arrays are consistent (``check_layout``); decoders call it first."""
+        check_layout(self)
 
     def _header(self, crc: int) -> np.ndarray:
         h = np.zeros(HEADER_WORDS, dtype="<u4")
@@ -239,32 +241,54 @@ def _validate(h: np.ndarray, a: dict[str, np.ndarray]) -> EncodedMatrix:
         raise _bad("header field out of range (run limit, code length, block size or level dtype)")
     if background > (3 if kind == "int2" else 0):
         raise _bad(f"background code {background} invalid for {kind}")
+    if nsym != N_VALUES[kind] * run_limit + 2:
+        raise _bad(f"header says {nsym} symbols, the alphabet has {N_VALUES[kind] * run_limit + 2}")
+    if a["levels"].dtype != LEVEL_DTYPES[level_dt]:
+        raise _bad(f"array 'levels' is {a['levels'].dtype}, the header says {LEVEL_DTYPES[level_dt]}")
     table = CodeTable(kind, run_limit, background, a["lengths"])
-    nblocks = (rows + (1 << g) - 1) >> g
-    expect = {
-        "stream": (np.dtype("<u4"), ((bits + 31) // 32 + 1,)),
-        "lengths": (np.dtype("u1"), (table.nsym,)),
-        "block_offsets": (np.dtype("<u4"), (nblocks + 1,)),
-        "row_deltas": (np.dtype("<u2"), (rows,)),
-        "levels": (LEVEL_DTYPES[level_dt], (rows, N_LEVELS[kind])),
-    }
-    if nsym != table.nsym:
-        raise _bad(f"header says {nsym} symbols, the alphabet has {table.nsym}")
-    for name, (dt, shape) in expect.items():
-        if a[name].dtype != dt or a[name].shape != shape:
-            raise _bad(f"array '{name}' is {a[name].dtype}{a[name].shape}, expected {dt}{shape}")
-    if not huffman.kraft_ok(a["lengths"], MAX_CODE_LEN):
-        raise _bad("code lengths do not form a prefix code of at most 12 bits")
-    bo = a["block_offsets"].astype(np.int64)
-    if bo[0] != 0 or bo[-1] != bits:
-        raise _bad("block offsets must start at 0 and end at the stream's bit count")
     enc = EncodedMatrix(kind, (rows, cols), table, a["stream"], g, a["block_offsets"], a["row_deltas"],
                         a["levels"], bits)
-    starts = enc.row_starts()
+    enc.validate()
+    return enc
+
+
+def check_layout(enc: EncodedMatrix) -> None:
+    """FormatError unless every array of ``enc`` has its dtype and shape, the code is a prefix code and the
+    offsets lie inside the stream in increasing order: what a decoder needs to read only inside ``stream``.
+
+    ``from_arrays`` runs it on every file; the decoders run it again because an EncodedMatrix may also be
+    built directly (a public dataclass), and the numba and C kernels do not check bounds."""
+    kind, (rows, cols), table = enc.kind, enc.shape, enc.table
+    bits, g = int(enc.total_bits), int(enc.block_log2)
+    if kind not in KINDS or table.kind != kind:
+        raise _bad(f"kind {kind!r} with a {table.kind!r} code table")
+    if not (1 <= rows and 1 <= cols <= MAX_COLS) or not 0 <= g <= MAX_BLOCK_LOG2 or not 0 <= bits < 1 << 32:
+        raise _bad(f"shape ({rows}, {cols}), block size 2**{g} or bit count {bits} out of range")
+    if not 1 <= table.run_limit <= 4096 or not 0 <= table.background <= (3 if kind == "int2" else 0):
+        raise _bad(f"run limit {table.run_limit} or background code {table.background} out of range")
+    nblocks = (rows + (1 << g) - 1) >> g
+    expect = {
+        "stream": (enc.stream, np.dtype("<u4"), ((bits + 31) // 32 + 1,)),
+        "lengths": (table.lengths, np.dtype("u1"), (table.nsym,)),
+        "block_offsets": (enc.block_offsets, np.dtype("<u4"), (nblocks + 1,)),
+        "row_deltas": (enc.row_deltas, np.dtype("<u2"), (rows,)),
+        "levels": (enc.levels, None, (rows, N_LEVELS[kind])),
+    }
+    for name, (arr, dt, shape) in expect.items():
+        if not isinstance(arr, np.ndarray) or (arr.dtype != dt if dt else arr.dtype not in LEVEL_DTYPES) \
+                or arr.shape != shape:
+            got = f"{arr.dtype}{arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise _bad(f"array '{name}' is {got}, expected {dt or 'float16|float32'}{shape}")
+    if enc._lut is not None and (enc._lut.dtype != np.int32 or enc._lut.shape != (1 << MAX_CODE_LEN,)):
+        raise _bad(f"decode table is {enc._lut.dtype}{enc._lut.shape}, expected int32[{1 << MAX_CODE_LEN}]")
+    if not huffman.kraft_ok(table.lengths, MAX_CODE_LEN):
+        raise _bad("code lengths do not form a prefix code of at most 12 bits")
+    bo = enc.block_offsets.astype(np.int64)
+    if bo[0] != 0 or bo[-1] != bits:
+        raise _bad("block offsets must start at 0 and end at the stream's bit count")
     # Each row holds at least one codeword (>= 1 bit), so starts must strictly increase.
-    if np.any(np.diff(starts) < 1) or np.any(a["row_deltas"][:: 1 << g] != 0):
+    if np.any(np.diff(enc.row_starts()) < 1) or np.any(enc.row_deltas[:: 1 << g] != 0):
         raise _bad("row offsets are not strictly increasing within the stream")
     tail = bits % 32
-    if int(a["stream"][-1]) != 0 or (tail and int(a["stream"][-2]) >> tail):
+    if int(enc.stream[-1]) != 0 or (tail and int(enc.stream[-2]) >> tail):
         raise _bad("stream padding bits are not zero")
-    return enc

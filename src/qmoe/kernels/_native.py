@@ -2,10 +2,18 @@
 
 The C source ships inside the package. On first use it is compiled with the system compiler (``$CC``, else
 ``cc``) into a per-user cache directory (``$QMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/qmoe`` or
-``~/.cache/qmoe``), under a name keyed by a hash of the source, the compiler command and the machine, then
-loaded with ctypes. Nothing happens at import. ``load()`` returns the kernel's address (the numba driver
-calls it per work item) or raises BackendUnavailable saying why: no compiler, a failed compile, no AVX2/FMA,
-not x86-64. qmoe.kernels.cpu then falls back to the numba kernel.
+``~/.cache/qmoe``, then ``native/``), under a name keyed by a hash of the source, the compiler command and the
+machine, then loaded with ctypes. Nothing happens at import. ``load()`` returns the kernel's address (the
+numba driver calls it per work item) or raises BackendUnavailable saying why: no compiler, a failed compile,
+no AVX2/FMA, not x86-64, an unsafe cache directory. qmoe.kernels.cpu then falls back to the numba kernel.
+
+Loading a shared library runs its constructors, so nobody but the user may choose what gets loaded
+(docs/runtime.md): the cache directory must be a real directory (not a symlink) owned by the user with mode
+0700, under no world-writable, non-sticky ancestor, else it is refused in one line; no symlink is followed
+inside it (``O_NOFOLLOW``); the library's sha256 is written to a sidecar ``<name>.so.sha256`` when it is
+built and checked before ``dlopen``, which then loads the very file that was hashed (``/proc/self/fd``); a
+library that is not a regular file owned by the user, lacks its sidecar or does not match it is removed
+and rebuilt.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -47,9 +56,83 @@ def library_path() -> Path:
     return cache_dir() / f"qmoe_cpu_lanes-{h.hexdigest()[:16]}.so"
 
 
+def _refuse(d: Path, why: str) -> BackendUnavailable:
+    return BackendUnavailable(f"refusing the native kernel cache {d}: {why}; point QMOE_CACHE_DIR at a "
+                              "directory of your own with mode 0700")
+
+
+def private_dir() -> Path:
+    """The cache directory, created 0700 if missing; BackendUnavailable (one line) unless it is private."""
+    d = cache_dir()
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as err:
+        raise BackendUnavailable(f"cannot create the native kernel cache {d}: {err}") from err
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise _refuse(d, "it is a symlink or not a directory")
+    if st.st_uid != os.getuid():
+        raise _refuse(d, f"it is owned by uid {st.st_uid}, not by you")
+    if st.st_mode & 0o022:
+        raise _refuse(d, f"its mode {stat.S_IMODE(st.st_mode):04o} lets others write to it")
+    if st.st_mode & 0o077:  # ours and only we could write (an older qmoe made it 0755): make it private
+        os.chmod(d, 0o700, follow_symlinks=False)
+    for up in d.resolve().parents:  # whoever can rename entries of an ancestor can swap the directory
+        m = os.stat(up).st_mode
+        if m & stat.S_IWOTH and not m & stat.S_ISVTX:
+            raise _refuse(d, f"its ancestor {up} is world-writable")
+    return d
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _read_own(path: Path) -> tuple[int, bytes] | None:
+    """(open fd, contents) of ``path`` if it is a regular file owned by the user that others cannot write,
+    opened without following a symlink; None otherwise (missing, a symlink, someone else's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        os.close(fd)
+        return None
+    with os.fdopen(os.dup(fd), "rb") as f:  # the dup shares fd's offset: rewind it after
+        data = f.read()
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd, data
+
+
+def verified(path: Path) -> int | None:
+    """An open fd of the library at ``path`` if it and its sidecar pass every check (module docstring) and
+    its sha256 matches the sidecar's; None otherwise. The caller closes the fd."""
+    lib = _read_own(path)
+    if lib is None:
+        return None
+    fd, data = lib
+    side = _read_own(_sidecar(path))
+    if side is not None:
+        os.close(side[0])
+    if side is None or side[1].decode(errors="replace").strip() != hashlib.sha256(data).hexdigest():
+        os.close(fd)
+        return None
+    return fd
+
+
+def _discard(path: Path) -> None:
+    for p in (path, _sidecar(path)):
+        try:
+            os.unlink(p)  # removes a symlink itself, never its target
+        except FileNotFoundError:
+            pass
+
+
 def build(target: Path) -> None:
-    """Compile the source into ``target`` (atomically: a unique temporary name, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Compile the source into ``target`` and record its sha256 in the sidecar (both atomically: a unique
+    temporary name, then rename; the library first, so a crash in between leaves a mismatch: a rebuild)."""
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     cmd = [*compiler(), *FLAGS, str(SOURCE), "-o", tmp]
@@ -62,7 +145,30 @@ def build(target: Path) -> None:
         os.unlink(tmp)
         raise BackendUnavailable(f"compiling the native CPU kernel failed ({' '.join(cmd)}):\n"
                                  f"{res.stderr.strip()[-2000:]}")
+    os.chmod(tmp, 0o700)
+    digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+    fd, side = tempfile.mkstemp(prefix=target.stem, suffix=".sha256.tmp", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(digest + "\n")
     os.replace(tmp, target)
+    os.replace(side, _sidecar(target))
+
+
+def library() -> tuple[Path, int]:
+    """(path, open fd) of the verified library, built (or rebuilt over anything that fails the checks)."""
+    path = private_dir() / library_path().name
+    fd = verified(path)
+    if fd is None:
+        _discard(path)
+        try:
+            build(path)
+        except OSError as err:  # e.g. a full disk
+            raise BackendUnavailable(f"cannot build the native CPU kernel in {path.parent}: {err}") from err
+        fd = verified(path)
+        if fd is None:
+            raise BackendUnavailable(f"the native CPU kernel just built at {path} fails its checksum; "
+                                     "is another process writing to the cache?")
+    return path, fd
 
 
 def load() -> int:
@@ -75,17 +181,15 @@ def load() -> int:
     try:
         if platform.machine().lower() not in ("x86_64", "amd64"):
             raise BackendUnavailable(f"the native CPU kernel needs x86-64, not {platform.machine()}")
-        path = library_path()
-        if not path.is_file():
-            try:
-                build(path)
-            except OSError as err:  # e.g. an unwritable cache directory
-                msg = f"cannot build the native CPU kernel in {path.parent}: {err}"
-                raise BackendUnavailable(msg) from err
+        path, fd = library()
+        # Load the file that was hashed, not whatever the name points at by now.
+        by_fd = f"/proc/self/fd/{fd}"
         try:
-            lib = ctypes.CDLL(str(path))
+            lib = ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
         except OSError as err:
             raise BackendUnavailable(f"cannot load the native CPU kernel {path}: {err}") from err
+        finally:
+            os.close(fd)
         for name in ("qmoe_native_abi", "qmoe_native_cpu_ok", "qmoe_native_item"):
             getattr(lib, name).restype = ctypes.c_int64
         if lib.qmoe_native_abi() != ABI:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from qmoe.codec.format import EncodedMatrix
-from qmoe.errors import BackendUnavailable, FormatError
+from qmoe.errors import BackendUnavailable
 from qmoe.kernels._io import as_source, wrap
 
 # Work-item size: about this many weights per (matrix, row block), so a 2-core call has tens of items to
@@ -41,8 +41,6 @@ _log = logging.getLogger(__name__)
 
 _handles: weakref.WeakKeyDictionary[EncodedMatrix, Prepared] = weakref.WeakKeyDictionary()
 _luts: weakref.WeakValueDictionary[tuple, np.ndarray] = weakref.WeakValueDictionary()
-_STATUS_TEXT = {1: "does not end where the next row starts (or holds an invalid codeword)",
-                2: "writes a weight past the row width"}
 
 
 def probe() -> None:
@@ -235,20 +233,18 @@ class Prepared:
     def __init__(self, enc: EncodedMatrix):
         global _registry
         nb = _nb()
+        # The kernels read only inside `stream` when the offsets are sound; an EncodedMatrix built directly
+        # (not by from_arrays) has not been checked yet.
+        enc.validate()
         rows, cols = enc.shape
         self.enc, self.rows, self.cols, self.int2 = enc, rows, cols, enc.kind == "int2"
         self.lut = build_lut(enc)
         self.lut2, self.xpad = build_lut2(enc)
         self.lanes = build_lane_tables(enc)
-        stream = np.ascontiguousarray(enc.stream, dtype="<u4")
-        bo = np.ascontiguousarray(enc.block_offsets, dtype="<u4")
-        rd = np.ascontiguousarray(enc.row_deltas, dtype="<u2")
+        stream = np.ascontiguousarray(enc.stream)  # dtypes and shapes checked by validate()
+        bo = np.ascontiguousarray(enc.block_offsets)
+        rd = np.ascontiguousarray(enc.row_deltas)
         levels = np.ascontiguousarray(enc.levels)
-        if levels.dtype not in (np.dtype("<f2"), np.dtype("<f4")):
-            raise FormatError(f"levels must be float16 or float32, got {levels.dtype}")
-        if stream.shape[0] != (enc.total_bits + 31) // 32 + 1:
-            raise FormatError(f"stream has {stream.shape[0]} words for {enc.total_bits} bits; re-validate it "
-                              "with EncodedMatrix.from_arrays")
         self._arrays = (stream, bo, rd, levels)
         m = np.zeros(nb.NMETA, dtype=np.int64)
         m[nb.M_STREAM], m[nb.M_BLOCK_OFFSETS] = stream.ctypes.data, bo.ctypes.data
@@ -300,11 +296,10 @@ def _run(handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]
     native = 0 if mode == "numba" else _native_addr()
     with numba.parallel_chunksize(1):
         bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, native, 1 if mode == "native" else 2)
-    if bad >= 0:
-        h = handles[bad]
-        row, code = divmod(int(status), 4)
-        raise FormatError(f"encoded {h.enc.kind} matrix {h.enc.shape} is corrupt: row {row} "
-                          f"{_STATUS_TEXT[code]}")
+    if bad >= 0:  # the kernels find the first bad row; the codec's rule says what is wrong with it
+        from qmoe.codec.decode import raise_row_error
+
+        raise_row_error(handles[bad].enc, int(status) // 4)
     return _split(out, handles, srcs)
 
 

@@ -31,7 +31,6 @@ import numpy as np
 
 from qmoe.codec import huffman
 from qmoe.codec.format import MAX_CODE_LEN, EncodedMatrix
-from qmoe.errors import FormatError
 
 DEFAULT_PIECE_BITS = 512  # ~90 codewords per lane; the decode chain length vs 8 bytes of index per piece
 MAX_PIECES = 64
@@ -112,6 +111,7 @@ def piece_index(enc: EncodedMatrix, pieces: int) -> tuple[np.ndarray, np.ndarray
     this, the kernel may trust that every piece ends exactly at the next piece's start bit and that every
     value it writes lies inside the row, so it needs no error paths.
     """
+    enc.validate()  # offsets inside the stream before any word is read
     rows, cols = enc.shape
     starts = enc.row_starts()  # [rows + 1] int64
     begin, end = starts[:-1], starts[1:]
@@ -124,9 +124,10 @@ def piece_index(enc: EncodedMatrix, pieces: int) -> tuple[np.ndarray, np.ndarray
     pbit[:, 0] = begin
     cur = np.zeros(rows, dtype=np.int64)  # piece being filled, per row
     bit, pos = begin.copy(), np.zeros(rows, dtype=np.int64)
-    live = np.flatnonzero(bit < end)
+    bad = np.zeros(rows, dtype=bool)  # rows that break the codec's row-status rule (qmoe.codec.decode)
+    live = np.arange(rows)  # every row holds at least one bit (validated)
     while live.size:
-        b, p, k = bit[live], pos[live], cur[live]
+        b, p, k, stop = bit[live], pos[live], cur[live], end[live]
         # A new piece starts at this boundary when the row has passed its next target (at most one per
         # codeword; a piece skipped that way starts at a later boundary and may end up empty).
         nxt = np.minimum(k + 1, pieces - 1)
@@ -140,20 +141,19 @@ def piece_index(enc: EncodedMatrix, pieces: int) -> tuple[np.ndarray, np.ndarray
         n = e & huffman.LEN_MASK
         v = (e >> huffman.VAL_SHIFT) & 3
         p = p + (e >> huffman.SKIP_SHIFT)
-        bad = (n == 0) | ((v != 0) & (p >= cols)) | (b + n > end[live])
-        if bad.any():
-            r = int(live[np.argmax(bad)])
-            raise FormatError(f"encoded {enc.kind} matrix {enc.shape} is corrupt: row {r} does not decode "
-                              "(invalid codeword, or runs past its bits or its width)")
+        b = b + n
+        complete = p + (v != 0) >= cols  # width filled, or end of row (a skip past any width)
+        wrong = (n == 0) | (b > stop) | ((v != 0) & (p >= cols))  # invalid, cut codeword, past the width
+        wrong |= np.where(complete, b != stop, b >= stop)  # bits left over / the next codeword has no bits
+        bad[live[wrong]] = True
         pnsym[live, k] += 1
-        bit[live] = b + n
+        bit[live] = b
         pos[live] = p + (v != 0)
-        done = (bit[live] >= end[live]) | (pos[live] >= cols)
-        if np.any(done & (bit[live] != end[live])):
-            r = int(live[np.argmax(done & (bit[live] != end[live]))])
-            raise FormatError(f"encoded {enc.kind} matrix {enc.shape} is corrupt: row {r} does not end "
-                              "where the next row starts")
-        live = live[~done]
+        live = live[~(complete | wrong)]
+    if bad.any():  # the kernel has no error paths: a bad row never reaches it
+        from qmoe.codec.decode import raise_row_error
+
+        raise_row_error(enc, int(np.flatnonzero(bad)[0]))
     # Pieces never reached (short rows) are empty and start at the row's end.
     unreached = np.arange(pieces)[None, :] > cur[:, None]
     pbit[unreached] = np.broadcast_to(end[:, None], (rows, pieces))[unreached]

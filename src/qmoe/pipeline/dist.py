@@ -240,12 +240,34 @@ def from_environment(device: torch.device) -> Dist:
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
-    # Ranks share the machine: numba's worker threads (parallel encoding) follow torch's thread count
-    # (torchrun sets OMP_NUM_THREADS=1 per rank), instead of one per core in every rank.
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def settle_threads() -> tuple[int, str | None]:
+    """Run this process (one rank, or the one process) on the threads its environment asks for:
+    ``OMP_NUM_THREADS`` when set (torchrun sets 1 per rank unless the user did), else torch's default.
+
+    torch and numba's OpenMP layer share one OpenMP runtime, so ``numba.set_num_threads`` also sets torch's
+    count: left alone, numba (one thread per core by default) raised a 1-thread run to 2 threads after its
+    first encode, and the bytes followed (float reductions round with the thread count). Both are set to
+    one count here; returns it and, when it is not the one asked for, a one-line reason."""
     import numba
 
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
-    return Dist(dist.get_rank(), dist.get_world_size())
+    asked, note = torch.get_num_threads(), None
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env:
+        try:
+            asked = max(1, int(env))
+        except ValueError:
+            note = f"OMP_NUM_THREADS={env!r} is not a thread count; using torch's {asked}"
+    threads = min(asked, numba.config.NUMBA_NUM_THREADS)
+    if threads != asked:
+        cap = numba.config.NUMBA_NUM_THREADS
+        note = (f"running on {threads} threads, not the {asked} asked for: numba is capped at "
+                f"NUMBA_NUM_THREADS={cap} and shares OpenMP's thread count with torch")
+    numba.set_num_threads(threads)
+    torch.set_num_threads(threads)  # after numba: its call sets the shared OpenMP count too
+    return torch.get_num_threads(), note
 
 
 def local_device(device: torch.device) -> torch.device:

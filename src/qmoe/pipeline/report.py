@@ -3,7 +3,7 @@
 Report layout (``REPORT_VERSION`` 1)::
 
     {"report_version", "qmoe_version", "source", "adapter", "config": CompressConfig.to_dict(),
-     "execution": {"device", "threads"},
+     "execution": {"device", "threads", "rank_threads": [threads of each rank]},
      "layers": [{"name", "stack", "block", "experts", "tokens": {min, median, max, total}, "fallbacks",
                  "objective_mean": {proj: float|None}, "bits_per_weight", "zero_fraction", "bytes",
                  "array_bytes", "header_bytes", "rate": {proj: float}, "level_scale": {proj: float},

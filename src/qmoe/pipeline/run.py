@@ -46,7 +46,7 @@ from qmoe.gptq import QuantizedExperts
 from qmoe.pipeline import output, report
 from qmoe.pipeline.budget import BudgetPlan, make_plan
 from qmoe.pipeline.buffers import ActivationBuffer, MemoryBudget, to_device
-from qmoe.pipeline.dist import Dist, from_environment, local_device
+from qmoe.pipeline.dist import Dist, from_environment, local_device, settle_threads
 from qmoe.pipeline.moe import MoELayerCalibration
 from qmoe.pipeline.preflight import BlockPlan, Plan, plan
 from qmoe.pipeline.quantize import (
@@ -687,7 +687,12 @@ def compress(
         return json.loads((p.out / report.REPORT_FILE).read_text())
     samples = _load_samples(p, config)
 
-    execution = {"device": dev.type, "threads": torch.get_num_threads()}
+    threads, note = settle_threads()
+    if note:
+        log.warning("qmoe: %s", note)
+    execution = {"device": dev.type, "threads": threads}
+    # every rank's threads, in rank order (the report records them; resume compares only `execution`)
+    rank_threads = dist.sum_ints([threads if r == dist.rank else 0 for r in range(dist.world)])
     if p.state is not None and p.state.execution and p.state.execution != execution:
         was = p.state.execution
         raise ConfigError(
@@ -739,7 +744,8 @@ def compress(
                 "source": str(source),
                 "adapter": p.adapter.name,
                 "config": config.to_dict(),
-                "execution": execution,  # the bytes depend on device and threads per process (float rounding)
+                # the bytes depend on device and threads per process (float rounding)
+                "execution": {**execution, "rank_threads": rank_threads},
                 "layers": state.layers,
                 "totals": report.totals(p.params, p.expert_params, total_bytes, expert_bytes, state.layers),
                 "eval": evals[0] if evals else None,

@@ -9,7 +9,8 @@ reassembled from the per-expert matrices ``<key>.<e>``), next to the non-expert 
 
 Streaming: one shard is read, decoded and written at a time, so peak memory is about one decoded shard. The
 output is written into ``OUT.partial`` and renamed at the end: an interrupted run leaves no half checkpoint
-under the requested name (rerunning starts over).
+under the requested name (rerunning starts over). An ``OUT.partial`` without qmoe's marker file is someone
+else's and is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from qmoe.errors import ConfigError, FormatError
 
+PARTIAL_MARKER = ".qmoe-decompress-partial"  # in OUT.partial: a later run may delete the folder
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
          "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
@@ -51,8 +53,13 @@ def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> di
         raise ConfigError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, DTYPES[name])
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.is_symlink() or tmp.exists():  # ours (an interrupted run) only if it holds our marker
+        if tmp.is_symlink() or not tmp.is_dir() or not (tmp / PARTIAL_MARKER).is_file():
+            raise ConfigError(f"{tmp} exists and was not left by qmoe decompress; move it away or choose "
+                              "another --out")
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    (tmp / PARTIAL_MARKER).write_text("an unfinished qmoe decompress; safe to delete\n")
 
     weight_map: dict[str, str] = {}
     total = experts = 0
@@ -86,6 +93,7 @@ def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> di
     for fname in _COPY:
         if (path / fname).is_file():
             shutil.copy2(path / fname, tmp / fname)
+    (tmp / PARTIAL_MARKER).unlink()
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)

@@ -67,6 +67,12 @@ def shard_files(path: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{index} is not a valid weight index ({type(exc).__name__}: {exc}); the file is "
                           "corrupt") from None
+    # A shard is a file next to the index: no directories, no absolute paths, no '..' (decompress writes
+    # each under its own name, which must then be unique too).
+    odd = [f for f in files if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\\" in f]
+    if odd:
+        raise FormatError(f"{index} names shard {odd[0]!r}, which is not a plain file name in {path}; the "
+                          "index is corrupt or crafted: re-run qmoe compress")
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise FormatError(f"{path}: shard {missing[0]} is missing ({len(missing)} of {len(files)} shards "
