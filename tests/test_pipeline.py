@@ -257,6 +257,33 @@ def test_cli_compress(
     assert err.startswith("qmoe compress: error:") and "different run" in err and "\n" not in err
 
 
+def test_cli_compress_log_outside_a_terminal(
+    switch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redirected (capsys is not a terminal): whole lines, no carriage-return redraws; a line per block plus
+    the table and summary, and with --verbose one more line per pass through a block (tests/test_progress.py
+    checks the lines themselves)."""
+    from qmoe.cli import main
+
+    argv = ["compress", str(switch_dir), "--out", str(tmp_path / "o"), "--method", "rtn", "--device", "cpu",
+            "--calib-samples", str(FAST["calib_samples"]), "--eval-samples", str(FAST["eval_samples"]),
+            "--batch-size", str(FAST["batch_size"])]
+    assert main([*argv, "--verbose"]) == 0
+    cap = capsys.readouterr()
+    log = cap.out + cap.err
+    assert "\r" not in log and "\x1b" not in log
+    rep = json.loads((tmp_path / "o" / "qmoe_report.json").read_text())
+    blocks = [line for line in cap.err.splitlines() if " blocks done, " in line]
+    n_blocks = int(blocks[-1].split(": ")[1].split("/")[1].split()[0])
+    assert len(blocks) == n_blocks and blocks[-1].split(": ")[1].startswith(f"{n_blocks}/{n_blocks} ")
+    passes = [line for line in cap.err.splitlines() if "batches done" in line]
+    assert len(passes) > n_blocks
+    rows = [line for line in cap.out.splitlines() if line.startswith(("encoder.", "decoder."))]
+    assert len(rows) == len(rep["layers"])
+    # without --verbose those pass lines go: a line per block, the table and the summary
+    assert len(log.splitlines()) - len(passes) < n_blocks + len(rep["layers"]) + 20
+
+
 def test_cli_inspect(gptq_out: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from qmoe.cli import main
 

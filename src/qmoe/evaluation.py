@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from qmoe.errors import DataError
+from qmoe.progress import Progress
 
 DEFAULT_SAMPLES = 256
 DEFAULT_SEED = 1234  # evaluation samples stay fixed across runs and independent of calibration seeds
@@ -54,19 +55,18 @@ def eval_samples(model: Any, tokenizer: Any, texts: tuple[str, ...], samples: in
     return "causal-lm", (lm_samples(tokenizer, texts, samples, seed),)
 
 
-def sample_losses(model: Any, arrays: tuple, batch_size: int = 32, progress: bool = False):
+def sample_losses(model: Any, arrays: tuple, batch_size: int = 32, progress: bool | Progress = False):
     """float64 [N, 2]: per sample, the summed target-token loss and the number of target tokens.
 
     Per-sample sums let callers pair two models on identical tokens (differences with error bars)."""
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
     n = len(arrays[0])
     out = np.zeros((n, 2), dtype=np.float64)
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for i in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
+        for i in Progress.of(progress).bar(range(0, n, batch_size), desc="eval", unit="batch"):
             chunk = [torch.from_numpy(a[i : i + batch_size]).to(device) for a in arrays]
             if len(chunk) == 2:
                 logits = model(input_ids=chunk[0], labels=chunk[1]).logits  # [B, S_out, V]

@@ -197,12 +197,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "spilling to a disk memmap (default: half the free RAM, at most 8)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-layer table")
+    p.add_argument("--verbose", action="store_true",
+                   help="also a bar (or, outside a terminal, a line) for each pass through a block")
 
 
 def run(args: argparse.Namespace) -> int:
     from qmoe.config import CompressConfig
     from qmoe.pipeline import compress
     from qmoe.pipeline.report import summary
+    from qmoe.progress import Progress
     from qmoe.recipes import recipe_settings
 
     given = {
@@ -237,8 +240,9 @@ def run(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
         batch_size=args.batch_size,
     )
+    progress = Progress(enabled=not args.quiet, verbose=args.verbose)
     report = compress(
-        args.source, args.out, config, device=args.device, buffer_gb=args.buffer_gb, progress=not args.quiet
+        args.source, args.out, config, device=args.device, buffer_gb=args.buffer_gb, progress=progress
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the job
         # The live table already showed the layers unless --quiet.

@@ -459,3 +459,36 @@ def matmul_call(reg, calls, xbuf, out, native, native_min_tokens):  # pragma: no
             if status[i] >= 0:
                 return c, status[i]
     return -1, -1
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def lanes_call(reg, calls, xbuf, out, native):  # pragma: no cover - compiled
+    """``matmul_call`` with every item computed by the native kernel at address ``native`` (nonzero).
+
+    The same packing, items and result; but it leaves out the numba item kernels, whose compile takes ~30 s
+    on a 2-core machine where this one takes a few (the first ``qmoe generate`` would wait for it)."""
+    n = calls.shape[0]
+    first = np.empty(n + 1, dtype=np.int64)  # first work item of each call
+    first[0] = 0
+    for c in range(n):
+        m = reg[calls[c, C_SLOT]]
+        t = calls[c, C_TOKENS]
+        if t > 0:
+            _pack(m, calls[c], xbuf)
+        first[c + 1] = first[c] + (0 if t == 0 else (m[M_ROWS] + m[M_RPI_LANES] - 1) // m[M_RPI_LANES])
+    total = first[n]
+    status = np.empty(total, dtype=np.int64)
+    for i in prange(total):
+        c = np.searchsorted(first, i, side="right") - 1
+        m = reg[calls[c, C_SLOT]]
+        r0 = (i - first[c]) * m[M_RPI_LANES]
+        r1 = min(r0 + m[M_RPI_LANES], m[M_ROWS])
+        xa = np.int64(xbuf.ctypes.data + 4 * calls[c, C_XOFF])
+        oa = np.int64(out.ctypes.data + 4 * calls[c, C_OOFF])
+        t, tp = calls[c, C_TOKENS], calls[c, C_TPAD]
+        status[i] = _call_native(native, np.int64(m.ctypes.data), xa, oa, t, tp, r0, r1)
+    for c in range(n):
+        for i in range(first[c], first[c + 1]):
+            if status[i] >= 0:
+                return c, status[i]
+    return -1, -1

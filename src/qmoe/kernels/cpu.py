@@ -10,10 +10,15 @@ on first use by qmoe.kernels._native), and ``numba``, the portable one (qmoe.ker
 packs the inputs and schedules the items for both). The mode is chosen once per process (``kernel()``) from
 ``QMOE_CPU_KERNEL``:
 
-    auto    (default) native for calls of 2 or more tokens when it builds and the CPU has AVX2, numba for
-            single tokens (measured faster there, docs/kernels.md) and everywhere native is unavailable
+    auto    (default) native when it builds and the CPU has AVX2, numba where native is unavailable
     native  native for every call (BackendUnavailable if it cannot be built)
     numba   numba for every call
+
+Native runs single tokens too, though numba's four interleaved rows are up to 1.6x faster there on small
+matrices (docs/kernels.md): the numba item kernels take ~30 s to compile on first use on a 2-core machine,
+the native kernel ~2 s, and a first ``qmoe generate`` should not wait half a minute. Which kernel runs
+depends on the mode and the machine only, never on what happens to be compiled, so outputs do not change
+from one run to the next.
 """
 
 from __future__ import annotations
@@ -292,10 +297,11 @@ def _run(handles: Sequence[Prepared], srcs: Sequence[tuple]) -> list[np.ndarray]
     call = np.array(calls, dtype=np.int64).reshape(len(handles), nb.NCALL)
     xbuf = np.empty(xoff, dtype=np.float32)
     out = np.empty(ooff, dtype=np.float32)
-    mode = kernel()
-    native = 0 if mode == "numba" else _native_addr()
     with numba.parallel_chunksize(1):
-        bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, native, 1 if mode == "native" else 2)
+        if kernel() == "numba":
+            bad, status = nb.matmul_call(_registry.rows, call, xbuf, out, 0, 2)
+        else:  # a driver without the numba item kernels: compiles in seconds, not half a minute
+            bad, status = nb.lanes_call(_registry.rows, call, xbuf, out, _native_addr())
     if bad >= 0:  # the kernels find the first bad row; the codec's rule says what is wrong with it
         from qmoe.codec.decode import raise_row_error
 

@@ -58,6 +58,7 @@ from qmoe.pipeline.quantize import (
     stack_experts,
 )
 from qmoe.pipeline.state import PARTIAL_DIR, RunState, atomic_write_text
+from qmoe.progress import Progress
 from qmoe.sources import resolve_device
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,13 @@ class _Run:
         state: RunState,
         samples: dict[str, dict[str, np.ndarray]],
         budget: MemoryBudget,
-        progress: bool,
+        progress: bool | Progress,
         dist: Dist | None = None,
     ) -> None:
         self.p, self.config, self.device, self.state = p, config, device, state
         self.samples, self.budget = samples, budget
         self.dist = dist or Dist()
-        self.progress = progress and self.dist.main
+        self.progress = Progress.of(progress) if self.dist.main else Progress(enabled=False)
         self.partial = p.out / PARTIAL_DIR
         self.n_shards = 1 + len(p.blocks)
         self.streams = [Stream("calib", "calib", False)]
@@ -187,8 +188,6 @@ class _Run:
 
         The calibration stream runs with every router's capacity lifted when the recipe says so.
         """
-        from tqdm import tqdm
-
         stack = bp.stack
         buf = self.buffers[f"{stack.name}/{stream.name}"]
         lift = stream.data == "calib" and self.config.no_drop
@@ -199,13 +198,7 @@ class _Run:
         # experts' Hessians in the single run's token order.
         split = write and bp.moe_path is None
         todo = [b for _, b in self.dist.mine(all_batches)] if split else all_batches
-        batches = tqdm(
-            todo,
-            desc=f"  {what} {stream.name}",
-            leave=False,
-            disable=not self.progress,
-            unit="batch",
-        )
+        batches = self.progress.bar(todo, desc=f"  {what} {stream.name}", unit="batch", detail=True)
         self.dist.guard(
             lambda: self._run_batches(block, bp, stream, batches, write, cal, lift),
             f"the {what} pass of {stream.name} through {stack.name} block {bp.i}",
@@ -482,17 +475,10 @@ class _Run:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> float:
-        from tqdm import tqdm
-
         self._restore_buffers()
         t_start = time.perf_counter()
-        bar = tqdm(
-            total=len(self.p.blocks),
-            initial=self.state.done,
-            desc="blocks",
-            unit="block",
-            disable=not self.progress,
-        )
+        n = len(self.p.blocks)
+        bar = self.progress.bar(total=n, initial=self.state.done, desc="blocks", unit="block")
         current = None
         for bp in self.p.blocks:
             if bp.g < self.state.done:
@@ -504,11 +490,11 @@ class _Run:
             row = self._block(bp)
             if row is not None:
                 self.state.layers.append(row)
-                if self.progress:
+                if self.progress.enabled:
                     if not self._printed_header:
-                        tqdm.write(report.TABLE_HEADER)
+                        self.progress.write(report.TABLE_HEADER)
                         self._printed_header = True
-                    tqdm.write(report.table_row(row))
+                    self.progress.write(report.table_row(row))
             self.state.seconds += time.perf_counter() - t_start
             t_start = time.perf_counter()
             self._checkpoint(bp.stack, bp.g)
@@ -650,7 +636,7 @@ def compress(
     *,
     device: str | torch.device | None = None,
     buffer_gb: float | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Compress the MoE checkpoint ``source`` (built-in name or HF directory) into the directory ``out``.
@@ -658,7 +644,9 @@ def compress(
     ``config`` (default ``CompressConfig()``) with ``overrides`` applied (e.g. ``method="rtn"``) sets
     everything that determines the output bytes. ``device``: where the forward passes, Hessians and GPTQ run
     (default CUDA if available); activations stay in CPU memory, up to ``buffer_gb`` GiB (default: half the
-    available RAM, at most 8 GiB), beyond which they spill to a memmap in the output directory.
+    available RAM, at most 8 GiB), beyond which they spill to a memmap in the output directory. ``progress``:
+    True (a bar over the blocks and the per-layer table; plain lines when stderr is not a terminal), False
+    (silent), or a :class:`qmoe.progress.Progress` (e.g. ``verbose=True`` for a bar per pass in a block).
 
     A killed run restarted with the same arguments resumes after its last completed block; a finished
     output directory of the same run is left as it is. Returns the report (also in ``qmoe_report.json``).
