@@ -51,8 +51,8 @@ def encoded_pool(n: int, zeros: float, d_model: int = D_MODEL, d_ff: int = D_FF,
 
 
 def write_encoded_shard(path: Path, matrices: list[tuple[str, np.ndarray, str, str]]) -> int:
-    """Stream a qmoe shard (format version 2) of encoded matrices ``(name, blob uint8, kind, crc32 hex)``;
-    the same shard ``qmoe.codec.save_shard`` would write for them, up to the order of the blobs. Returns its
+    """Stream a qmoe shard (format version 3) of encoded matrices ``(name, padded blob as uint8, kind, crc32
+    hex)``: the shard ``qmoe.codec.save_shard`` writes for them, up to the order of the blobs. Returns its
     bytes. Atomic: temporary name, then rename."""
     from qmoe.codec.container import BLOB, HEADER_KEY, SEP, SHARD_FORMAT, SHARD_VERSION
 
@@ -63,7 +63,9 @@ def write_encoded_shard(path: Path, matrices: list[tuple[str, np.ndarray, str, s
                                                                       separators=(",", ":"))}}
     at = 0
     for name, blob, _, _ in matrices:
-        header[f"{name}{SEP}{BLOB}"] = {"dtype": "U8", "shape": [blob.size], "data_offsets": [at, at + blob.size]}
+        assert blob.size % 8 == 0, "blobs are padded to whole 8-byte words"
+        header[f"{name}{SEP}{BLOB}"] = {"dtype": "U64", "shape": [blob.size // 8],
+                                        "data_offsets": [at, at + blob.size]}
         at += blob.size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
@@ -95,12 +97,13 @@ def write_checkpoint(out: Path, target_bytes: int, pool_size: int = 8, zeros: fl
     import torch
 
     from qmoe.codec import save_shard
+    from qmoe.codec.container import padded_blob
     from synthetic_switch import _shapes, tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool = encoded_pool(pool_size, zeros, d_model, d_ff)
-    blobs = {p: [(m.to_blob(), m.kind) for m in mats] for p, mats in pool.items()}
+    blobs = {p: [(padded_blob(m).view(np.uint8), m.kind) for m in mats] for p, mats in pool.items()}
     blobs = {p: [(b, k, f"{zlib.crc32(b):08x}") for b, k in v] for p, v in blobs.items()}
     per_expert = float(np.mean([sum(len(blobs[p][i][0]) for p in blobs) for i in range(pool_size)]))
     bpw = 8 * per_expert / (2 * d_model * d_ff)

@@ -151,9 +151,15 @@ class EncodedMatrix:
         return np.concatenate(parts)
 
     @classmethod
-    def from_blob(cls, blob: np.ndarray, verify: bool = True) -> EncodedMatrix:
-        """Rebuild from ``to_blob`` bytes; FormatError if the sizes its header implies do not add up."""
-        b = np.ascontiguousarray(np.asarray(blob))
+    def from_blob(cls, blob: np.ndarray, verify: bool = True, copy: bool = True,
+                  padded: bool = False) -> EncodedMatrix:
+        """Rebuild from ``to_blob`` bytes; FormatError if the sizes its header implies do not add up.
+
+        ``copy=False``: the arrays are views of ``blob`` (a memory-mapped file stays mapped, not read), so
+        ``blob`` must outlive the matrix. ``padded``: up to 7 zero bytes may follow the blob (shard version
+        3 pads each blob to whole 8-byte words).
+        """
+        b = np.asarray(blob) if not copy else np.ascontiguousarray(np.asarray(blob))
         if b.dtype != np.uint8 or b.ndim != 1 or b.size < 4 * HEADER_WORDS:
             raise FormatError(
                 f"encoded-matrix blob must be uint8[>= {4 * HEADER_WORDS}], got {b.dtype}{b.shape}"
@@ -174,13 +180,14 @@ class EncodedMatrix:
             "lengths": (np.dtype("u1"), (int(h[H_NSYM]),)),
         }
         need = sum(dt.itemsize * int(np.prod(shape)) for dt, shape in layout.values())
-        if need != b.size:
+        if need != b.size and not (padded and need < b.size < need + 8 and not b[need:].any()):
             raise _bad(f"blob holds {b.size} bytes, its header implies {need}")
         arrays, at = {}, 0
         for name in BLOB_ORDER:
             dt, shape = layout[name]
             n = dt.itemsize * int(np.prod(shape))
-            arrays[name] = b[at : at + n].copy().view(dt).reshape(shape)
+            part = b[at : at + n]
+            arrays[name] = (part.copy() if copy else part).view(dt).reshape(shape)
             at += n
         return cls.from_arrays(arrays, verify=verify)
 
