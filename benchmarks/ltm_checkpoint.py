@@ -5,10 +5,10 @@ Used by ``benchmarks/larger_than_memory.py``; runnable alone:
     python benchmarks/ltm_checkpoint.py --out runs/ltm/c2048-shapes --target-gb 33
 
 The model has switch-c-2048's expert shapes (``wi`` 6144x2080, ``wo`` 2080x6144, 2048 experts per sparse
-block, every block sparse, d_model 2080, 32 heads of 64) and as many blocks as the target size needs. A pool of
-``--pool`` distinct experts is encoded from random ternary codes with the format's real statistics (``--zeros``
-0.9: 90% zeros, +-1 equally likely otherwise, fp16 per-row levels); every expert of the checkpoint is one of
-them (expert ``i`` of the whole model is pool entry ``i % pool``), so writing costs the disk's write speed,
+block, every block sparse, d_model 2080, 32 heads of 64) and as many blocks as the target size needs. A pool
+of ``--pool`` distinct experts is encoded from random ternary codes with the format's real statistics
+(``--zeros`` 0.9: 90% zeros, +-1 equally likely otherwise, fp16 per-row levels); every expert of the
+checkpoint is one of them (expert ``i`` of the whole model is pool entry ``i % pool``), so writing costs the disk's write speed,
 not encoding time. The non-expert weights (embeddings, attention, routers, norms) are random float32.
 
 Each expert shard is streamed to disk by ``write_encoded_shard``: the safetensors header (with the qmoe header
@@ -95,10 +95,10 @@ def write_checkpoint(out: Path, target_bytes: int, pool_size: int = 8, zeros: fl
     """Write the checkpoint (resumable); returns ``{"checkpoint_bytes", "encoder_layers", ...}``. The
     defaults are switch-c-2048's expert shapes; the tests write small ones."""
     import torch
+    from synthetic_switch import _shapes, tokenizer
 
     from qmoe.codec import save_shard
     from qmoe.codec.container import padded_blob
-    from synthetic_switch import _shapes, tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -110,9 +110,9 @@ def write_checkpoint(out: Path, target_bytes: int, pool_size: int = 8, zeros: fl
     n_layers = max(2, -(-target_bytes // int(per_expert * experts)))
     enc_layers, dec_layers = -(-n_layers // 2), n_layers // 2
     if log:
-        print(f"pool of {pool_size} experts encoded in {time.perf_counter() - t0:.0f} s: {bpw:.3f} bits/weight, "
-              f"{per_expert / 1e6:.2f} MB per expert; {enc_layers} encoder + {dec_layers} decoder sparse blocks "
-              f"of {experts} experts", flush=True)
+        print(f"pool of {pool_size} experts encoded in {time.perf_counter() - t0:.0f} s: {bpw:.3f} "
+              f"bits/weight, {per_expert / 1e6:.2f} MB per expert; {enc_layers} encoder + {dec_layers} "
+              f"decoder sparse blocks of {experts} experts", flush=True)
     cfg = switch_cfg(enc_layers, dec_layers, vocab, experts, d_model, d_ff)
     shapes = _shapes(cfg)
     stacks = [("encoder", enc_layers, "layer.1.mlp"), ("decoder", dec_layers, "layer.2.mlp")]

@@ -59,7 +59,7 @@ def test_corrupt_shard(switch_compressed, copy_dir, capsys, where) -> None:
     at = 12 if where == "header" else len(raw) - 100
     raw[at] ^= 0x5A
     shard.write_bytes(bytes(raw))
-    if where == "data":  # a damaged expert: found when read (mapped: on first use, tests/runtime/test_mapped.py)
+    if where == "data":  # a damaged expert: found when read (mapped: on first use, test_mapped.py)
         with pytest.raises(FormatError, match="model-00002-of-00003.safetensors"):
             qmoe.load(path, mapped=False)
         assert main(["verify", str(path), "--quiet"]) == 1

@@ -123,7 +123,7 @@ def test_verify_clean(switch_compressed, capsys) -> None:
                                                            for p in m.parts.values())])
     seen: list[tuple[int, int]] = []
     verify_dir(switch_compressed, lambda d, t: seen.append((d, t)))
-    assert seen[-1][0] == seen[-1][1] and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert seen[-1][0] == seen[-1][1] and all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
     assert main(["verify", str(switch_compressed), "--quiet"]) == 0
     assert "OK" in capsys.readouterr().out
 

@@ -35,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
         for line in r.problems:
             print(line)
         state = "OK" if r.ok else f"{len(r.problems)} problem(s)"
-        print(f"{r.path}: {state}: {r.matrices} encoded matrices and {r.tensors} tensors in {r.files} file(s), "
-              f"{r.bytes / 1e9:.2f} GB checked in {r.seconds:.1f} s")
+        print(f"{r.path}: {state}: {r.matrices} encoded matrices and {r.tensors} tensors in {r.files} "
+              f"file(s), {r.bytes / 1e9:.2f} GB checked in {r.seconds:.1f} s")
     return 0 if r.ok else 1

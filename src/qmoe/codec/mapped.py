@@ -105,17 +105,19 @@ class MappedMatrix:
                           for a in ARRAY_NAMES}
                 enc = EncodedMatrix.from_arrays(arrays, verify=False)
         except FormatError as err:
-            raise FormatError(f"{self.path}: encoded matrix {self.name!r}: {err}; the file is corrupt: copy it "
-                              "again or re-run qmoe compress") from None
+            raise FormatError(f"{self.path}: encoded matrix {self.name!r}: {err}; the file is corrupt: copy "
+                              "it again or re-run qmoe compress") from None
         if enc.kind != self.kind:
-            raise FormatError(f"{self.path}: encoded matrix {self.name!r} is {enc.kind}, header says {self.kind}")
+            raise FormatError(f"{self.path}: encoded matrix {self.name!r} is {enc.kind}, header says "
+                              f"{self.kind}")
         return enc
 
     def _corrupt(self, suffix: str, raw: np.ndarray) -> FormatError:
         """The crc32 failed: name the first row that does not decode, where the damage shows in the stream."""
         where = _first_bad_row(raw, suffix, self)
-        return FormatError(f"{self.path}: encoded matrix {self.name!r} fails its crc32 check ({where}); the file "
-                           "is corrupt: copy it again or re-run qmoe compress (`qmoe verify DIR` lists all)")
+        return FormatError(f"{self.path}: encoded matrix {self.name!r} fails its crc32 check ({where}); the "
+                           "file is corrupt: copy it again or re-run qmoe compress (`qmoe verify DIR` lists "
+                           "all)")
 
 
 def _first_bad_row(raw: np.ndarray, suffix: str, m: MappedMatrix) -> str:
@@ -157,8 +159,8 @@ class MappedShard:
                     raise FormatError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
                 crc, pos = zlib.crc32(chunk, crc), pos + len(chunk)
         if f"{crc:08x}" != self.checksums[name]:
-            raise FormatError(f"{self.path}: tensor {name!r} fails its crc32 check; the file is corrupt: copy it "
-                              "again or re-run qmoe compress")
+            raise FormatError(f"{self.path}: tensor {name!r} fails its crc32 check; the file is corrupt: "
+                              "copy it again or re-run qmoe compress")
 
     def tensor_bytes(self) -> int:
         return sum(e.end - e.begin for e in self.tensors.values())
@@ -187,8 +189,8 @@ def read_entries(path: str) -> tuple[dict[str, Entry], dict[str, str]]:
     except OSError as err:
         raise FormatError(f"{path}: cannot be read ({err})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the file is "
-                          "corrupt or truncated") from None
+        raise FormatError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); the file "
+                          "is corrupt or truncated") from None
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise FormatError(f"{path}: safetensors metadata is not a map of strings; the file is corrupt")
     return entries, meta
@@ -215,8 +217,8 @@ def open_shard(path: str | os.PathLike) -> MappedShard:
             if e is None:
                 raise FormatError(f"{path}: encoded matrix {name!r} lacks its {s!r} tensor")
             parts[s] = e
-        encoded[name] = MappedMatrix(path, name, kind, parts, {s: checksums[f"{name}{SEP}{s}"] for s in parts},
-                                     version, mm)
+        crcs = {s: checksums[f"{name}{SEP}{s}"] for s in parts}
+        encoded[name] = MappedMatrix(path, name, kind, parts, crcs, version, mm)
     stray = [n for n in entries if SEP in n]
     if stray:
         raise FormatError(f"{path}: tensors {stray[:5]} look like parts of an unlisted encoded matrix")

@@ -100,8 +100,8 @@ class CompressedExperts(nn.Module):
             return
         if self.missing():
             raise FormatError(f"{len(self.missing())} expert matrices are not set; cannot prepare the layer")
-        self._state = {p: prepare_experts([self.matrix(p, e) for e in range(self.num_experts)], backend, device)
-                       for p in self.matrices}
+        self._state = {p: prepare_experts([self.matrix(p, e) for e in range(self.num_experts)], backend,
+                                          device) for p in self.matrices}
         self._state_key = key
         self.prepare_count += 1
 

@@ -61,7 +61,7 @@ def _expected(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def _chunks(items: list[tuple[int, int, Any]]) -> list[tuple[int, int, list[Any]]]:
-    """Group ``(begin, end, item)`` sorted by begin into reads ``(begin, end, items)`` of about CHUNK bytes."""
+    """Group ``(begin, end, item)`` into reads ``(begin, end, items)`` of about CHUNK bytes, by offset."""
     out: list[tuple[int, int, list[Any]]] = []
     for b, e, item in sorted(items, key=lambda t: t[0]):
         if out and e - out[-1][0] <= CHUNK:
@@ -102,8 +102,8 @@ def verify_dir(path: str | Path, progress: Callable[[int, int], None] | None = N
         if weight_map is not None:
             wrong = [n for n in names if weight_map.get(n) != f.name]
             if wrong:
-                report.problems.append(f"{f}: {len(wrong)} tensors are not listed for this file in {INDEX_FILE} "
-                                       f"(first: {wrong[0]!r}); the index is corrupt")
+                report.problems.append(f"{f}: {len(wrong)} tensors are not listed for this file in "
+                                       f"{INDEX_FILE} (first: {wrong[0]!r}); the index is corrupt")
         items = [(e.begin, e.end, ("tensor", n)) for n, e in shard.tensors.items()]
         for n, m in shard.encoded.items():
             items.append((min(p.begin for p in m.parts.values()), max(p.end for p in m.parts.values()),
