@@ -16,7 +16,8 @@ child process whose resident set is sampled every 0.1 s (psutil) besides its ``r
 3. ``qmoe generate DIR`` itself (the CLI), its peak RSS;
 4. corruption: one byte of the stream of an expert that the prompt routes to is flipped in place;
    ``qmoe.load`` must succeed and the generation fail with a one-line FormatError naming file, matrix and
-   row; ``qmoe verify DIR`` must report exactly that matrix; the byte is restored afterwards (also if a step fails).
+   row; ``qmoe verify DIR`` must report exactly that matrix; the byte is restored afterwards (also if a
+   step fails).
 
 ``--speed``: the built-in models (tiny-switch, tiny-qwen3-moe) compressed with round to nearest (as in
 benchmarks/runtime.py), each loaded twice in one process, mapped (the default) and read into memory
