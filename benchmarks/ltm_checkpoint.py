@@ -9,7 +9,8 @@ block, every block sparse, d_model 2080, 32 heads of 64) and as many blocks as t
 of ``--pool`` distinct experts is encoded from random ternary codes with the format's real statistics
 (``--zeros`` 0.9: 90% zeros, +-1 equally likely otherwise, fp16 per-row levels); every expert of the
 checkpoint is one of them (expert ``i`` of the whole model is pool entry ``i % pool``), so writing costs
-the disk's write speed, not encoding time. The non-expert weights (embeddings, attention, routers, norms) are random float32.
+the disk's write speed, not encoding time. The non-expert weights (embeddings, attention, routers, norms)
+are random float32.
 
 Each expert shard is streamed to disk by ``write_encoded_shard``: the safetensors header (with the qmoe header
 and every matrix's crc32, docs/format.md) and then the blobs, never the whole shard in memory. Resumable: a
