@@ -21,10 +21,12 @@ child process whose resident set is sampled every 0.1 s (psutil) besides its ``r
 
 ``--speed``: the built-in models (tiny-switch, tiny-qwen3-moe) compressed with round to nearest (as in
 benchmarks/runtime.py), each loaded twice in one process, mapped (the default) and read into memory
-(``mapped=False``, qmoe's loading before issue 28), generating in alternation (``--rounds`` interleaved
-rounds, the first of each counted: it pays the mapped experts' first-use checks); medians and the ratio.
+(``mapped=False``, qmoe's loading before issue 28), one untimed token each on another prompt (compiled
+code), then generating in alternation (``--rounds`` rounds, the order alternating; the first round pays the
+mapped experts' first-use checks of the experts the warm-up did not route to); medians and the ratio.
 
-Writes ``--out`` (JSON: machine, command, every number; the keys named in issue 28 at the top level).
+Writes ``--out`` (JSON: machine, command, every number; the keys named in issue 28 at the top level), merged
+into what the file already holds (so ``--big`` and ``--speed`` may run separately).
 """
 
 from __future__ import annotations
@@ -252,10 +254,12 @@ def speed(args: argparse.Namespace) -> dict:
             build_compressed(resolve_source(name), comp)
         _, tok, _ = load_model(comp)
         models = {"read": qmoe.load(comp, mapped=False), "mapped": qmoe.load(comp)}
+        for m in models.values():  # compiled code and kernel tables, on another prompt than the timed one
+            generate(m, tok, "In the beginning", max_new_tokens=1)
         times: dict[str, list[float]] = {k: [] for k in models}
-        for _ in range(args.rounds):
-            for k, m in models.items():
-                g = generate(m, tok, PROMPT, max_new_tokens=args.speed_tokens, exact=True)
+        for r in range(args.rounds):
+            for k in (["read", "mapped"] if r % 2 == 0 else ["mapped", "read"]):  # order alternates
+                g = generate(models[k], tok, PROMPT, max_new_tokens=args.speed_tokens, exact=True)
                 times[k].append(g.tokens_per_s)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[name] = {"tokens_per_s": med, "first_round": {k: v[0] for k, v in times.items()},
@@ -294,8 +298,12 @@ def main() -> None:
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.big:
         res.update(big(Path(args.big), args))
+        res["command_big"] = res["command"]
     if args.speed:
         res["speed"] = speed(args)
+        res["command_speed"] = res["command"]
+    if Path(args.out).is_file():  # runs of --big and --speed at different times add up in one file
+        res = {**json.loads(Path(args.out).read_text()), **res}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
     os.replace(tmp, args.out)
