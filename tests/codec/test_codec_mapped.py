@@ -102,3 +102,25 @@ def test_not_a_shard(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign"))
     with pytest.raises(FormatError, match="no qmoe header"):
         open_shard(tmp_path / "foreign")
+
+
+@pytest.mark.parametrize("where", ["stream", "levels"])
+def test_first_use_error_names_the_row(tmp_path: Path, where: str) -> None:
+    """A flip in the stream names the first row that no longer decodes; one in the levels says none does."""
+    tensors, encoded, _ = _content()
+    path = tmp_path / "s"
+    codec.save_shard(path, tensors, encoded)
+    enc = encoded["experts.0.wi"]
+    begin = open_shard(path).encoded["experts.0.wi"].parts["qmoe"].begin
+    at = 64 + (2 * enc.stream.size if where == "stream" else 4 * enc.stream.size + 4 * enc.block_offsets.size + 1)
+    raw = bytearray(path.read_bytes())
+    raw[begin + at] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    m = open_shard(path)
+    with pytest.raises(FormatError) as err:
+        m.encoded["experts.0.wi"].get()
+    msg = str(err.value)
+    assert str(path) in msg and "'experts.0.wi' fails its crc32 check" in msg and "\n" not in msg
+    assert ("row " in msg) if where == "stream" else ("every row still decodes" in msg)
+    assert not m.encoded["experts.0.wi"].checked
+    m.encoded["experts.0.wo"].get()  # the other matrix is fine
