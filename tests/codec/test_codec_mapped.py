@@ -112,7 +112,7 @@ def test_first_use_error_names_the_row(tmp_path: Path, where: str) -> None:
     codec.save_shard(path, tensors, encoded)
     enc = encoded["experts.0.wi"]
     begin = open_shard(path).encoded["experts.0.wi"].parts["qmoe"].begin
-    levels_at = 4 * enc.stream.size + 4 * enc.block_offsets.size  # blob order: header, stream, offsets, levels
+    levels_at = 4 * enc.stream.size + 4 * enc.block_offsets.size  # blob: header, stream, offsets, levels
     at = 64 + (2 * enc.stream.size if where == "stream" else levels_at + 1)
     raw = bytearray(path.read_bytes())
     raw[begin + at] ^= 0x5A
