@@ -198,12 +198,13 @@ def _tensor_entry_len(name: str, dtype: str, shape: list[int], offsets: list[int
 
 
 def matrix_header_bytes(name: str, enc: EncodedMatrix, offset_digits: int = 8) -> int:
-    """Estimated header bytes one encoded matrix adds to its shard: its safetensors entries (offsets taken
-    as ``offset_digits`` digits), its checksums and its kind in the qmoe header. ``header_share`` measures
-    the same on a written file."""
+    """Estimated bytes one encoded matrix adds to its shard besides its arrays: its safetensors entries
+    (offsets taken as ``offset_digits`` digits), its checksum and its kind in the qmoe header, and the zero
+    padding of its blob to whole words. ``header_share`` measures the same on a written file."""
     t = f"{name}{SEP}{BLOB}"
     off = 10 ** (offset_digits - 1)
-    n = _escaped_len(f'"{name}":"{enc.kind}",')
+    n = -len(enc.to_blob()) % BLOB_ALIGN
+    n += _escaped_len(f'"{name}":"{enc.kind}",')
     n += _tensor_entry_len(t, "U64", [-(-enc.nbytes // BLOB_ALIGN)], [off, off])
     n += _escaped_len(f'"{t}":"00000000",')
     return n
@@ -213,18 +214,26 @@ def header_share(path: str | os.PathLike, matrices: list[str]) -> int:
     """Bytes of ``path``'s safetensors header that belong to the encoded matrices ``matrices``.
 
     Counted: each of their tensors' entries (name, dtype, shape, offsets), their crc32 entries and kind
-    entries in the qmoe header (as escaped inside it). Not counted: the header's fixed part and padding.
+    entries in the qmoe header (as escaped inside it), and the zero padding after each blob (version 3).
+    Not counted: the header's fixed part and its padding.
     """
+    from qmoe.codec.format import HEADER_WORDS, blob_nbytes
+
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    qh = json.loads(header["__metadata__"][HEADER_KEY])
-    wanted = set(matrices)
-    total = 0
-    for key, entry in header.items():
-        if key != "__metadata__" and key.split(SEP)[0] in wanted and SEP in key:
-            total += _tensor_entry_len(key, entry["dtype"], entry["shape"], entry["data_offsets"])
-            total += _escaped_len(f'"{key}":"{qh["checksums"][key]}",')
+        qh = json.loads(header["__metadata__"][HEADER_KEY])
+        wanted = set(matrices)
+        total = 0
+        for key, entry in header.items():
+            if key != "__metadata__" and key.split(SEP)[0] in wanted and SEP in key:
+                total += _tensor_entry_len(key, entry["dtype"], entry["shape"], entry["data_offsets"])
+                total += _escaped_len(f'"{key}":"{qh["checksums"][key]}",')
+                if entry["dtype"] == "U64":  # padded blob: stored bytes minus those its header implies
+                    begin, end = entry["data_offsets"]
+                    f.seek(8 + n + begin)
+                    words = np.frombuffer(f.read(4 * HEADER_WORDS), dtype="<u4")
+                    total += end - begin - blob_nbytes(words)
     for name in matrices:
         total += _escaped_len(f'"{name}":"{qh["encoded"][name]}",')
     return total
