@@ -28,5 +28,9 @@ class QuantizationError(QMoEError):
     """Quantization cannot proceed (for example NaN/Inf in a weight or Hessian)."""
 
 
+class DeviceMemoryError(QMoEError):
+    """A model does not fit the memory of the device it is asked to run on."""
+
+
 class BackendUnavailable(QMoEError):
     """An optional backend (numba, triton, CUDA) was requested but is not available."""

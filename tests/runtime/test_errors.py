@@ -55,10 +55,16 @@ def test_corrupt_shard(switch_compressed, copy_dir, capsys, where) -> None:
     path = copy_dir(switch_compressed)
     shard = _expert_shard(path)
     raw = bytearray(shard.read_bytes())
-    # safetensors: 8-byte header length, JSON header, then the tensor bytes
+    # safetensors: 8-byte header length, JSON header, then the tensor bytes (here: the last expert's)
     at = 12 if where == "header" else len(raw) - 100
     raw[at] ^= 0x5A
     shard.write_bytes(bytes(raw))
+    if where == "data":  # a damaged expert: found when read (mapped: on first use, test_mapped.py)
+        with pytest.raises(FormatError, match="model-00002-of-00003.safetensors"):
+            qmoe.load(path, mapped=False)
+        assert main(["verify", str(path), "--quiet"]) == 1
+        assert "model-00002-of-00003.safetensors" in capsys.readouterr().out
+        return
     with pytest.raises(FormatError, match="model-00002-of-00003.safetensors"):
         qmoe.load(path)
     assert "model-00002-of-00003.safetensors" in _cli_error(["generate", str(path), "--prompt", "x"], capsys)

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `qmoe --help` lists them.
-SUBCOMMANDS = ("compress", "decompress", "eval", "generate", "inspect", "families")
+SUBCOMMANDS = ("compress", "decompress", "eval", "generate", "inspect", "verify", "families")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:

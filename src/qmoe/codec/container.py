@@ -2,13 +2,16 @@
 
 The safetensors metadata key ``"qmoe"`` holds a JSON header::
 
-    {"format": "qmoe-shard", "format_version": 2,
+    {"format": "qmoe-shard", "format_version": 3,
      "encoded": {"<name>": "ternary" | "int2", ...},
      "checksums": {"<tensor name>": "<crc32, 8 hex digits>", ...}}   # every tensor in the file
 
-Encoded matrix ``<name>`` is stored as one uint8 tensor ``<name>#qmoe``, its ``EncodedMatrix.to_blob``
-bytes (shard version 2). Version 1 shards stored the six arrays of ``EncodedMatrix.to_arrays`` as six
-tensors ``<name>#header``, ``<name>#stream``, ...; they are still read. One tensor instead of six cuts what
+Encoded matrix ``<name>`` is stored as one uint64 tensor ``<name>#qmoe``: its ``EncodedMatrix.to_blob``
+bytes, zero-padded to whole 8-byte words (shard version 3). safetensors puts uint64 tensors first and the
+data starts 8-byte aligned, so every blob, and every array inside it, is aligned in the file: a memory-mapped
+shard (``qmoe.codec.mapped``) hands the kernels the file's pages as they are. Version 2 stored the same
+bytes unpadded as uint8 (arbitrary offsets); version 1 the six arrays of ``EncodedMatrix.to_arrays`` as six
+tensors ``<name>#header``, ``<name>#stream``, ...; both are still read. One tensor instead of six cuts what
 each matrix adds to the file's header (names, shapes, offsets, checksums) from about 1.1 kB to about 0.2 kB:
 on a 192-wide expert that is 0.19 bits per weight. Other metadata keys are the caller's strings. Spec:
 docs/format.md.
@@ -22,6 +25,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from qmoe.codec.format import ARRAY_NAMES, EncodedMatrix
 from qmoe.errors import FormatError
 
@@ -29,7 +34,9 @@ SHARD_FORMAT = "qmoe-shard"
 HEADER_KEY = "qmoe"
 SEP = "#"
 BLOB = "qmoe"  # suffix of an encoded matrix's tensor: <name>#qmoe
-SHARD_VERSION = 2  # 1: six tensors per encoded matrix; 2: one blob tensor per encoded matrix
+# 1: six tensors per encoded matrix; 2: one uint8 blob tensor per matrix; 3: one uint64 blob, zero-padded
+SHARD_VERSION = 3
+BLOB_ALIGN = 8  # version 3: bytes per blob word
 
 
 @dataclass
@@ -44,6 +51,14 @@ def _crc(t: Any) -> str:
 
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return f"{zlib.crc32(raw):08x}"
+
+
+def padded_blob(enc: EncodedMatrix) -> np.ndarray:
+    """``enc.to_blob()`` zero-padded to whole words, as the ``[ceil(nbytes / 8)] uint64`` a shard stores."""
+    blob = enc.to_blob()
+    out = np.zeros(-(-blob.size // BLOB_ALIGN) * BLOB_ALIGN, dtype=np.uint8)
+    out[: blob.size] = blob
+    return out.view("<u8")
 
 
 def save_shard(path: str | os.PathLike, tensors: dict[str, Any], encoded: dict[str, EncodedMatrix],
@@ -65,7 +80,7 @@ def save_shard(path: str | os.PathLike, tensors: dict[str, Any], encoded: dict[s
     for name, enc in encoded.items():
         if name in tensors or SEP in name:
             raise ValueError(f"encoded matrix name {name!r} clashes with a tensor or contains {SEP!r}")
-        out[f"{name}{SEP}{BLOB}"] = torch.from_numpy(enc.to_blob())
+        out[f"{name}{SEP}{BLOB}"] = torch.from_numpy(padded_blob(enc))
     header = {"format": SHARD_FORMAT, "format_version": SHARD_VERSION,
               "encoded": {n: e.kind for n, e in sorted(encoded.items())},
               "checksums": {n: _crc(t) for n, t in sorted(out.items())}}
@@ -144,7 +159,8 @@ def load_shard(path: str | os.PathLike, verify: bool = True) -> Shard:
                 blob = raw.pop(f"{name}{SEP}{BLOB}", None)
                 if blob is None:
                     raise FormatError(f"{path}: encoded matrix {name!r} lacks its {BLOB!r} tensor")
-                enc = EncodedMatrix.from_blob(blob.numpy(), verify=verify)
+                enc = EncodedMatrix.from_blob(blob.numpy().view(np.uint8), verify=verify,
+                                              padded=header["format_version"] >= 3)
             else:
                 arrays = {}
                 for a in ARRAY_NAMES:
@@ -183,13 +199,14 @@ def _tensor_entry_len(name: str, dtype: str, shape: list[int], offsets: list[int
 
 
 def matrix_header_bytes(name: str, enc: EncodedMatrix, offset_digits: int = 8) -> int:
-    """Estimated header bytes one encoded matrix adds to its shard: its safetensors entries (offsets taken
-    as ``offset_digits`` digits), its checksums and its kind in the qmoe header. ``header_share`` measures
-    the same on a written file."""
+    """Estimated bytes one encoded matrix adds to its shard besides its arrays: its safetensors entries
+    (offsets taken as ``offset_digits`` digits), its checksum and its kind in the qmoe header, and the zero
+    padding of its blob to whole words. ``header_share`` measures the same on a written file."""
     t = f"{name}{SEP}{BLOB}"
     off = 10 ** (offset_digits - 1)
-    n = _escaped_len(f'"{name}":"{enc.kind}",')
-    n += _tensor_entry_len(t, "U8", [enc.nbytes], [off, off])
+    n = -len(enc.to_blob()) % BLOB_ALIGN
+    n += _escaped_len(f'"{name}":"{enc.kind}",')
+    n += _tensor_entry_len(t, "U64", [-(-enc.nbytes // BLOB_ALIGN)], [off, off])
     n += _escaped_len(f'"{t}":"00000000",')
     return n
 
@@ -198,18 +215,26 @@ def header_share(path: str | os.PathLike, matrices: list[str]) -> int:
     """Bytes of ``path``'s safetensors header that belong to the encoded matrices ``matrices``.
 
     Counted: each of their tensors' entries (name, dtype, shape, offsets), their crc32 entries and kind
-    entries in the qmoe header (as escaped inside it). Not counted: the header's fixed part and padding.
+    entries in the qmoe header (as escaped inside it), and the zero padding after each blob (version 3).
+    Not counted: the header's fixed part and its padding.
     """
+    from qmoe.codec.format import HEADER_WORDS, blob_nbytes
+
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    qh = json.loads(header["__metadata__"][HEADER_KEY])
-    wanted = set(matrices)
-    total = 0
-    for key, entry in header.items():
-        if key != "__metadata__" and key.split(SEP)[0] in wanted and SEP in key:
-            total += _tensor_entry_len(key, entry["dtype"], entry["shape"], entry["data_offsets"])
-            total += _escaped_len(f'"{key}":"{qh["checksums"][key]}",')
+        qh = json.loads(header["__metadata__"][HEADER_KEY])
+        wanted = set(matrices)
+        total = 0
+        for key, entry in header.items():
+            if key != "__metadata__" and key.split(SEP)[0] in wanted and SEP in key:
+                total += _tensor_entry_len(key, entry["dtype"], entry["shape"], entry["data_offsets"])
+                total += _escaped_len(f'"{key}":"{qh["checksums"][key]}",')
+                if entry["dtype"] == "U64":  # padded blob: stored bytes minus those its header implies
+                    begin, end = entry["data_offsets"]
+                    f.seek(8 + n + begin)
+                    words = np.frombuffer(f.read(4 * HEADER_WORDS), dtype="<u4")
+                    total += end - begin - blob_nbytes(words)
     for name in matrices:
         total += _escaped_len(f'"{name}":"{qh["encoded"][name]}",')
     return total

@@ -153,36 +153,30 @@ class EncodedMatrix:
         return np.concatenate(parts)
 
     @classmethod
-    def from_blob(cls, blob: np.ndarray, verify: bool = True) -> EncodedMatrix:
-        """Rebuild from ``to_blob`` bytes; FormatError if the sizes its header implies do not add up."""
-        b = np.ascontiguousarray(np.asarray(blob))
+    def from_blob(cls, blob: np.ndarray, verify: bool = True, copy: bool = True,
+                  padded: bool = False) -> EncodedMatrix:
+        """Rebuild from ``to_blob`` bytes; FormatError if the sizes its header implies do not add up.
+
+        ``copy=False``: the arrays are views of ``blob`` (a memory-mapped file stays mapped, not read), so
+        ``blob`` must outlive the matrix. ``padded``: up to 7 zero bytes may follow the blob (shard version
+        3 pads each blob to whole 8-byte words).
+        """
+        b = np.asarray(blob) if not copy else np.ascontiguousarray(np.asarray(blob))
         if b.dtype != np.uint8 or b.ndim != 1 or b.size < 4 * HEADER_WORDS:
             raise FormatError(
                 f"encoded-matrix blob must be uint8[>= {4 * HEADER_WORDS}], got {b.dtype}{b.shape}"
             )
         h = b[: 4 * HEADER_WORDS].view("<u4")
-        kind_id, level_id = int(h[H_KIND]), int(h[H_LEVEL_DTYPE])
-        if level_id >= len(LEVEL_DTYPES) or kind_id >= len(KINDS) or int(h[H_BLOCK_LOG2]) > 31:
-            raise _bad("header field out of range (kind, level dtype or block size)")
-        rows, bits, g = int(h[H_ROWS]), int(h[H_BITS]), int(h[H_BLOCK_LOG2])
-        n_levels = 2 if KINDS[int(h[H_KIND])] == "ternary" else 4
-        level_dtype = LEVEL_DTYPES[int(h[H_LEVEL_DTYPE])]
-        layout = {  # name -> (dtype, shape)
-            "header": (np.dtype("<u4"), (HEADER_WORDS,)),
-            "stream": (np.dtype("<u4"), ((bits + 31) // 32 + 1,)),
-            "block_offsets": (np.dtype("<u4"), (((rows + (1 << g) - 1) >> g) + 1,)),
-            "levels": (level_dtype, (rows, n_levels)),
-            "row_deltas": (np.dtype("<u2"), (rows,)),
-            "lengths": (np.dtype("u1"), (int(h[H_NSYM]),)),
-        }
+        layout = _blob_layout(h)
         need = sum(dt.itemsize * int(np.prod(shape)) for dt, shape in layout.values())
-        if need != b.size:
+        if need != b.size and not (padded and need < b.size < need + 8 and not b[need:].any()):
             raise _bad(f"blob holds {b.size} bytes, its header implies {need}")
         arrays, at = {}, 0
         for name in BLOB_ORDER:
             dt, shape = layout[name]
             n = dt.itemsize * int(np.prod(shape))
-            arrays[name] = b[at : at + n].copy().view(dt).reshape(shape)
+            part = b[at : at + n]
+            arrays[name] = (part.copy() if copy else part).view(dt).reshape(shape)
             at += n
         return cls.from_arrays(arrays, verify=verify)
 
@@ -213,6 +207,28 @@ class EncodedMatrix:
                 raise FormatError("encoded matrix fails its crc32 check: the data is corrupt")
         enc = _validate(h, a)
         return enc
+
+
+def _blob_layout(h: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """``{array: (dtype, shape)}`` of a blob with header words ``h [16]``; FormatError for a bad field."""
+    kind_id, level_id = int(h[H_KIND]), int(h[H_LEVEL_DTYPE])
+    if level_id >= len(LEVEL_DTYPES) or kind_id >= len(KINDS) or int(h[H_BLOCK_LOG2]) > 31:
+        raise _bad("header field out of range (kind, level dtype or block size)")
+    rows, bits, g = int(h[H_ROWS]), int(h[H_BITS]), int(h[H_BLOCK_LOG2])
+    n_levels = 2 if KINDS[kind_id] == "ternary" else 4
+    return {
+        "header": (np.dtype("<u4"), (HEADER_WORDS,)),
+        "stream": (np.dtype("<u4"), ((bits + 31) // 32 + 1,)),
+        "block_offsets": (np.dtype("<u4"), (((rows + (1 << g) - 1) >> g) + 1,)),
+        "levels": (LEVEL_DTYPES[level_id], (rows, n_levels)),
+        "row_deltas": (np.dtype("<u2"), (rows,)),
+        "lengths": (np.dtype("u1"), (int(h[H_NSYM]),)),
+    }
+
+
+def blob_nbytes(header: np.ndarray) -> int:
+    """Bytes of the ``to_blob`` form of the matrix whose header words are ``header [16] uint32``."""
+    return sum(dt.itemsize * int(np.prod(shape)) for dt, shape in _blob_layout(header).values())
 
 
 def _crc(header: np.ndarray, body: dict[str, np.ndarray]) -> int:

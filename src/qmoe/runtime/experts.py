@@ -4,7 +4,9 @@
 ``Qwen3MoeExperts``) inside the unchanged transformers model and is called with the same arguments; the
 family's adapter reads the routing (token, expert, gate weight) from them, so this file knows no family.
 The weights never become dense: each expert projection is an ``EncodedMatrix`` and the products go through
-``qmoe.kernels``, which decodes inside the matmul.
+``qmoe.kernels``, which decodes inside the matmul. Loaded from a directory, the experts are ``MappedMatrix``
+handles into the shard files (``qmoe.codec.mapped``): an expert is checked and opened the first time a token
+routes to it (``matrix``), and its arrays stay views of the mapped file.
 
 Two paths, by kernel backend (``backend``; default: triton for CUDA inputs, cpu otherwise):
 
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from qmoe.adapters.base import ExpertLayout, Routing, group_by_expert
 from qmoe.codec import EncodedMatrix
+from qmoe.codec.mapped import MappedMatrix
 from qmoe.errors import FormatError
 
 
@@ -55,21 +58,36 @@ class CompressedExperts(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(num_experts, shapes[p][0]),
                                                        requires_grad=False))
             self.bias_names[p] = name
-        # matrices[proj][e]; None until set_expert fills it
-        self.matrices: dict[str, list[EncodedMatrix | None]] = {p: [None] * num_experts
-                                                                 for p in layout.projections}
+        # matrices[proj][e]; None until set_expert fills it; a MappedMatrix until its first use
+        self.matrices: dict[str, list[EncodedMatrix | MappedMatrix | None]] = {p: [None] * num_experts
+                                                                                for p in layout.projections}
         self.backend: str | None = None  # kernel backend; None: triton for CUDA inputs, cpu otherwise
         self._state: dict[str, Any] = {}  # projection -> prepared experts, for self._state_key
         self._state_key: tuple[str, str] | None = None  # (backend, device) the state was prepared for
         self.prepare_count = 0  # how often the experts were packed for a device (tests, diagnostics)
 
-    def set_expert(self, e: int, proj: str, enc: EncodedMatrix, name: str = "") -> None:
-        """Place expert ``e``'s projection ``proj``; FormatError if its shape does not fit the config."""
+    def set_expert(self, e: int, proj: str, enc: EncodedMatrix | MappedMatrix, name: str = "") -> None:
+        """Place expert ``e``'s projection ``proj``; FormatError if its shape does not fit the config (for a
+        ``MappedMatrix``: when ``matrix`` first opens it)."""
+        if isinstance(enc, EncodedMatrix):
+            self._check_shape(enc, proj, name or str((e, proj)))
+        self.matrices[proj][e] = enc
+
+    def _check_shape(self, enc: EncodedMatrix, proj: str, name: str) -> None:
         want = self.shapes[proj]
         if tuple(enc.shape) != want:
-            raise FormatError(f"encoded matrix {name or (e, proj)} has shape {tuple(enc.shape)}, the model "
-                              f"config expects {want}; the checkpoint does not match its config.json")
-        self.matrices[proj][e] = enc
+            raise FormatError(f"encoded matrix {name} has shape {tuple(enc.shape)}, the model config expects "
+                              f"{want}; the checkpoint does not match its config.json")
+
+    def matrix(self, proj: str, e: int) -> EncodedMatrix:
+        """Expert ``e``'s ``proj`` matrix, opened (and checked: crc32, structure, shape) on its first use."""
+        m = self.matrices[proj][e]
+        if isinstance(m, MappedMatrix):
+            enc = m.get()  # FormatError naming file, matrix and row if corrupt
+            self._check_shape(enc, proj, f"{m.name!r} in {m.path}")
+            self.matrices[proj][e] = m = enc
+        assert m is not None, f"expert {e} {proj} is not set"
+        return m
 
     def prepare(self, device: Any, backend: str | None = None) -> None:
         """Pack every expert for ``device`` once (``qmoe.load(..., device=...)`` calls this); a no-op when
@@ -82,7 +100,8 @@ class CompressedExperts(nn.Module):
             return
         if self.missing():
             raise FormatError(f"{len(self.missing())} expert matrices are not set; cannot prepare the layer")
-        self._state = {p: prepare_experts(mats, backend, device) for p, mats in self.matrices.items()}
+        self._state = {p: prepare_experts([self.matrix(p, e) for e in range(self.num_experts)], backend,
+                                          device) for p in self.matrices}
         self._state_key = key
         self.prepare_count += 1
 
@@ -122,6 +141,7 @@ class CompressedExperts(nn.Module):
         bound = min(self.num_experts, n)  # experts with tokens, at most
         x = r.x.float()[tok]  # [n, d] grouped by expert
         expert = r.expert[order]  # [n]
+        # prepare() opened every matrix, so the lists hold EncodedMatrix only
         h = torch.cat([matmul_routed(self.matrices[p], self._state[p], x, counts, bound, backend)
                        + self._bias(p, expert) for p in self.layout.first], dim=1)  # [n, F*I]
         second = self.layout.second
@@ -142,12 +162,12 @@ class CompressedExperts(nn.Module):
         first, second = self.layout.first, self.layout.second
         xs = [x[tok] for _, tok, _ in groups]  # [t_e, d] each
         # One grouped call per stage: every active expert's first projection(s), then every second one.
-        h = matmul_experts([self.matrices[p][e] for e, _, _ in groups for p in first],
+        h = matmul_experts([self.matrix(p, e) for e, _, _ in groups for p in first],
                            [xe for xe in xs for _ in first], backend)  # [t_e, I] per (expert, projection)
         k = len(first)
         hidden = [self.glu(torch.cat([h[i * k + j] + self._bias(p, e) for j, p in enumerate(first)], dim=1))
                   for i, (e, _, _) in enumerate(groups)]  # [t_e, I]
-        y = matmul_experts([self.matrices[second][e] for e, _, _ in groups], hidden, backend)  # [t_e, d]
+        y = matmul_experts([self.matrix(second, e) for e, _, _ in groups], hidden, backend)  # [t_e, d]
         for (e, tok, w), ye in zip(groups, y, strict=True):
             out.index_add_(0, tok, ((ye + self._bias(second, e)) * w[:, None]).to(out.dtype))
         return out

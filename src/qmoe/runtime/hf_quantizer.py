@@ -70,16 +70,20 @@ class QMoEHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        from qmoe.codec import EncodedMatrix
         from qmoe.kernels import prepare
         from qmoe.runtime.experts import CompressedExperts
         from qmoe.runtime.linear import CompressedLinear
 
-        # Build the CPU kernel's per-matrix handles now rather than during the first token.
+        # Build the CPU kernel's per-matrix handles now rather than during the first token, for the matrices
+        # already in memory; mapped experts (qmoe.codec.mapped) are opened and prepared on first use, so that
+        # loading reads no expert.
         for module in model.modules():
             if isinstance(module, CompressedExperts):
                 for mats in module.matrices.values():
                     for enc in mats:
-                        prepare(enc)
+                        if isinstance(enc, EncodedMatrix):
+                            prepare(enc)
             elif isinstance(module, CompressedLinear):
                 prepare(module.enc)
         return model

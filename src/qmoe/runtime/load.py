@@ -7,25 +7,36 @@ build the same model:
 
 1. transformers builds the model from ``config.json`` on the ``meta`` device (no weight memory);
 2. ``convert`` (called by the quantizer) swaps every MoE layer's experts container for a ``CompressedExperts``
-   and fills it with the encoded matrices read from the shards by ``qmoe.codec.load_shard``, which checks
-   every tensor's crc32;
+   and fills it with the shards' encoded matrices. By default (``mapped=True``) the shards are opened in place
+   (``qmoe.codec.mapped.open_shard``: only their headers are read, the files are memory-mapped), the
+   non-expert tensors' crc32 are checked here, and each expert is a handle checked (crc32, structure, shape)
+   and opened the first time a token routes to it; shared-expert matrices are checked here. The first
+   expert of each layer and projection is opened here too, so a checkpoint that does not match its config
+   fails at load. ``mapped=False`` reads every matrix into memory and checks all of them here
+   (``qmoe.codec.load_shard``), as qmoe did before;
 3. transformers loads the non-expert tensors (memory-mapped safetensors, assigned without a second copy when
    the dtype matches), ties the embeddings and sets eval mode.
 
 ``load`` first runs ``check_dir`` so that a directory from a newer qmoe, a missing or a corrupt shard is one
-``FormatError`` line naming the file, not a transformers traceback.
+``FormatError`` line naming the file, not a transformers traceback. On a GPU every expert is copied to device
+memory (the triton backend packs them there); ``check_device_memory`` refuses, in one line naming the sizes, a
+model whose non-expert weights and encoded experts do not fit the device's free memory.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 from pathlib import Path
 from typing import Any
 
-from qmoe.errors import FormatError, SourceError
+from qmoe.errors import DeviceMemoryError, FormatError, SourceError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Whether convert() maps the shards (load's ``mapped``); a context variable because transformers calls
+# convert() from inside from_pretrained, through the quantizer, with no way to pass an argument.
+MAPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("qmoe_mapped", default=True)
 
 
 def quantization_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +111,7 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
     """
     from qmoe.adapters import get_adapter
     from qmoe.codec import load_shard
+    from qmoe.codec.mapped import MappedMatrix, open_shard
     from qmoe.runtime.experts import CompressedExperts
     from qmoe.runtime.linear import CompressedLinear
 
@@ -122,13 +134,21 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
         for e in range(n_experts):
             for proj in layout.projections:
                 slots[layout.expert_key(adapter.disk_key(layer), e, proj)] = (module, e, proj)
+    mapped = MAPPED.get()
     for f in files:
-        shard = load_shard(f, verify=True)  # crc32 of every tensor in the file, experts and the rest
+        if mapped:
+            shard = open_shard(f)  # the header only; the file is mapped
+            for t in shard.tensors:
+                shard.check_tensor(t)  # the non-expert tensors: crc32 now (read once, by pread)
+        else:
+            shard = load_shard(f, verify=True)  # crc32 of every tensor in the file, experts and the rest
         for name, enc in shard.encoded.items():
             if name not in slots and _is_shared(adapter, name):  # --shared-experts ternary|2
                 path_ = adapter.module_key(name).removesuffix(".weight")
                 parent, _, child = path_.rpartition(".")
-                CompressedLinear.replacing(_submodule(model, parent), child, enc)
+                # used by every token: checked and opened now
+                CompressedLinear.replacing(_submodule(model, parent), child,
+                                           enc.get() if isinstance(enc, MappedMatrix) else enc)
                 continue
             if name not in slots:
                 raise FormatError(f"{f}: encoded matrix {name!r} is not an expert weight of this "
@@ -139,6 +159,9 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
         first = next(iter(slots))
         raise FormatError(f"{path}: {len(slots)} expert weights are missing from the shards (first: "
                           f"{first}); the checkpoint is incomplete: re-run qmoe compress")
+    for module in modules.values():  # a checkpoint that does not match config.json fails now, not mid-way
+        for proj in layout.projections:
+            module.matrix(proj, 0)
     return modules
 
 
@@ -160,7 +183,34 @@ def _submodule(model: Any, name: str) -> Any:
         raise
 
 
-def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str | None = None) -> Any:
+def check_device_memory(model: Any, device: Any) -> None:
+    """DeviceMemoryError, naming the sizes, unless ``model``'s weights and encoded experts fit the free
+    memory of CUDA ``device`` (``torch.cuda.mem_get_info``); a no-op for other devices."""
+    import torch
+
+    from qmoe.runtime.experts import CompressedExperts
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    dense = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    experts = sum(m.nbytes for m in layers)
+    # The triton backend keeps a [4096] int32 decode table per matrix next to the streams.
+    tables = 4 * 4096 * sum(len(mats) for m in layers for mats in m.matrices.values())
+    free, total = torch.cuda.mem_get_info(device)
+    need = dense + experts + tables
+    if need > free:
+        gib = 2**30
+        raise DeviceMemoryError(
+            f"{device} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB, but this model needs "
+            f"{need / gib:.1f} GiB there ({dense / gib:.1f} GiB of non-expert weights, "
+            f"{(experts + tables) / gib:.1f} GiB of encoded experts and their decode tables); load it with "
+            "device='cpu' (experts run memory-mapped from the files) or on a GPU with more free memory")
+
+
+def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str | None = None,
+         mapped: bool = True) -> Any:
     """The compressed model in ``path`` as a transformers model in eval mode (see the module docstring).
 
     ``dtype`` is that of the non-expert weights and activations (default float32: this is what CPUs run
@@ -168,7 +218,8 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
     ``device``: where everything lives. On a GPU the encoded experts are packed for the device here, once
     per layer and projection, and generation needs no host round trip per token. ``backend``: the experts'
     kernel backend (``cpu``, ``triton``, ``reference``; default triton on CUDA, cpu otherwise; ``triton`` on
-    the CPU runs Triton's interpreter when ``TRITON_INTERPRET=1``).
+    the CPU runs Triton's interpreter when ``TRITON_INTERPRET=1``). ``mapped``: experts used in place from
+    the memory-mapped shards and checked on first use (default), or read and checked at load (False).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -178,16 +229,20 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
 
     path, cfg, _ = check_dir(path)
     auto = AutoModelForSeq2SeqLM if get_adapter(cfg).is_encoder_decoder else AutoModelForCausalLM
+    token = MAPPED.set(mapped)
     try:
         model, info = auto.from_pretrained(str(path), dtype=dtype or torch.float32, output_loading_info=True)
     except (OSError, ValueError) as exc:  # transformers' way of saying a file is unreadable
         raise FormatError(f"cannot load {path} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    finally:
+        MAPPED.reset(token)
     bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:
         raise FormatError(f"{path}: the shards do not match config.json ({bad}); re-run qmoe compress")
     from qmoe.runtime.experts import CompressedExperts
     from qmoe.runtime.linear import CompressedLinear
 
+    check_device_memory(model, device)
     model.to(device)
     for m in model.modules():
         if isinstance(m, CompressedExperts):
