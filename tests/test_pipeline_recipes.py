@@ -223,6 +223,7 @@ def test_switch_calibration_lifts_capacity_and_skips_sentinels(
     assert used < expect["input_ids"] // 2  # the model's own capacity drops tokens
 
 
+@pytest.mark.slow  # a size search: several full compressions (10 min on a loaded 2-core machine)
 @pytest.mark.parametrize("target", [0.7, 1.6])
 def test_target_bits_lands_within_three_percent(tmp_path: Path, target: float) -> None:
     """On the built-in tiny-qwen3-moe (192-wide experts, where metadata is a third of the bytes)."""
@@ -304,6 +305,7 @@ def test_resume_refuses_another_thread_count(tiny_qwen3_moe_dir: Path, tmp_path:
         compress(tiny_qwen3_moe_dir, out, cfg, device="cpu", progress=False)
 
 
+@pytest.mark.slow  # compressions through the CLI
 def test_cli_recipe_and_size_knob(tmp_path: Path) -> None:
     from qmoe.cli import main
 

@@ -33,6 +33,7 @@ def killed_run(src: Path, out: Path, at: str) -> None:
     assert not (out / "config.json").exists()  # never looks complete
 
 
+@pytest.mark.slow  # killed and restarted CLI processes
 @pytest.mark.timeout(300)
 def test_resume_after_kill_is_byte_identical(tmp_path: Path, tokenizer_dir: Path) -> None:
     from qmoe.pipeline import compress
