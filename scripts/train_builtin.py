@@ -47,7 +47,7 @@ class Recipe:
     lr: float  # peak of the first cycle
     warmup: int  # steps of the first cycle's warm-up (later cycles: a third of it)
     restart_lr: float = 0.5  # peak of each later cycle, as a fraction of ``lr``
-    balance: float = 0.0  # weight of the per-layer load-balancing loss (decoder-only MoE; see layer_balance_loss)
+    balance: float = 0.0  # per-layer load-balancing weight (decoder-only MoE; layer_balance_loss)
 
     @property
     def steps(self) -> int:
@@ -189,7 +189,7 @@ def layer_balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_shares(model, tokens: np.ndarray) -> list[list[float]]:
-    """Per layer, each expert's share of the routing slots on ``tokens`` [N, S], relative to the mean (1.0)."""
+    """Per layer, each expert's share of the routing slots on ``tokens`` [N, S], relative to the mean."""
     out = model(input_ids=torch.from_numpy(tokens), output_router_logits=True)
     k, shares = model.config.num_experts_per_tok, []
     for lg in out.router_logits:  # [N * S, E]
