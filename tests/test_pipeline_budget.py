@@ -126,10 +126,9 @@ def _sensitivity(src: Path, out: Path, **config: object) -> list:
 
 
 @pytest.mark.timeout(600)
-def test_sensitivity_pass_equals_transformers(tmp_path: Path, tokenizer_dir: Path) -> None:
+def test_sensitivity_pass_equals_transformers(tmp_path: Path, tiny_qwen3_moe_dir: Path) -> None:
     """kappa, routed counts and expert energies of the streamed pass, recomputed on the transformers model
     with the same samples and the same noise added by a forward hook."""
-    from conftest import save_tiny_qwen3_moe
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qmoe.adapters import get_adapter
@@ -137,7 +136,7 @@ def test_sensitivity_pass_equals_transformers(tmp_path: Path, tokenizer_dir: Pat
     from qmoe.pipeline.budget import NOISE_SCALE, PLAN_SAMPLES
     from qmoe.sources import read_config
 
-    src = save_tiny_qwen3_moe(tmp_path / "src", tokenizer_dir)
+    src = tiny_qwen3_moe_dir
     layers = [asdict(s) for s in _sensitivity(src, tmp_path / "out", calib_samples=80, seq_len=32)]
     assert [s["name"] for s in layers] == ["model.layers.0.mlp", "model.layers.1.mlp"]
 
