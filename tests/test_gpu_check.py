@@ -38,7 +38,7 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path: Path):
     assert rt["prepare_counts"] == [1]
     assert rt["logits_max_abs_diff"] <= 1e-3 * rt["logits_scale"]
     # On the dry run both sides run on the CPU, so their difference is zero by construction and says
-    # nothing; what can fail is that each side compressed (sub-2-bit experts) to a finite, changed loss.
+    # nothing; what can fail is that each side compressed its experts to a finite, changed loss.
     c = res["steps"]["compress"]
     for side in ("device", "cpu"):
         # below 8 bits/weight: encoded, not stored at 16 bits (the check's tiny model has rows a few dozen
