@@ -173,13 +173,18 @@ def flip(path: Path, matrix: str) -> tuple[Path, int]:
             m = shard.encoded[matrix]
             offset = m.parts["qmoe"].begin + 64 + 4 * (m.get().stream.size // 2)  # past the 64-byte header
             del shard, m
-            with open(f, "r+b") as fh:
-                fh.seek(offset)
-                b = fh.read(1)
-                fh.seek(offset)
-                fh.write(bytes([b[0] ^ 0x5A]))
+            xor_byte(f, offset)
             return f, offset
     raise SystemExit(f"{matrix} is in no shard of {path}")
+
+
+def xor_byte(f: Path, offset: int) -> None:
+    """XOR the byte at ``offset`` of ``f`` with 0x5A: flips it, and a second call restores it."""
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x5A]))
 
 
 def big(path: Path, args: argparse.Namespace) -> dict:
@@ -236,7 +241,7 @@ def corruption(path: Path, matrix: str) -> dict:
         res["verify_finds_it"] = len(report["problems"]) == 1 and repr(matrix) in report["problems"][0]
         print(f"verify: {json.dumps(res['verify'])}", flush=True)
     finally:
-        flip(path, matrix)  # the same XOR restores the byte
+        xor_byte(f, offset)  # the same XOR restores the byte (the matrix no longer opens to find it)
     return res
 
 
