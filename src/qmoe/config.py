@@ -13,7 +13,7 @@ from typing import Any
 
 from qmoe.errors import ConfigError
 
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 # Settings that version 1 lacked, with the values version-1 runs used: read old configs as they ran.
 _V1_DEFAULTS = {
     "rate": 0.0,
@@ -28,6 +28,8 @@ _V1_DEFAULTS = {
 _V2_DEFAULTS = {"shared_experts": "keep"}
 # Settings that version 3 lacked, with the values version-3 runs used.
 _V3_DEFAULTS = {"allocation": "uniform"}
+# Settings that version 4 lacked, with the values version-4 runs used (they never dropped an expert).
+_V4_DEFAULTS = {"drop_experts": False}
 
 BITS = ("ternary", "2")
 SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
@@ -57,8 +59,9 @@ class CompressConfig:
       land on this value (below the grid's own size by raising the rate, above it by shrinking the
       levels). ``allocation``: ``"uniform"`` lands every group on ``target_bits``; ``"global"`` spends
       ``target_bits`` over the whole model at one price per bit in nats of loss, so experts and layers that
-      matter more get more bits (``qmoe.pipeline.budget``). ``level_scale``: multiply the grid's levels
-      by this before quantizing (< 1: more weights
+      matter more get more bits (``qmoe.pipeline.budget``); ``drop_experts`` (global only) lets that
+      price give an expert no weights at all: its router never chooses it (``qmoe.adapters.drop``).
+      ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more weights
       get a nonzero code, each smaller; more bits, less error). ``refit``: re-solve each row's levels for
       its final codes (``qmoe.gptq.refit``).
     - ``no_drop``: lift the router's expert capacity during calibration passes, so no calibration token is
@@ -92,6 +95,7 @@ class CompressConfig:
     level_scale: float = 1.0
     target_bits: float | None = None
     allocation: str = "uniform"
+    drop_experts: bool = True
     refit: bool = False
     no_drop: bool = True
     gate_weighted: bool = True
@@ -167,11 +171,13 @@ class CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
         if version == 1:
-            d = {**_V1_DEFAULTS, **_V2_DEFAULTS, **_V3_DEFAULTS, **d}
+            d = {**_V1_DEFAULTS, **_V2_DEFAULTS, **_V3_DEFAULTS, **_V4_DEFAULTS, **d}
         elif version == 2:
-            d = {**_V2_DEFAULTS, **_V3_DEFAULTS, **d}
+            d = {**_V2_DEFAULTS, **_V3_DEFAULTS, **_V4_DEFAULTS, **d}
         elif version == 3:
-            d = {**_V3_DEFAULTS, **d}
+            d = {**_V3_DEFAULTS, **_V4_DEFAULTS, **d}
+        elif version == 4:
+            d = {**_V4_DEFAULTS, **d}
         elif version != CONFIG_VERSION:
             raise ConfigError(
                 f"compress config version {version} is not supported (this qmoe reads "

@@ -167,6 +167,10 @@ class Adapter(ABC):
     # The MLP every token goes through next to the routed experts, relative to the MoE layer (Qwen2-MoE's
     # "shared_expert", DeepSeek-V3's "shared_experts"); None where the family has none.
     shared_experts: str | None = None
+    # The router module, relative to the MoE layer, and the router tensor added to its choice scores where
+    # the family has one (DeepSeek-V3's "e_score_correction_bias"): how an expert is dropped (``drop.py``).
+    router: str = "gate"
+    router_drop_bias: str | None = None
 
     def disk_key(self, name: str) -> str:
         """The on-disk form of a module path or state-dict key (Mixtral: ``model.layers.0.mlp`` ->

@@ -26,6 +26,7 @@ class DeepseekV3Adapter(DecoderMoEAdapter):
     rotary_class = f"{_MODELING}.DeepseekV3RotaryEmbedding"
     experts = swiglu_experts("moe_intermediate_size")
     shared_experts = "shared_experts"
+    router_drop_bias = "e_score_correction_bias"  # sigmoid scores: a -inf logit would still be chosen
     keeps = (
         "the shared experts, the first_k_dense_replace dense MLPs, attention, routers (with their correction "
         "bias), embeddings, norms, head as stored (16-bit)"

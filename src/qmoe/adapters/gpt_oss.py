@@ -42,6 +42,8 @@ class ClampedSwiGLU:
 
 class GptOssAdapter(DecoderMoEAdapter):
     name = "gpt_oss"
+    router = "router"
+    router_drop_bias = "bias"
     model_types = ("gpt_oss",)
     architectures = ("GptOssForCausalLM",)
     layer_class = f"{_MODELING}.GptOssDecoderLayer"

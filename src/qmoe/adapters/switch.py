@@ -26,6 +26,7 @@ def _sparse_blocks(n_layers: int, step: int) -> list[bool]:
 
 class SwitchAdapter(Adapter):
     name = "switch"
+    router = "router"
     model_types = ("switch_transformers",)
     architectures = ("SwitchTransformersForConditionalGeneration",)
     is_encoder_decoder = True

@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "experts and layers that matter get more bits (default recipe: uniform)",
     )
     p.add_argument(
+        "--no-drop-experts",
+        action="store_true",
+        help="with --allocation global: never drop an expert (by default the budget may give an expert no "
+        "weights, and its router then never chooses it)",
+    )
+    p.add_argument(
         "--rate",
         type=float,
         default=None,
@@ -221,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         "level_scale": args.level_scale,
         "target_bits": args.target_bits,
         "allocation": args.allocation,
+        "drop_experts": False if args.no_drop_experts else None,
         "refit": args.refit,
         "shared_experts": args.shared_experts,
         "no_drop": False if args.keep_capacity else None,

@@ -94,7 +94,12 @@ class GroupPlan:
     multipliers: tuple[float, ...]  # [E] relative bit price of each expert (model-wide geometric mean 1)
     bits: float  # planned stored bits/weight (every byte, as the report counts)
     lambdas: tuple[float, ...]  # the size curve: rate scale ...
-    curve: tuple[float, ...]  # ... and bits/weight of priced round-to-nearest there
+    curve: tuple[float, ...]  # ... and bits/weight of priced round-to-nearest there (no expert dropped)
+    dropped: tuple[int, ...] = ()  # experts given no weights at all (the same for both groups of a layer)
+    # [E][K] stored bits and relative squared error sum (W - Q)^2 / sum W^2 of each expert's matrices at
+    # each price, from priced round-to-nearest: what dropping is decided on (not in the report: large)
+    expert_bits: tuple[tuple[float, ...], ...] = ()
+    expert_error: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,20 @@ class BudgetPlan:
         scale = (total - spent_bits) / planned if planned > 0 else 1.0
         return float(np.clip(self.groups[i].bits * scale, 0.05, 2.5))
 
+    def dropped(self, layer: str) -> frozenset[int]:
+        """The experts of MoE layer ``layer`` that the plan gives no weights (none if it is not planned)."""
+        for g in self.groups:
+            if g.layer == layer:
+                return frozenset(g.dropped)
+        return frozenset()
+
     def to_dict(self) -> dict[str, Any]:
+        skip = ("expert_bits", "expert_error")
         return {
             "budget": self.budget,
             "price": self.price,
             "predicted_bits": self.predicted_bits,
-            "groups": [asdict(g) for g in self.groups],
+            "groups": [{k: v for k, v in asdict(g).items() if k not in skip} for g in self.groups],
             "layers": [asdict(s) for s in self.layers],
         }
 
@@ -143,11 +156,23 @@ def multipliers(importance: Sequence[np.ndarray], n_weights: Sequence[int]) -> l
     return [np.minimum(np.nan_to_num(r / norm, nan=MAX_MULTIPLIER), MAX_MULTIPLIER) for r in raw]
 
 
-def choose(budget: float, groups: Sequence[GroupPlan], layers: Sequence[LayerSensitivity]) -> BudgetPlan:
+FINE = 481  # log-spaced prices of the search when experts may be dropped (decisions are discrete)
+
+
+def choose(
+    budget: float,
+    groups: Sequence[GroupPlan],
+    layers: Sequence[LayerSensitivity],
+    top_k: int | None = None,
+) -> BudgetPlan:
     """The model-wide price whose planned sizes meet ``budget``; each group's planned bits at that price.
 
-    Curves are interpolated linearly in (log lambda, bits). Above the largest size of the grid (no price)
-    every group is scaled alike (the search then shrinks levels); below the smallest, the smallest."""
+    Without dropping (``top_k`` None) the group curves are interpolated linearly in (log lambda, bits).
+    Above the largest size of the grid (no price) every group is scaled alike (the search then shrinks
+    levels); below the smallest, the smallest. With dropping, ``top_k`` is the router's: a layer keeps at
+    least that many experts (``drop_decisions``)."""
+    if top_k is not None:
+        return _choose_dropping(budget, groups, layers, top_k)
     lam = np.log(np.asarray(LAMBDAS))
     w = np.array([g.weights for g in groups], dtype=np.float64)
     curves = np.array([g.curve for g in groups])  # [G, K] bits/weight, decreasing in lambda
@@ -166,26 +191,86 @@ def choose(budget: float, groups: Sequence[GroupPlan], layers: Sequence[LayerSen
     return BudgetPlan(float(budget), price, predicted, tuple(planned), tuple(layers))
 
 
-def size_curve(
-    W: Tensor, mult: np.ndarray, grid: str, bits_of: Callable[[Any], float], level_scale: float
-) -> tuple[float, ...]:
-    """Bits/weight of priced round-to-nearest of ``W [E, rows, cols]`` at each ``LAMBDAS`` price (rates
+def at_prices(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``values [..., K]`` given at ``LAMBDAS``, interpolated linearly in log lambda at log-prices
+    ``x [J]``: ``[..., J]``."""
+    lam = np.log(np.asarray(LAMBDAS))
+    k = np.clip(np.searchsorted(lam, x, side="right"), 1, len(lam) - 1)
+    t = np.clip((x - lam[k - 1]) / (lam[k] - lam[k - 1]), 0.0, 1.0)
+    return values[..., k - 1] * (1 - t) + values[..., k] * t
+
+
+def drop_decisions(first: GroupPlan, second: GroupPlan, x: np.ndarray, top_k: int) -> np.ndarray:
+    """``[E, J]`` bool: whether each expert of a layer is worth less than its bits at log-price ``x_j``.
+
+    Kept, expert ``e`` costs ``importance_e (D_e + lambda_nats B_e / importance_e)``, with ``D_e`` the
+    relative squared error of its two groups (first and second projections, added) and ``B_e`` its stored
+    bits; dropped it costs ``importance_e``: its output is gone (a relative error of 1; the tokens it loses
+    go to their next choice, which this estimate ignores). In the groups' rate units
+    (``rate_e = lambda m_e``, ``m_e = n / (importance_e * norm)``) that is: drop when
+    ``1 - D_e < lambda (m1_e b1_e + m2_e b2_e)`` with ``b`` in bits per weight of the expert's matrices.
+    At most ``E - top_k`` experts are dropped (the router must still have ``top_k`` to choose): the ones
+    that lose most by being kept."""
+    b1, b2 = (at_prices(np.asarray(g.expert_bits), x) for g in (first, second))  # [E, J] bits
+    d = at_prices(np.asarray(first.expert_error), x) + at_prices(np.asarray(second.expert_error), x)
+    E = b1.shape[0]
+    m1, m2 = (np.asarray(g.multipliers)[:, None] for g in (first, second))
+    bpw1, bpw2 = b1 / (first.weights / E), b2 / (second.weights / E)
+    margin = (1.0 - d) - np.exp(x)[None, :] * (m1 * bpw1 + m2 * bpw2)  # [E, J] > 0: worth keeping
+    rank = np.argsort(np.argsort(-margin, axis=0, kind="stable"), axis=0, kind="stable")  # 0: best kept
+    return (margin < 0) & (rank >= top_k)
+
+
+def _choose_dropping(
+    budget: float, groups: Sequence[GroupPlan], layers: Sequence[LayerSensitivity], top_k: int
+) -> BudgetPlan:
+    lam = np.log(np.asarray(LAMBDAS))
+    x = np.linspace(lam[0], lam[-1], FINE)
+    w = np.array([g.weights for g in groups], dtype=np.float64)
+    bits = np.zeros((len(groups), FINE))  # [G, J] planned bits/weight of each group, dropped experts free
+    drops: list[np.ndarray] = []  # per layer [E, J]
+    for i in range(0, len(groups), 2):
+        first, second = groups[i], groups[i + 1]
+        drop = drop_decisions(first, second, x, top_k)
+        drops.append(drop)
+        for j, g in enumerate((first, second)):
+            bits[i + j] = (at_prices(np.asarray(g.expert_bits), x) * ~drop).sum(0) / g.weights
+    total = (bits * w[:, None]).sum(0) / w.sum()  # [J], about decreasing in the price
+    below = np.nonzero(total <= budget)[0]
+    j = int(below[0]) if below.size else int(np.argmin(total))
+    scale = budget / total[0] if j == 0 and total[0] < budget else 1.0  # no price: levels shrink alike
+    planned = []
+    for i, g in enumerate(groups):
+        dropped = tuple(int(e) for e in np.nonzero(drops[i // 2][:, j])[0])
+        planned.append(GroupPlan(**{**asdict(g), "bits": float(bits[i, j] * scale), "dropped": dropped}))
+    predicted = float((bits[:, j] * scale * w).sum() / w.sum())
+    price = 0.0 if scale != 1.0 else float(np.exp(x[j]))
+    return BudgetPlan(float(budget), price, predicted, tuple(planned), tuple(layers))
+
+
+def expert_curves(
+    W: Tensor, mult: np.ndarray, grid: str, bits_of: Callable[[Any], np.ndarray], level_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(bits [E, K], error [E, K])``: stored bits (``bits_of``) and relative squared error of each expert
+    of ``W [E, rows, cols]`` under priced round-to-nearest at each ``LAMBDAS`` price (rates
     ``lambda * mult``), without Hessians: uniform column weights."""
     from qmoe.gptq import rtn_quantize
 
     m = torch.as_tensor(mult, dtype=torch.float32)
-    out = []
+    norm = W.square().sum((1, 2)).clamp_min(1e-30)  # [E]
+    bits, err = [], []
     for lam in LAMBDAS:
         rate = (lam * m).clamp(max=MAX_MULTIPLIER)
-        out.append(bits_of(rtn_quantize(W, grid=grid, rate=rate, level_scale=level_scale)))
-    # priced rounding only removes bits as the price rises; keep the curve monotone against codec noise
-    return tuple(np.minimum.accumulate(np.asarray(out)).tolist())
+        q = rtn_quantize(W, grid=grid, rate=rate, level_scale=level_scale)
+        bits.append(np.asarray(bits_of(q), dtype=np.float64))
+        err.append(((W - q.dequantized).square().sum((1, 2)) / norm).double().cpu().numpy())
+    return np.stack(bits, 1), np.stack(err, 1)
 
 
 def make_plan(run: Any) -> BudgetPlan:
     """Measure (``qmoe.pipeline.sensitivity``), trace every group's size curve and choose the price that
     meets ``run.config.target_bits``. Deterministic: a resumed run plans the same."""
-    from qmoe.pipeline.quantize import group_bits, stack_experts
+    from qmoe.pipeline.quantize import expert_bits, stack_experts
     from qmoe.pipeline.sensitivity import measure
 
     p, config = run.p, run.config
@@ -210,10 +295,15 @@ def make_plan(run: Any) -> BudgetPlan:
         for gi, ((kind, projections), W) in enumerate(zip(kinds, stacked, strict=True)):
             m = mults[2 * li + gi]
 
-            def bits_of(q: Any, name: str = name, projections: list[str] = projections) -> float:
-                return group_bits(layout, name, q, projections, config.bits)
+            def bits_of(q: Any, name: str = name, projections: list[str] = projections) -> np.ndarray:
+                return expert_bits(layout, name, q, projections, config.bits)
 
-            curve = size_curve(W, m, config.grid, bits_of, config.level_scale)
-            groups.append(GroupPlan(name, kind, W.numel(), tuple(m.tolist()), 0.0, LAMBDAS, curve))
+            eb, ee = expert_curves(W, m, config.grid, bits_of, config.level_scale)
+            # priced rounding only removes bits as the price rises: monotone against codec noise
+            curve = tuple(np.minimum.accumulate(eb.sum(0) / W.numel()).tolist())
+            groups.append(GroupPlan(name, kind, W.numel(), tuple(m.tolist()), 0.0, LAMBDAS, curve,
+                                    expert_bits=tuple(map(tuple, eb.tolist())),
+                                    expert_error=tuple(map(tuple, ee.tolist()))))
         del stacked
-    return choose(float(config.target_bits), groups, [layers[n] for n in moe])
+    top_k = p.adapter.top_k(p.source_cfg) if config.drop_experts else None
+    return choose(float(config.target_bits), groups, [layers[n] for n in moe], top_k)

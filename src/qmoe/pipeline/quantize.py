@@ -210,25 +210,50 @@ def group_bits(
     bits: str,
     first: int = 0,
     total: Callable[[list[int]], list[int]] = list,
+    dropped: frozenset[int] = frozenset(),
 ) -> float:
     """Stored bits/weight of a quantized group (the fused first projections, or the second): encoded
     arrays plus each matrix's estimated share of the shard header (``codec.matrix_header_bytes``).
 
     ``q`` holds experts ``first, first + 1, ...``; ``total`` sums integer counts over the ranks that hold
-    the rest of the group (``Dist.sum_ints``; one process: the identity)."""
+    the rest of the group (``Dist.sum_ints``; one process: the identity). ``dropped`` experts store nothing
+    but their weights still count: bits/weight is always over the whole group."""
+    stored = expert_bits(layout, moe_path, q, projections, bits, first, total, dropped)
+    (weights,) = total([q.codes.numel()])
+    (nbits,) = total([int(stored.sum())])
+    return nbits / weights
+
+
+def expert_bits(
+    layout: ExpertLayout,
+    moe_path: str,
+    q: QuantizedExperts,
+    projections: list[str],
+    bits: str,
+    first: int = 0,
+    total: Callable[[list[int]], list[int]] = list,
+    dropped: frozenset[int] = frozenset(),
+) -> np.ndarray:
+    """``[E_r]`` int64 stored bits of each expert of ``q`` in this group (arrays and header estimate; 0 for
+    a ``dropped`` one). The header estimate's offset width comes from the whole group (``total``)."""
     from qmoe.codec.container import matrix_header_bytes
 
     rows = q.codes.shape[1] // len(projections)
-    encoded = []
+    encoded: list[list[tuple[str, Any]]] = []
     for e in range(q.codes.shape[0]):
-        for j, proj in enumerate(projections):
-            sl = slice(j * rows, (j + 1) * rows)
-            enc = _encode(q.codes[e, sl].cpu().numpy(), q.levels[e, sl].cpu().numpy(), bits)
-            encoded.append((layout.expert_key(moe_path, first + e, proj), enc))
-    arrays, weights = total([sum(enc.nbytes for _, enc in encoded), q.codes.numel()])
+        mats = []
+        if first + e not in dropped:
+            for j, proj in enumerate(projections):
+                sl = slice(j * rows, (j + 1) * rows)
+                enc = _encode(q.codes[e, sl].cpu().numpy(), q.levels[e, sl].cpu().numpy(), bits)
+                mats.append((layout.expert_key(moe_path, first + e, proj), enc))
+        encoded.append(mats)
+    (arrays,) = total([sum(enc.nbytes for mats in encoded for _, enc in mats)])
     digits = len(str(2 * arrays))  # data offsets in the shard run up to about the layer's size
-    (headers,) = total([sum(matrix_header_bytes(k, enc, digits) for k, enc in encoded)])
-    return 8 * (arrays + headers) / weights
+    return np.array(
+        [8 * sum(enc.nbytes + matrix_header_bytes(k, enc, digits) for k, enc in mats) for mats in encoded],
+        dtype=np.int64,
+    )
 
 
 def encode_experts(
@@ -238,12 +263,13 @@ def encode_experts(
     second: QuantizedExperts,
     bits: str,
     first_expert: int = 0,
+    dropped: frozenset[int] = frozenset(),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Encoded matrices under their on-disk keys, and per-expert size statistics.
 
     ``first`` holds the fused first projections ``[E, F*I, d]`` (in ``layout.first`` order), ``second``
     the second projection ``[E, d, I]``, of experts ``first_expert, first_expert + 1, ...``; each expert
-    projection becomes one encoded ``[rows, cols]`` matrix.
+    projection becomes one encoded ``[rows, cols]`` matrix; a ``dropped`` expert (global index) none.
     """
     E = first.codes.shape[0]
     F = len(layout.first)
@@ -254,6 +280,11 @@ def encode_experts(
     parts.append((layout.second, second, slice(None)))
     for e in range(E):
         nbytes = weights = zeros = 0
+        if first_expert + e in dropped:
+            weights = sum(q.codes[e, sl].numel() for _, q, sl in parts)
+            stats.append({"expert": first_expert + e, "bytes": 0, "weights": weights, "bits_per_weight": 0.0,
+                          "zero_fraction": 1.0, "dropped": True})
+            continue
         for proj, q, sl in parts:
             codes = q.codes[e, sl].cpu().numpy()  # [rows, cols] int8
             levels = q.levels[e, sl].cpu().numpy()  # [rows, n_levels] fp16-exact float32

@@ -39,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qmoe.adapters.drop import dropping
 from qmoe.codec.container import header_share
 from qmoe.config import CompressConfig
 from qmoe.errors import ConfigError, SourceError
 from qmoe.gptq import QuantizedExperts
 from qmoe.pipeline import output, report
-from qmoe.pipeline.budget import BudgetPlan, make_plan
+from qmoe.pipeline.budget import MAX_MULTIPLIER, BudgetPlan, make_plan
 from qmoe.pipeline.buffers import ActivationBuffer, MemoryBudget, to_device
 from qmoe.pipeline.dist import Dist, from_environment, local_device, settle_threads
 from qmoe.pipeline.moe import MoELayerCalibration
@@ -221,7 +222,10 @@ class _Run:
         buf = self.buffers[f"{stack.name}/{stream.name}"]
         mem = self.buffers.get(f"{stack.memory}/{stream.name}") if stack.memory else None
         mask = self.samples[stream.data].get(f"mask:{stack.inputs}") if cal is not None else None
-        with _capacity_lifted(block, self.p.adapter.capacity_attribute if lift else None):
+        with (
+            _capacity_lifted(block, self.p.adapter.capacity_attribute if lift else None),
+            self._dropping(block, bp, stream),
+        ):
             for i0, i1 in batches:
                 h = to_device(buf.data[i0:i1], self.device)  # [B, S, d]
                 if cal is not None:
@@ -235,6 +239,21 @@ class _Run:
                 y = self.p.adapter.block_forward(block, bp.i, h, m, self.stack_state[stack.name])
                 if write:
                     buf.data[i0:i1] = y.to("cpu", torch.float32)
+
+    def dropped(self, moe_path: str | None) -> frozenset[int]:
+        """Experts of the MoE layer at ``moe_path`` that the budget plan gives no weights."""
+        plan = self.budget_plan
+        return frozenset() if plan is None or moe_path is None else plan.dropped(moe_path)
+
+    def _dropping(self, block: torch.nn.Module, bp: BlockPlan, stream: Stream) -> Any:
+        """The compressed streams run with the dropped experts' router columns masked (as the compressed
+        model will), so later blocks, and this block's Hessians, see the tokens go to their next choice."""
+        dropped = self.dropped(bp.moe_path)
+        if stream.reference or not dropped:
+            return contextlib.nullcontext()
+        adapter = self.p.adapter
+        moe = block.get_submodule(adapter.module_key(bp.stack.moe_layers[bp.i]))
+        return dropping(adapter, moe, sorted(dropped), self.p.n_experts, adapter.top_k(self.p.source_cfg))
 
     def _shared_quantized(self, bp: BlockPlan) -> list[str]:
         """On-disk keys of this block's shared-expert weights that are quantized (``--shared-experts``)."""
@@ -380,9 +399,11 @@ class _Run:
             [None] * E if q.objective is None else dist.gather_experts(q.objective.cpu(), E).tolist()
             for q in (q1, q2)
         ]
+        dropped = self.dropped(bp.moe_path)
         parts = dist.gather_objects(
             dist.guard(
-                lambda: encode_experts(layout, bp.moe_path, q1, q2, config.bits, lo), f"encoding of {where}"
+                lambda: encode_experts(layout, bp.moe_path, q1, q2, config.bits, lo, dropped),
+                f"encoding of {where}",
             )
         )
         if not dist.main:
@@ -408,6 +429,7 @@ class _Run:
             level_scales=[scale1, scale2],
         )
         row["group_bits"] = [bits1, bits2]  # each group's stored bits/weight, header estimate included
+        row["dropped"] = sorted(dropped)  # experts given no weights (a budget's choice)
         if (
             bp.shared_keys
         ):  # the shared experts' own line: stored (kept) or encoded bytes, header share included
@@ -457,8 +479,11 @@ class _Run:
         projections = list(layout.first) if kind == "first" else [layout.second]
         H, counts = (None, None) if acc is None else (acc.H, acc.counts)
 
+        dropped = self.dropped(moe_path)
+
         def bits_of(q: QuantizedExperts) -> float:
-            return group_bits(layout, moe_path, q, projections, config.bits, first, self.dist.sum_ints)
+            sum_ints = self.dist.sum_ints
+            return group_bits(layout, moe_path, q, projections, config.bits, first, sum_ints, dropped)
 
         if config.target_bits is None:
             return quantize(W, H, counts, config), config.rate, config.level_scale, None
@@ -468,6 +493,9 @@ class _Run:
             target = self.budget_plan.target(i, self.spent_bits)
             m = self.budget_plan.groups[i].multipliers[first : first + W.shape[0]]
             weights = torch.tensor(m, dtype=torch.float32, device=W.device)
+            for e in dropped:  # not stored: round them to zero at once, their bits are not counted anyway
+                if first <= e < first + W.shape[0]:
+                    weights[e - first] = MAX_MULTIPLIER
         q, rate, scale, bits = quantize_to_size(W, H, counts, config, bits_of, target, weights)
         if self.budget_plan is not None:
             self.spent_bits += bits * self.budget_plan.groups[i].weights
@@ -548,7 +576,9 @@ class _Run:
         return results
 
 
-def _quantization_config(p: Plan, config: CompressConfig, version: str) -> dict[str, Any]:
+def _quantization_config(
+    p: Plan, config: CompressConfig, version: str, plan: BudgetPlan | None = None
+) -> dict[str, Any]:
     from qmoe.codec import FORMAT_VERSION
 
     layout = p.adapter.experts
@@ -591,6 +621,12 @@ def _quantization_config(p: Plan, config: CompressConfig, version: str) -> dict[
             "num_experts": p.n_experts,
         },
         "run_fingerprint": p.fingerprint,
+        # MoE layer (on-disk path) -> experts with no weights: the loader masks them in the router
+        "dropped_experts": {
+            bp.moe_path: sorted(plan.dropped(bp.moe_path))
+            for bp in p.blocks
+            if plan is not None and bp.moe_path is not None and plan.dropped(bp.moe_path)
+        },
     }
 
 
@@ -749,7 +785,7 @@ def compress(
             }
             atomic_write_text(p.out / report.REPORT_FILE, json.dumps(rep, indent=1) + "\n")
             output.write_config(
-                p.out, p.source_cfg, _quantization_config(p, config, __version__)
+                p.out, p.source_cfg, _quantization_config(p, config, __version__, run.budget_plan)
             )  # marks done
             return rep
 

@@ -29,6 +29,23 @@ _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "
          "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
 
 
+def _dropped_by_bias_key(adapter: Any, cfg: dict[str, Any], path: Path) -> dict[str, tuple[str, list[int]]]:
+    """``{router tensor's on-disk key: (MoE layer, dropped experts)}``; ConfigError where the family's
+    router has no tensor that can exclude an expert (transformers could not reproduce the model)."""
+    dropped = {k: v for k, v in ((cfg.get("quantization_config") or {}).get("dropped_experts") or {}).items()
+               if v}
+    if not dropped:
+        return {}
+    if adapter.router_drop_bias is None:
+        n = sum(len(v) for v in dropped.values())
+        raise ConfigError(f"{path} has {n} dropped experts (quantization_config.dropped_experts), and a "
+                          f"dense {cfg.get('model_type')} router has no tensor that excludes an expert, so no "
+                          "dense checkpoint reproduces this model: run it with qmoe (qmoe.load, qmoe "
+                          "generate), or compress with --no-drop-experts")
+    return {f"{layer}.{adapter.router}.{adapter.router_drop_bias}": (layer, sorted(v))
+            for layer, v in dropped.items()}
+
+
 def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
     """Write the dense checkpoint of the compressed directory ``src`` to ``out``; returns a summary.
 
@@ -52,6 +69,7 @@ def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> di
     if name not in DTYPES:
         raise ConfigError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, DTYPES[name])
+    dropped = _dropped_by_bias_key(adapter, cfg, path)  # router tensor key -> (MoE layer, dropped experts)
     tmp = out.with_name(out.name + ".partial")
     if tmp.is_symlink() or tmp.exists():  # ours (an interrupted run) only if it holds our marker
         if tmp.is_symlink() or not tmp.is_dir() or not (tmp / PARTIAL_MARKER).is_file():
@@ -67,6 +85,20 @@ def decompress(src: str | Path, out: str | Path, dtype: str | None = None) -> di
         shard = load_shard(f, verify=True)  # crc32 of every tensor checked
         dense = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in shard.tensors.items()}
         stacks: dict[str, dict[int, Any]] = {}  # stacked layouts: on-disk key -> {expert: [out, in]}
+        for bias_key, (layer, gone) in dropped.items():
+            if bias_key not in dense:
+                continue
+            # the router never chooses them (-inf added to their choice score); their weights are zeros
+            dense[bias_key] = dense[bias_key].clone()
+            dense[bias_key][list(gone)] = float("-inf")
+            for e in gone:
+                for proj in layout.projections:
+                    w = torch.zeros(layout.shape(cfg, proj), dtype=torch_dtype)
+                    key = layout.expert_key(layer, e, proj)
+                    if layout.stacked:
+                        stacks.setdefault(key.rsplit(".", 1)[0], {})[e] = w
+                    else:
+                        dense[key] = w
         for key, enc in shard.encoded.items():
             w = torch.from_numpy(dequantize(enc)).to(torch_dtype)  # [out, in], nn.Linear layout
             experts += 1

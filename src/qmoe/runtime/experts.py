@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -65,6 +66,21 @@ class CompressedExperts(nn.Module):
         self._state: dict[str, Any] = {}  # projection -> prepared experts, for self._state_key
         self._state_key: tuple[str, str] | None = None  # (backend, device) the state was prepared for
         self.prepare_count = 0  # how often the experts were packed for a device (tests, diagnostics)
+        self.dropped: tuple[int, ...] = ()  # experts with no weights: the router never chooses them
+        self.drop_router: Callable[[], None] | None = None  # masks the router (after transformers loads it)
+
+    def drop(self, dropped: tuple[int, ...]) -> None:
+        """Experts ``dropped`` have no weights. Each holds an all-zero placeholder of its shape, so that the
+        kernels' per-layer state keeps one entry per expert index; the masked router never sends it a
+        token (and if it did, the output would be zero)."""
+        from qmoe.codec import encode_ternary
+
+        self.dropped = tuple(dropped)
+        for p, (rows, cols) in self.shapes.items():
+            zero = encode_ternary(np.zeros((rows, cols), np.int8), np.zeros(rows, np.float32),
+                                  np.zeros(rows, np.float32))
+            for e in dropped:
+                self.matrices[p][e] = zero
 
     def set_expert(self, e: int, proj: str, enc: EncodedMatrix | MappedMatrix, name: str = "") -> None:
         """Place expert ``e``'s projection ``proj``; FormatError if its shape does not fit the config (for a
@@ -116,7 +132,8 @@ class CompressedExperts(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for mats in self.matrices.values() for m in mats if m is not None)
+        return sum(m.nbytes for mats in self.matrices.values() for e, m in enumerate(mats)
+                   if m is not None and e not in self.dropped)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         r = self.routing(args, kwargs)

@@ -79,6 +79,8 @@ class QMoEHfQuantizer(HfQuantizer):
         # already in memory; mapped experts (qmoe.codec.mapped) are opened and prepared on first use, so that
         # loading reads no expert.
         for module in model.modules():
+            if isinstance(module, CompressedExperts) and module.drop_router is not None:
+                module.drop_router()  # the router's tensors are loaded now: mask the dropped experts
             if isinstance(module, CompressedExperts):
                 for mats in module.matrices.values():
                     for enc in mats:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,7 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
     experts container of ``model`` (usually still on ``meta``). Returns ``{moe layer path: module}``.
     """
     from qmoe.adapters import get_adapter
+    from qmoe.adapters.drop import drop_experts
     from qmoe.codec import load_shard
     from qmoe.codec.mapped import MappedMatrix, open_shard
     from qmoe.runtime.experts import CompressedExperts
@@ -120,6 +122,7 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
     n_experts = adapter.num_experts(cfg)
     shapes = {p: layout.shape(cfg, p) for p in layout.projections}
     modules: dict[str, CompressedExperts] = {}
+    dropped_cfg = (cfg.get("quantization_config") or {}).get("dropped_experts") or {}
     slots: dict[str, tuple[CompressedExperts, int, str]] = {}  # on-disk key -> (module, expert, projection)
     for layer in adapter.moe_layers(cfg):
         parent = _submodule(model, layer)
@@ -131,7 +134,14 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
         parent._is_hf_initialized = True
         module._is_hf_initialized = True
         modules[layer] = module
+        dropped = _dropped(dropped_cfg, adapter.disk_key(layer), n_experts, path)
+        if dropped:  # no weights stored; the router is masked once transformers has loaded it
+            module.drop(dropped)
+            top_k = adapter.top_k(cfg)
+            module.drop_router = partial(drop_experts, adapter, parent, dropped, n_experts, top_k)
         for e in range(n_experts):
+            if e in dropped:
+                continue
             for proj in layout.projections:
                 slots[layout.expert_key(adapter.disk_key(layer), e, proj)] = (module, e, proj)
     mapped = MAPPED.get()
@@ -160,9 +170,19 @@ def convert(model: Any, path: Path, cfg: dict[str, Any], files: list[Path]) -> d
         raise FormatError(f"{path}: {len(slots)} expert weights are missing from the shards (first: "
                           f"{first}); the checkpoint is incomplete: re-run qmoe compress")
     for module in modules.values():  # a checkpoint that does not match config.json fails now, not mid-way
+        kept = next(e for e in range(n_experts) if e not in module.dropped)
         for proj in layout.projections:
-            module.matrix(proj, 0)
+            module.matrix(proj, kept)
     return modules
+
+
+def _dropped(dropped_cfg: dict[str, Any], layer: str, n_experts: int, path: Path) -> tuple[int, ...]:
+    """The experts of MoE layer ``layer`` (on-disk path) that the checkpoint stores no weights for."""
+    got = dropped_cfg.get(layer, [])
+    if not isinstance(got, list) or not all(isinstance(e, int) and 0 <= e < n_experts for e in got):
+        raise FormatError(f"{path / 'config.json'}: quantization_config.dropped_experts[{layer!r}] is "
+                          f"{got!r}, not a list of expert indices below {n_experts}; the file is corrupt")
+    return tuple(sorted(set(got)))
 
 
 def _is_shared(adapter: Any, name: str) -> bool:

@@ -56,8 +56,15 @@ def _expected(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
     adapter = get_adapter(cfg)
     layout = adapter.experts
     shapes = {p: tuple(layout.shape(cfg, p)) for p in layout.projections}
-    return {layout.expert_key(adapter.disk_key(layer), e, p): shapes[p] for layer in adapter.moe_layers(cfg)
-            for e in range(adapter.num_experts(cfg)) for p in layout.projections}
+    dropped = (cfg.get("quantization_config") or {}).get("dropped_experts") or {}
+    out = {}
+    for layer in adapter.moe_layers(cfg):
+        disk = adapter.disk_key(layer)
+        gone = set(dropped.get(disk, ()))  # experts the budget gave no weights: nothing stored
+        for e in range(adapter.num_experts(cfg)):
+            if e not in gone:
+                out.update({layout.expert_key(disk, e, p): shapes[p] for p in layout.projections})
+    return out
 
 
 def _chunks(items: list[tuple[int, int, Any]]) -> list[tuple[int, int, list[Any]]]:
