@@ -86,6 +86,12 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
             "calibrated": True,
             "seeds": sweep_seeds,
         }
+        v[f"budget {b:g} no-drop"] = {  # the same budget with every expert kept (--no-drop-experts)
+            "recipe": "default",
+            "over": {"target_bits": b, "allocation": "global", "drop_experts": False},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
     return v
 
 
@@ -107,6 +113,7 @@ def model_work_dir(work: str | Path, model: str) -> Path:
 
 
 def run_one(model: str, name: str, spec: dict[str, Any], seed: int, args: argparse.Namespace) -> dict:
+    from qmoe.config import CompressConfig
     from qmoe.pipeline import compress
     from qmoe.recipes import recipe
 
@@ -121,7 +128,11 @@ def run_one(model: str, name: str, spec: dict[str, Any], seed: int, args: argpar
         eval_samples=args.eval_samples,
     )
     t0 = time.perf_counter()
-    rep = compress(model, out, cfg, progress=False)
+    done = out / "qmoe_report.json"
+    if done.is_file() and _same_run(CompressConfig.from_dict(json.loads(done.read_text())["config"]), cfg):
+        rep = json.loads(done.read_text())  # written by an older qmoe whose settings read the same
+    else:
+        rep = compress(model, out, cfg, progress=False)
     fresh = time.perf_counter() - t0
     print(
         f"  {model} {name} seed {seed}: {rep['totals']['expert_bits_per_weight']:.3f} bits/w, "
@@ -130,6 +141,15 @@ def run_one(model: str, name: str, spec: dict[str, Any], seed: int, args: argpar
         flush=True,
     )
     return rep
+
+
+def _same_run(a: Any, b: Any) -> bool:
+    """Whether two CompressConfigs compress alike (``drop_experts`` only matters to a global budget)."""
+    from dataclasses import replace
+
+    if a.allocation != "global" and b.allocation != "global":
+        a = replace(a, drop_experts=b.drop_experts)
+    return a == b
 
 
 def _evals(rep: dict) -> dict[str, dict]:
@@ -237,7 +257,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
         budget = sorted(
             (v["expert_bits_per_weight"], v["validation"]["delta"], v["validation"]["ci95"])
             for k, v in res.items()
-            if k.startswith("budget ")
+            if k.startswith("budget ") and not k.endswith("no-drop")
         )
         if budget:
             x, y, e = zip(*budget, strict=True)
@@ -344,6 +364,7 @@ def main() -> None:
         ]
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
         pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ")]
+        pairs += [(k, k + " no-drop") for k in runs if k.startswith("budget ") and not k.endswith("no-drop")]
         pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
         for a, b in pairs:
             if a in runs and b in runs:

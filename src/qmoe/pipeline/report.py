@@ -9,10 +9,10 @@ Report layout (``REPORT_VERSION`` 1)::
                  "array_bytes", "header_bytes", "rate": {proj: float}, "level_scale": {proj: float},
                  "seconds", "rss_bytes",
                  "per_expert": [{"expert", "tokens", "tokens_used", "fallback", "objective": {proj: ...},
-                                 "zero_fraction", "bits_per_weight", "bytes"}],
+                                 "zero_fraction", "bits_per_weight", "bytes", "dropped"}],
                  "shared": {"weights", "bytes", "bits_per_weight", "tokens_used"}}],  # if the family has them
      "totals": {"params", "expert_params", "bytes", "bits_per_param", "expert_bits_per_weight",
-                "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback",
+                "ratio_vs_bf16", "experts", "experts_gptq", "experts_fallback", "experts_dropped",
                 "shared_expert_params", "shared_expert_bytes", "shared_expert_bits_per_weight"},
      "eval": {"split", "samples", "tokens", "loss_reference", "loss_compressed", "sample_tokens",
               "sample_loss_reference", "sample_loss_compressed"} | null,   # per-sample summed nats
@@ -101,7 +101,9 @@ def layer_row(
                 "expert": e,
                 "tokens": routed[e],
                 "tokens_used": used[e],
-                "fallback": any(fb[e] for fb in fallbacks),
+                # a dropped expert has no weights to quantize: not a fallback, whatever its (zero) tokens
+                "fallback": any(fb[e] for fb in fallbacks) and not s.get("dropped", False),
+                "dropped": s.get("dropped", False),
                 "objective": {n: obj[e] for n, obj in zip(objective_names, objectives, strict=True)},
                 "zero_fraction": s["zero_fraction"],
                 "bits_per_weight": s["bits_per_weight"],
@@ -169,6 +171,7 @@ def totals(
 ) -> dict[str, Any]:
     experts = sum(r["experts"] for r in layers)
     fell = sum(r["fallbacks"] for r in layers)
+    dropped = sum(len(r.get("dropped", ())) for r in layers)
     shared_weights = sum(r["shared"]["weights"] for r in layers if "shared" in r)
     shared_bytes = sum(r["shared"]["bytes"] for r in layers if "shared" in r)
     return {
@@ -180,8 +183,9 @@ def totals(
         "expert_bits_per_weight": 8 * expert_bytes / max(1, expert_params),
         "ratio_vs_bf16": 2 * params / total_bytes,
         "experts": experts,
-        "experts_gptq": experts - fell,
+        "experts_gptq": experts - fell - dropped,
         "experts_fallback": fell,
+        "experts_dropped": dropped,  # given no weights by the budget (the router never chooses them)
         "shared_expert_params": shared_weights,
         "shared_expert_bytes": shared_bytes,
         "shared_expert_bits_per_weight": 8 * shared_bytes / shared_weights if shared_weights else None,
@@ -240,7 +244,8 @@ def summary(report: dict[str, Any], table: bool = True) -> str:
         f"{t['expert_bits_per_weight']:.3f} bits/weight in experts (every stored byte), "
         f"ratio {t['ratio_vs_bf16']:.1f}x vs bf16",
         f"experts     {t['experts']} quantized: {t['experts_gptq']} by {report['config']['method']}, "
-        f"{t['experts_fallback']} fell back to round-to-nearest",
+        f"{t['experts_fallback']} fell back to round-to-nearest"
+        + (f", {t['experts_dropped']} dropped (no weights)" if t.get("experts_dropped") else ""),
     ]
     if t.get("shared_expert_params"):
         how = report["config"].get("shared_experts", "keep")

@@ -39,8 +39,8 @@ def _dropped_by_bias_key(adapter: Any, cfg: dict[str, Any], path: Path) -> dict[
     if adapter.router_drop_bias is None:
         n = sum(len(v) for v in dropped.values())
         raise ConfigError(f"{path} has {n} dropped experts (quantization_config.dropped_experts), and a "
-                          f"dense {cfg.get('model_type')} router has no tensor that excludes an expert, so no "
-                          "dense checkpoint reproduces this model: run it with qmoe (qmoe.load, qmoe "
+                          f"dense {cfg.get('model_type')} router has no tensor that excludes an expert, so"
+                          " no dense checkpoint reproduces this model: run it with qmoe (qmoe.load, qmoe "
                           "generate), or compress with --no-drop-experts")
     return {f"{layer}.{adapter.router}.{adapter.router_drop_bias}": (layer, sorted(v))
             for layer, v in dropped.items()}
