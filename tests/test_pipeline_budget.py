@@ -237,3 +237,32 @@ def test_global_budget_lands_and_resumes(tmp_path: Path, tokenizer_dir: Path) ->
     assert rep["resumed_from_block"] == 2
     assert output_bytes(out) == output_bytes(tmp_path / "ref")
     assert json.dumps(rep["budget"]) == json.dumps(ref["budget"])
+
+
+def test_fixed_price_prices_experts_without_a_size_search(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """``allocation='global'`` without ``target_bits``: every group at ``rate`` times its experts' relative
+    prices (no size search). Against the uniform run at the same rate (the control), in the first MoE layer
+    (whose Hessians both runs share): an expert priced below the model-wide typical price (multiplier < 1)
+    keeps more nonzero codes, one priced above keeps fewer."""
+    from test_drop import _saved, _tiny
+
+    from qmoe.config import CompressConfig
+    from qmoe.pipeline import compress
+
+    src = _saved(_tiny("qwen3_moe"), tmp_path / "src", tokenizer_dir)  # no size target: any width
+    base = dict(calib_samples=16, seq_len=32, eval_samples=8, batch_size=8, rate=0.3, drop_experts=False)
+    rep = compress(src, tmp_path / "price", CompressConfig(allocation="global", **base), device="cpu",
+                   progress=False)
+    uni = compress(src, tmp_path / "uniform", CompressConfig(**base), device="cpu", progress=False)
+    plan = rep["budget"]
+    assert plan["fixed_price"] and plan["price"] == 0.3
+    assert rep["layers"][0]["rate"] == {"gate_proj+up_proj": 0.3, "down_proj": 0.3}  # scalar; experts x m_e
+    m = np.asarray(plan["groups"][0]["multipliers"])
+    zeros, control = ([e["zero_fraction"] for e in r["layers"][0]["per_expert"]] for r in (rep, uni))
+    # the first projections see identical Hessians in both runs, the second ones inputs that differ (they
+    # follow the first's quantization), so the per-expert zero fraction follows the price in most experts
+    # and, on average, always
+    shift = np.asarray(zeros) - np.asarray(control)  # [E] more zeros than at the uniform price
+    agree = np.sign(shift) == np.sign(m - 1)
+    assert agree.mean() >= 2 / 3, (m, shift)
+    assert shift[m > 1].mean() > shift[m < 1].mean(), (m, shift)

@@ -59,8 +59,11 @@ class CompressConfig:
       land on this value (below the grid's own size by raising the rate, above it by shrinking the
       levels). ``allocation``: ``"uniform"`` lands every group on ``target_bits``; ``"global"`` spends
       ``target_bits`` over the whole model at one price per bit in nats of loss, so experts and layers that
-      matter more get more bits (``qmoe.pipeline.budget``); ``drop_experts`` (global only) lets that
-      price give an expert no weights at all: its router never chooses it (``qmoe.adapters.drop``).
+      matter more get more bits (``qmoe.pipeline.budget``); without ``target_bits`` it prices every
+      rounding decision at that one model-wide price, ``rate`` for an expert of typical importance and
+      ``rate`` times its relative price for the others (no size search); ``drop_experts`` (global only)
+      lets that price give an expert no weights at all: its router never chooses it
+      (``qmoe.adapters.drop``).
       ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more weights
       get a nonzero code, each smaller; more bits, less error). ``refit``: re-solve each row's levels for
       its final codes (``qmoe.gptq.refit``).
@@ -115,10 +118,6 @@ class CompressConfig:
             )
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.allocation == "global" and self.target_bits is None:
-            raise ConfigError(
-                "allocation 'global' spends a budget: give target_bits too (e.g. --target-bits 1.0)"
-            )
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         allowed = GRIDS_FOR_BITS[self.bits]

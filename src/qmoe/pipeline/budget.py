@@ -104,11 +104,12 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    budget: float  # expert bits/weight for the whole model
+    budget: float  # expert bits/weight for the whole model (a fixed price: the size predicted at it)
     price: float  # lambda: the model-wide price, in the groups' rate scale
     predicted_bits: float  # the plan's size at that price (== budget unless out of reach)
     groups: tuple[GroupPlan, ...]
     layers: tuple[LayerSensitivity, ...]
+    fixed_price: bool = False  # no size target: every group quantized at ``price`` (no size search)
 
     def index(self, layer: str, group: str) -> int:
         for i, g in enumerate(self.groups):
@@ -140,6 +141,7 @@ class BudgetPlan:
             "budget": self.budget,
             "price": self.price,
             "predicted_bits": self.predicted_bits,
+            "fixed_price": self.fixed_price,
             "groups": [{k: v for k, v in asdict(g).items() if k not in skip} for g in self.groups],
             "layers": [asdict(s) for s in self.layers],
         }
@@ -312,4 +314,28 @@ def make_plan(run: Any) -> BudgetPlan:
                                     expert_error=tuple(map(tuple, ee.tolist()))))
         del stacked
     top_k = p.adapter.top_k(p.source_cfg) if config.drop_experts else None
+    if config.target_bits is None:
+        return at_price(float(config.rate), groups, [layers[n] for n in moe], top_k)
     return choose(float(config.target_bits), groups, [layers[n] for n in moe], top_k)
+
+
+def at_price(
+    price: float, groups: Sequence[GroupPlan], layers: Sequence[LayerSensitivity], top_k: int | None = None
+) -> BudgetPlan:
+    """The plan of one fixed model-wide price (no budget): every group at rates ``price * multipliers``,
+    its bits those of priced round-to-nearest there (a prediction; the GPTQ pass does not search a size),
+    and the experts that price rounds to zero dropped (``top_k`` None: none)."""
+    x = np.log(np.asarray([min(max(price, LAMBDAS[0]), LAMBDAS[-1])]))  # [1]
+    planned = []
+    for i in range(0, len(groups), 2):
+        first, second = groups[i], groups[i + 1]
+        drop = drop_decisions(first, second, x, top_k)[:, 0] if top_k is not None else None
+        for g in (first, second):
+            eb = at_prices(np.asarray(g.expert_bits), x)[:, 0]  # [E]
+            kept = eb if drop is None else eb * ~drop
+            dropped = () if drop is None else tuple(int(e) for e in np.nonzero(drop)[0])
+            bits = float(kept.sum() / g.weights)
+            planned.append(GroupPlan(**{**asdict(g), "bits": bits, "dropped": dropped}))
+    w = np.array([g.weights for g in planned], dtype=np.float64)
+    predicted = float(sum(g.bits * g.weights for g in planned) / w.sum())
+    return BudgetPlan(predicted, float(price), predicted, tuple(planned), tuple(layers), fixed_price=True)

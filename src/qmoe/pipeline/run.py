@@ -53,6 +53,7 @@ from qmoe.pipeline.preflight import BlockPlan, Plan, plan
 from qmoe.pipeline.quantize import (
     encode_experts,
     encode_fused,
+    expert_rates,
     group_bits,
     quantize,
     quantize_to_size,
@@ -135,7 +136,7 @@ class _Run:
         """Follow ``plan``; the groups of blocks already done (a resumed run) count as spent."""
         self.budget_plan = plan
         self.spent_bits = 0.0
-        for row in self.state.layers:
+        for row in self.state.layers if not plan.fixed_price else ():  # a fixed price has no size to keep
             for kind, bits in zip(("first", "second"), row["group_bits"], strict=True):
                 self.spent_bits += bits * plan.groups[plan.index(row["name"], kind)].weights
 
@@ -485,20 +486,24 @@ class _Run:
             sum_ints = self.dist.sum_ints
             return group_bits(layout, moe_path, q, projections, config.bits, first, sum_ints, dropped)
 
-        if config.target_bits is None:
+        plan = self.budget_plan
+        if config.target_bits is None and plan is None:
             return quantize(W, H, counts, config), config.rate, config.level_scale, None
         target, weights = None, None
-        if self.budget_plan is not None:
-            i = self.budget_plan.index(moe_path, kind)
-            target = self.budget_plan.target(i, self.spent_bits)
-            m = self.budget_plan.groups[i].multipliers[first : first + W.shape[0]]
+        if plan is not None:
+            i = plan.index(moe_path, kind)
+            m = plan.groups[i].multipliers[first : first + W.shape[0]]
             weights = torch.tensor(m, dtype=torch.float32, device=W.device)
             for e in dropped:  # not stored: round them to zero at once, their bits are not counted anyway
                 if first <= e < first + W.shape[0]:
                     weights[e - first] = MAX_MULTIPLIER
+            if plan.fixed_price:  # one model-wide price, no size search
+                q = quantize(W, H, counts, config, rate=expert_rates(plan.price, weights))
+                return q, plan.price, config.level_scale, None
+            target = plan.target(i, self.spent_bits)
         q, rate, scale, bits = quantize_to_size(W, H, counts, config, bits_of, target, weights)
-        if self.budget_plan is not None:
-            self.spent_bits += bits * self.budget_plan.groups[i].weights
+        if plan is not None:
+            self.spent_bits += bits * plan.groups[i].weights
         return q, rate, scale, bits
 
     # -- the run ---------------------------------------------------------------------------------------------
