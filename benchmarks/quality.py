@@ -40,6 +40,8 @@ def variants() -> dict[str, dict[str, Any]]:
         "RTN ternary": {"recipe": "qmoe", "over": {"method": "rtn"}, "calibrated": False},
         "QMoE recipe": {"recipe": "qmoe", "over": {}, "calibrated": True},
         "qmoe default": {"recipe": "default", "over": {}, "calibrated": True},
+        # the default's rate as one model-wide price, spread over experts by measured importance
+        "qmoe default, global price": {"recipe": "default", "over": {"allocation": "global"}, "calibrated": True},
         "RTN 2-bit": {
             "recipe": "qmoe",
             "over": {"method": "rtn", "bits": "2", "grid": "int2"},
@@ -357,6 +359,8 @@ def main() -> None:
         comparisons = {}
         pairs = [
             ("qmoe default", "QMoE recipe"),
+            ("qmoe default, global price", "QMoE recipe"),
+            ("qmoe default, global price", "qmoe default"),
             ("QMoE recipe", "RTN ternary"),
             ("qmoe default", "RTN ternary"),
             ("GPTQ 2-bit", "RTN 2-bit"),
