@@ -196,6 +196,7 @@ class EncodedMatrix:
             )
         if int(b[:4].view("<u4")[0]) != MAGIC:
             raise FormatError("encoded-matrix header has a wrong magic number: not a qmoe matrix, or corrupt")
+        _check_version(int(b[4]))  # the version's low byte: version 2 packs other fields next to it
         if int(b[4]) == 2:
             return cls._from_v2(format2.parse(b, verify, copy, padded))
         if b.size < 4 * HEADER_WORDS:
