@@ -221,7 +221,7 @@ class EncodedMatrix:
         kind = KINDS[f["kind_id"]]
         table = CodeTable(kind, f["run_limit"], f["background"], f["lengths"])
         enc = cls(kind, f["shape"], table, f["stream"], f["block_log2"], f["block_offsets"], f["row_deltas"],
-                  f["levels"], f["total_bits"], version=2, level_steps=f["level_steps"])
+                  f["levels"], f["total_bits"], version=2, level_steps=f["level_steps"], _blob=f["blob"])
         enc.validate()
         return enc
 

@@ -122,8 +122,10 @@ def nbytes_of(h: np.void) -> int:
 
 def parse(b: np.ndarray, verify: bool, copy: bool, padded: bool) -> dict:
     """The fields of version-2 blob ``b`` expanded to version 1's in-memory arrays, as keyword arguments
-    for ``EncodedMatrix`` (plus ``kind_id`` and ``run_limit``); FormatError naming the field or row that is
-    wrong. ``EncodedMatrix.validate`` checks the rest (prefix code, stream padding)."""
+    for ``EncodedMatrix`` (plus ``kind_id``, ``run_limit`` and ``blob``, the blob without padding: a view
+    of ``b`` unless ``copy``); FormatError naming the field or row that is wrong. ``EncodedMatrix.validate``
+    checks the rest (prefix code, stream padding). The stream is a view of ``blob``: a mapped shard's
+    pages are read by the kernels in place, and ``nbytes`` needs no rebuild."""
     from qmoe.codec.format import KINDS, MAX_BLOCK_LOG2, MAX_COLS, block_log2_for
 
     if b.size < HEADER2_BYTES:
@@ -151,10 +153,11 @@ def parse(b: np.ndarray, verify: bool, copy: bool, padded: bool) -> dict:
         h0[_CRC] = 0
         if zlib.crc32(h0) != int(h["crc"]):
             raise FormatError("encoded matrix fails its crc32 check: the data is corrupt")
+    # One copy of the blob (or none): the stream is a view of it, and so is the matrix's to_blob().
+    b = b[:need].copy() if copy else b[:need]
     at = HEADER2_BYTES
     nwords = (bits + 31) // 32 + 1
-    stream = b[at : at + 4 * nwords]
-    stream = (stream.copy() if copy else stream).view("<u4")
+    stream = b[at : at + 4 * nwords].view("<u4")
     at += 4 * nwords
     nmeta = (rows * sum(widths) + 7) // 8
     f_len, f1, f2 = _unpack(b[at : at + nmeta], rows, widths)
@@ -207,4 +210,4 @@ def parse(b: np.ndarray, verify: bool, copy: bool, padded: bool) -> dict:
     return {"kind_id": kind_id, "shape": (rows, cols), "background": int(h["background"]),
             "run_limit": run_limit, "lengths": lengths, "stream": stream, "block_log2": g,
             "block_offsets": block_offsets, "row_deltas": row_deltas, "levels": levels, "total_bits": bits,
-            "level_steps": steps}
+            "level_steps": steps, "blob": b}
