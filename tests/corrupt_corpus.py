@@ -5,7 +5,9 @@ Each entry is an ``EncodedMatrix`` whose arrays are consistent (so ``to_arrays``
 checksum does not protect against a crafted file), or, for the "layout" entries, one built directly with bad
 offsets that every decoder must refuse before it reads the stream. Mutations work on the stream's bits, row by
 row: truncated rows, extended rows, flipped bits, moved row boundaries, other widths in the header, another
-code table in the header.
+code table in the header. Each kind comes twice: as a format-1 matrix (levels off format 2's grid) and as a
+format-2 one, whose every mutation is written as a version-2 blob and parsed back (``rebuild``), so the
+decoders read the arrays that version 2's compact row lengths and levels expand to.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from qmoe import codec
 from qmoe.codec.decode import ROW_OK, row_error, row_status
 from qmoe.codec.format import EncodedMatrix
+from qmoe.codec.levels import round_levels
 from qmoe.errors import FormatError
 
 
@@ -34,7 +37,12 @@ def bases() -> dict[str, EncodedMatrix]:
     q[1] = 2
     q[4, -1] = 0
     int2 = codec.encode_int2(q, rng.standard_normal((6, 4)).astype(np.float32))
-    return {"ternary": ternary, "int2": int2}
+    assert ternary.version == int2.version == 1
+    lv2 = round_levels(np.stack([-rng.random(7) - 0.1, rng.random(7) + 0.1], 1), "ternary")
+    lv2[5, 0] = 0.0  # a row without negative level: format 2's zero code
+    ternary2 = codec.encode_ternary(t, lv2[:, 0], lv2[:, 1], version=2)
+    int2_2 = codec.encode_int2(q, round_levels(np.sort(rng.standard_normal((6, 4)), 1), "int2"), version=2)
+    return {"ternary": ternary, "int2": int2, "ternary-v2": ternary2, "int2-v2": int2_2}
 
 
 def row_bits(enc: EncodedMatrix) -> list[np.ndarray]:
@@ -59,8 +67,11 @@ def rebuild(enc: EncodedMatrix, rows: list[np.ndarray], **changes) -> EncodedMat
     block_offsets = np.concatenate([block_starts, [total]]).astype("<u4")
     row_deltas = (starts[:-1] - np.repeat(block_starts, 1 << g)[: len(rows)]).astype("<u2")
     fields = dict(stream=stream, block_offsets=block_offsets, row_deltas=row_deltas, total_bits=total,
-                  _lut=None)
-    return dataclasses.replace(enc, **{**fields, **changes})
+                  _lut=None, _blob=None)
+    out = dataclasses.replace(enc, **{**fields, **changes})
+    if out.version == 2:  # through the version-2 blob: row lengths and levels as that format stores them
+        out = EncodedMatrix.from_blob(out.to_blob())
+    return out
 
 
 def _mutations(enc: EncodedMatrix, label: str) -> dict[str, EncodedMatrix]:

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,7 +60,28 @@ def check_consistent(r: QuantizedExperts, W):
     assert r.codes.dtype == torch.int8 and r.codes.shape == W.shape
     assert r.levels.shape == (*W.shape[:2], grid.n_levels)
     assert torch.equal(grid.dequantize(r.codes, r.levels), r.dequantized)
-    assert torch.equal(r.levels.half().float(), r.levels)
+    assert_codec_exact(r)
+
+
+def assert_codec_exact(r: QuantizedExperts) -> None:
+    """The levels lie on format 2's grid, and the codec gives back exactly what GPTQ quantized to."""
+    from qmoe import codec
+
+    if r.grid.startswith("ternary"):
+        for e in range(r.codes.shape[0]):
+            lo, hi = r.levels[e, :, 0].numpy(), r.levels[e, :, 2].numpy()
+            enc = codec.encode_ternary(r.codes[e].numpy(), lo, hi)
+            assert enc.version == 2
+            got = codec.dequantize(codec.EncodedMatrix.from_blob(enc.to_blob()))
+            assert np.array_equal(got.view(np.uint32), r.dequantized[e].numpy().view(np.uint32))
+    elif r.grid != "int2":  # int3, int4: not stored by the codec; fp16 levels
+        assert torch.equal(r.levels.half().float(), r.levels)
+    else:
+        for e in range(r.codes.shape[0]):
+            enc = codec.encode_int2(r.codes[e].numpy().astype(np.uint8), r.levels[e].numpy())
+            assert enc.version == 2
+            got = codec.dequantize(codec.EncodedMatrix.from_blob(enc.to_blob()))
+            assert np.array_equal(got.view(np.uint32), r.dequantized[e].numpy().view(np.uint32))
 
 
 @pytest.mark.parametrize("grid", ["ternary", "int2", "ternary-opt"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -151,7 +152,8 @@ def _save_version_1(path: Path, tensors: dict, encoded: dict) -> None:
 
     out = {k: v.contiguous() for k, v in tensors.items()}
     for name, enc in encoded.items():
-        for field_name, arr in enc.to_arrays().items():
+        v1 = dataclasses.replace(enc, version=1, _blob=None)  # same arrays in version 1's layout
+        for field_name, arr in v1.to_arrays().items():
             out[f"{name}#{field_name}"] = torch.from_numpy(np.ascontiguousarray(arr).copy())
     crc = {n: f"{zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()):08x}" for n, t in sorted(out.items())}
     header = {"format": "qmoe-shard", "format_version": 1, "encoded": {n: e.kind for n, e in encoded.items()},

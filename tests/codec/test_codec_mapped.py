@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_codec_container import _content, _save_version_1
 
 from qmoe import codec
-from qmoe.codec import container
+from qmoe.codec import container, format2
 from qmoe.codec.mapped import open_shard
 from qmoe.errors import FormatError
 
@@ -26,8 +26,10 @@ def _same(path: Path) -> None:
     for name, enc in ref.encoded.items():
         got = m.encoded[name].get()
         assert got.kind == enc.kind and got.shape == enc.shape and got.total_bits == enc.total_bits
-        for k, a in enc.to_arrays().items():
-            assert np.array_equal(got.to_arrays()[k], a), (name, k)
+        assert got.version == enc.version and np.array_equal(got.table.lengths, enc.table.lengths)
+        for k in ("stream", "block_offsets", "row_deltas", "levels"):  # what the decoders read
+            a, b = getattr(enc, k), getattr(got, k)
+            assert a.dtype == b.dtype and np.array_equal(a, b), (name, k)
         assert got.stream.ctypes.data % 4 == 0  # the kernels read whole words
     for name in ref.tensors:
         m.check_tensor(name)
@@ -104,18 +106,28 @@ def test_not_a_shard(tmp_path: Path) -> None:
         open_shard(tmp_path / "foreign")
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("where", ["stream", "levels"])
-def test_first_use_error_names_the_row(tmp_path: Path, where: str) -> None:
+def test_first_use_error_names_the_row(tmp_path: Path, where: str, version: int) -> None:
     """A flip in the stream names the first row that no longer decodes; one in the levels says none does."""
-    tensors, encoded, _ = _content()
+    tensors, encoded, raw_codes = _content()
+    ones = np.ones(6)
+    encoded["experts.0.wi"] = codec.encode_ternary(raw_codes["ternary"], -ones, ones, version=version)
     path = tmp_path / "s"
     codec.save_shard(path, tensors, encoded)
     enc = encoded["experts.0.wi"]
     begin = open_shard(path).encoded["experts.0.wi"].parts["qmoe"].begin
-    levels_at = 4 * enc.stream.size + 4 * enc.block_offsets.size  # blob: header, stream, offsets, levels
-    at = 64 + (2 * enc.stream.size if where == "stream" else levels_at + 1)
     raw = bytearray(path.read_bytes())
-    raw[begin + at] ^= 0x5A
+    if version == 1:  # blob: header (64 bytes), stream, offsets, levels
+        levels_at = 64 + 4 * enc.stream.size + 4 * enc.block_offsets.size + 1
+        raw[begin + (64 + 2 * enc.stream.size if where == "stream" else levels_at)] ^= 0x5A
+    elif where == "stream":  # blob: header (40 bytes), stream, row metadata (lengths, lo, hi fields), table
+        raw[begin + 40 + 2 * enc.stream.size] ^= 0x5A
+    else:  # the first bit of row 0's lo field, after every row's length field
+        widths = format2.header_of(enc.to_blob())["widths"]
+        bit = 8 * (40 + 4 * enc.stream.size) + enc.shape[0] * int(widths[0])
+        assert widths[1] >= 1
+        raw[begin + bit // 8] ^= 1 << (bit % 8)
     path.write_bytes(bytes(raw))
     m = open_shard(path)
     with pytest.raises(FormatError) as err:

@@ -233,8 +233,8 @@ def header_share(path: str | os.PathLike, matrices: list[str]) -> int:
                 if entry["dtype"] == "U64":  # padded blob: stored bytes minus those its header implies
                     begin, end = entry["data_offsets"]
                     f.seek(8 + n + begin)
-                    words = np.frombuffer(f.read(4 * HEADER_WORDS), dtype="<u4")
-                    total += end - begin - blob_nbytes(words)
+                    head = np.frombuffer(f.read(4 * HEADER_WORDS), dtype=np.uint8)  # v1: 64, v2: 40 bytes
+                    total += end - begin - blob_nbytes(head)
     for name in matrices:
         total += _escaped_len(f'"{name}":"{qh["encoded"][name]}",')
     return total

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from qmoe.codec import huffman
-from qmoe.codec.format import MAX_BLOCK_LOG2, MAX_CODE_LEN, MAX_COLS, N_VALUES, CodeTable, EncodedMatrix
+from qmoe.codec import levels as lv
+from qmoe.codec.format import MAX_CODE_LEN, MAX_COLS, N_VALUES, CodeTable, EncodedMatrix, block_log2_for
 
 # Candidates for R (each costs K*R+2 table bytes). Runs are coded as escapes (a unary quotient) + run % R,
 # a Golomb code: best near R = ln 2 / -ln P(background), e.g. 23 at P = 0.97, hence the 1.5x steps.
@@ -75,6 +76,20 @@ def fit_table(hist: np.ndarray, trail: np.ndarray, kind: str, background: int,
     return CodeTable(kind, best[1], background, best[2])
 
 
+def _stored_levels(levels: np.ndarray, kind: str, version: int | None) -> tuple[np.ndarray, int]:
+    """``(levels as stored in memory, format version)``: version 2 (float32) when the levels lie on its
+    grid and ``version`` is None or 2, else version 1 (fp16 when exact, else fp32). ValueError if version 2
+    is asked for and the levels are off its grid."""
+    if version not in (None, 1, 2):
+        raise ValueError(f"version must be None, 1 or 2, got {version!r}")
+    if version != 1 and lv.on_grid(levels, kind):
+        return np.ascontiguousarray(levels, dtype="<f4"), 2
+    if version == 2:
+        raise ValueError("levels are not on the version-2 grid: round them with "
+                         "qmoe.codec.levels.round_levels(levels, kind) first, or pass version=1")
+    return _check_levels(levels), 1
+
+
 def _check_levels(levels: np.ndarray) -> np.ndarray:
     """fp16 if every level survives the fp16 round trip bit-exactly (after fp32), else fp32."""
     l32 = np.ascontiguousarray(levels, dtype=np.float32)
@@ -96,7 +111,7 @@ def _histogram(codes_u8: np.ndarray, vmap: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 def _encode(codes_u8: np.ndarray, kind: str, levels: np.ndarray, table: CodeTable | None,
-            background: int) -> EncodedMatrix:
+            background: int, version: int = 1) -> EncodedMatrix:
     from qmoe.codec import _numba
 
     rows, cols = codes_u8.shape
@@ -125,7 +140,7 @@ def _encode(codes_u8: np.ndarray, kind: str, levels: np.ndarray, table: CodeTabl
     total = int(starts[-1])
     if total >= 1 << 32:
         raise ValueError(f"matrix needs {total} bits; split it (a stream holds at most 2**32 - 1 bits)")
-    block_log2 = _block_log2(starts)
+    block_log2 = block_log2_for(starts)
     words = np.zeros((total + 31) // 32 + 1, dtype="<u4")
     with _numba.threads_for(codes_u8.size):
         _numba.write_stream(codes_u8, vmap, k, table.run_limit, rev, lengths, starts, _numba._chunks(rows),
@@ -134,27 +149,17 @@ def _encode(codes_u8: np.ndarray, kind: str, levels: np.ndarray, table: CodeTabl
     block_offsets = np.concatenate([block_starts, [total]]).astype("<u4")
     row_deltas = (starts[:-1] - np.repeat(block_starts, 1 << block_log2)[:rows]).astype("<u2")
     return EncodedMatrix(kind, (rows, cols), table, words, block_log2, block_offsets, row_deltas, levels,
-                         total, table_shared=shared)
-
-
-def _block_log2(starts: np.ndarray) -> int:
-    """Largest block of 2**g rows (g <= 8) whose rows all start within 65535 bits of the block's start."""
-    rows = len(starts) - 1
-    for g in range(MAX_BLOCK_LOG2, 0, -1):
-        s = starts[:rows]
-        block = s[:: 1 << g]
-        if int((s - np.repeat(block, 1 << g)[:rows]).max()) < 1 << 16:
-            return g
-    return 0
+                         total, table_shared=shared, version=version)
 
 
 def encode_ternary(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                   table: CodeTable | None = None) -> EncodedMatrix:
+                   table: CodeTable | None = None, version: int | None = None) -> EncodedMatrix:
     """Encode ternary ``codes [rows, cols]`` int8 in {-1, 0, 1} with per-row levels ``lo``/``hi [rows]``.
 
-    Weight = lo[r] for -1, 0 for 0, hi[r] for +1. Levels are stored as fp16 when that is exact, else fp32.
-    ``table`` (from ``build_table``) is a code shared by several matrices; it is then not counted in
-    ``nbytes``. Deterministic: equal inputs give byte-identical arrays.
+    Weight = lo[r] for -1, 0 for 0, hi[r] for +1. ``version`` None: format 2 when the levels lie on its
+    grid (``qmoe.codec.levels.round_levels``, as the quantizer leaves them), else format 1 (levels as fp16
+    when exact, else fp32); 1 or 2 forces one. ``table`` (from ``build_table``) is a code shared by
+    several matrices (each matrix still stores it). Deterministic: equal inputs give byte-identical blobs.
     """
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.dtype != np.int8:
@@ -162,15 +167,16 @@ def encode_ternary(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     lo, hi = np.asarray(lo).reshape(-1), np.asarray(hi).reshape(-1)
     if lo.shape != (codes.shape[0],) or hi.shape != (codes.shape[0],):
         raise ValueError(f"lo and hi must have shape [{codes.shape[0]}], got {lo.shape} and {hi.shape}")
-    levels = _check_levels(np.stack([lo, hi], axis=1))
-    return _encode(np.ascontiguousarray(codes).view(np.uint8), "ternary", levels, table, 0)
+    levels, v = _stored_levels(np.stack([lo, hi], axis=1), "ternary", version)
+    return _encode(np.ascontiguousarray(codes).view(np.uint8), "ternary", levels, table, 0, v)
 
 
-def encode_int2(codes: np.ndarray, levels: np.ndarray, table: CodeTable | None = None) -> EncodedMatrix:
+def encode_int2(codes: np.ndarray, levels: np.ndarray, table: CodeTable | None = None,
+                version: int | None = None) -> EncodedMatrix:
     """Encode 2-bit ``codes [rows, cols]`` uint8 in {0, 1, 2, 3} with ``levels [rows, 4]``.
 
-    Weight = levels[r, codes[r, c]]. The most frequent code is the run-length background. Levels are stored
-    as fp16 when exact, else fp32.
+    Weight = levels[r, codes[r, c]]. The most frequent code is the run-length background. ``version`` as in
+    ``encode_ternary`` (format 2's int2 grid: ``m(e) * (k - z)``, a scale and a zero point per row).
     """
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.dtype != np.uint8:
@@ -183,7 +189,8 @@ def encode_int2(codes: np.ndarray, levels: np.ndarray, table: CodeTable | None =
     if table is None:
         freq = np.bincount(codes.reshape(-1)[:: max(1, codes.size // 1_000_000)], minlength=256)
         background = int(np.argmax(freq[:4]))
-    return _encode(codes, "int2", _check_levels(levels), table, background)
+    stored, v = _stored_levels(levels, "int2", version)
+    return _encode(codes, "int2", stored, table, background, v)
 
 
 def build_table(matrices: list[np.ndarray], kind: str = "ternary") -> CodeTable:

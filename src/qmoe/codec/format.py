@@ -1,4 +1,8 @@
-"""The encoded-matrix format (version 1): alphabet, code table, arrays, validation. Spec: docs/format.md.
+"""The encoded-matrix format: alphabet, code table, arrays, validation. Spec: docs/format.md.
+
+Two versions share the in-memory form below (what every decoder reads). Version 1 stores these arrays as
+they are; version 2 (``qmoe.codec.format2``, the default) stores the same stream with compact per-row
+metadata (row lengths and levels as small integers) and expands it into these arrays when read.
 
 A matrix ``[rows, cols]`` of small codes is written row by row as symbols (run of background codes, value),
 each symbol a canonical prefix codeword of a code fitted to the matrix. Arrays (all little-endian):
@@ -9,6 +13,8 @@ each symbol a canonical prefix codeword of a code fitted to the matrix. Arrays (
     block_offsets uint32 [ceil(rows/G) + 1]     stream bit where each block of G rows starts; last = bits
     row_deltas    uint16 [rows]                 row start minus its block start, in bits
     levels        float16|float32 [rows, 2|4]   ternary: (lo, hi); int2: the 4 levels
+
+(version 1's layout; the arrays of a version-2 matrix are the same, levels float32.)
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qmoe.codec import huffman
+from qmoe.codec import format2, huffman
+from qmoe.codec import levels as lv
 from qmoe.errors import FormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the encoder writes (when the levels lie on version 2's grid); 1 is still read
+VERSIONS = (1, 2)
 MAGIC = 0x31434D51  # b"QMC1" read as a little-endian uint32
 HEADER_WORDS = 16
 MAX_CODE_LEN = 12  # decode table = 4096 int32 = 16 KiB: fits L1 and GPU shared memory
@@ -100,10 +108,15 @@ class EncodedMatrix:
     table_shared: bool = False  # encoded with a table built for several matrices (each still stores it)
     _lut: np.ndarray | None = field(default=None, repr=False)
     name: str = ""  # the tensor name it was read under (load_shard), for messages; not serialized
+    version: int = 1  # the layout ``to_blob`` writes: 1 (arrays as they are) or 2 (compact row metadata)
+    level_steps: int = lv.LEVEL_STEPS  # version 2: the level grid's steps per octave
+    _blob: np.ndarray | None = field(default=None, repr=False)  # version 2: the blob, built once
 
     @property
     def nbytes(self) -> int:
-        """Serialized bytes of the matrix: every array, its code table included (stored even when shared)."""
+        """Serialized bytes of the matrix (``to_blob``), its code table included (stored even when shared)."""
+        if self.version == 2:
+            return int(self.to_blob().size)
         return sum(a.nbytes for a in self.to_arrays().values())
 
     @property
@@ -131,7 +144,7 @@ class EncodedMatrix:
 
     def _header(self, crc: int) -> np.ndarray:
         h = np.zeros(HEADER_WORDS, dtype="<u4")
-        h[H_MAGIC], h[H_VERSION], h[H_KIND] = MAGIC, FORMAT_VERSION, KINDS.index(self.kind)
+        h[H_MAGIC], h[H_VERSION], h[H_KIND] = MAGIC, 1, KINDS.index(self.kind)
         h[H_ROWS], h[H_COLS] = self.shape
         h[H_RUN_LIMIT], h[H_BACKGROUND] = self.table.run_limit, self.table.background
         h[H_MAX_LEN], h[H_LEVEL_DTYPE] = MAX_CODE_LEN, LEVEL_DTYPES.index(self.levels.dtype)
@@ -140,14 +153,29 @@ class EncodedMatrix:
         return h
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The matrix as flat little-endian arrays (names in ARRAY_NAMES); ``from_arrays`` inverts it."""
+        """The matrix as version 1's flat little-endian arrays (names in ARRAY_NAMES); ``from_arrays``
+        inverts it. Version-2 matrices have the blob form only (``to_blob``)."""
+        if self.version != 1:
+            raise ValueError(f"a version-{self.version} matrix is stored as one blob: use to_blob()")
         body = {"stream": self.stream, "lengths": self.table.lengths, "block_offsets": self.block_offsets,
                 "row_deltas": self.row_deltas, "levels": self.levels}
         return {"header": self._header(_crc(self._header(0), body)), **body}
 
     def to_blob(self) -> np.ndarray:
         """The matrix as one ``uint8`` array: the arrays of ``to_arrays`` back to back in ``BLOB_ORDER``
-        (each starts at a multiple of its element size); ``from_blob`` inverts it."""
+        (each starts at a multiple of its element size); ``from_blob`` inverts it. Version 2: the compact
+        layout of ``qmoe.codec.format2``."""
+        if self.version == 2:
+            if self._blob is None:
+                check_layout(self)
+                if not lv.on_grid(self.levels, self.kind, self.level_steps):
+                    raise ValueError("levels are not on the version-2 grid; round them with "
+                                     "qmoe.codec.levels.round_levels or write version 1")
+                t = self.table
+                self._blob = format2.build(
+                    KINDS.index(self.kind), self.kind, self.shape, t.background, t.run_limit, self.total_bits,
+                    self.stream, np.diff(self.row_starts()), self.levels, t.lengths, self.level_steps)
+            return self._blob
         arrays = self.to_arrays()
         parts = [np.ascontiguousarray(arrays[n]).view(np.uint8).reshape(-1) for n in BLOB_ORDER]
         return np.concatenate(parts)
@@ -162,11 +190,19 @@ class EncodedMatrix:
         3 pads each blob to whole 8-byte words).
         """
         b = np.asarray(blob) if not copy else np.ascontiguousarray(np.asarray(blob))
-        if b.dtype != np.uint8 or b.ndim != 1 or b.size < 4 * HEADER_WORDS:
+        if b.dtype != np.uint8 or b.ndim != 1 or b.size < format2.HEADER2_BYTES:
             raise FormatError(
-                f"encoded-matrix blob must be uint8[>= {4 * HEADER_WORDS}], got {b.dtype}{b.shape}"
+                f"encoded-matrix blob must be uint8[>= {format2.HEADER2_BYTES}], got {b.dtype}{b.shape}"
             )
+        if int(b[:4].view("<u4")[0]) != MAGIC:
+            raise FormatError("encoded-matrix header has a wrong magic number: not a qmoe matrix, or corrupt")
+        _check_version(int(b[4]))  # the version's low byte: version 2 packs other fields next to it
+        if int(b[4]) == 2:
+            return cls._from_v2(format2.parse(b, verify, copy, padded))
+        if b.size < 4 * HEADER_WORDS:
+            raise _bad(f"a version-1 blob holds at least {4 * HEADER_WORDS} bytes, got {b.size}")
         h = b[: 4 * HEADER_WORDS].view("<u4")
+        _check_version(int(h[H_VERSION]))
         layout = _blob_layout(h)
         need = sum(dt.itemsize * int(np.prod(shape)) for dt, shape in layout.values())
         if need != b.size and not (padded and need < b.size < need + 8 and not b[need:].any()):
@@ -179,6 +215,15 @@ class EncodedMatrix:
             arrays[name] = (part.copy() if copy else part).view(dt).reshape(shape)
             at += n
         return cls.from_arrays(arrays, verify=verify)
+
+    @classmethod
+    def _from_v2(cls, f: dict) -> EncodedMatrix:
+        kind = KINDS[f["kind_id"]]
+        table = CodeTable(kind, f["run_limit"], f["background"], f["lengths"])
+        enc = cls(kind, f["shape"], table, f["stream"], f["block_log2"], f["block_offsets"], f["row_deltas"],
+                  f["levels"], f["total_bits"], version=2, level_steps=f["level_steps"], _blob=f["blob"])
+        enc.validate()
+        return enc
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], verify: bool = True) -> EncodedMatrix:
@@ -196,9 +241,10 @@ class EncodedMatrix:
             raise FormatError(f"encoded-matrix header must be uint32[{HEADER_WORDS}], got {h.dtype}{h.shape}")
         if int(h[H_MAGIC]) != MAGIC:
             raise FormatError("encoded-matrix header has a wrong magic number: not a qmoe matrix, or corrupt")
-        if int(h[H_VERSION]) != FORMAT_VERSION:
-            raise FormatError(f"encoded matrix has format version {int(h[H_VERSION])}; this qmoe reads "
-                              f"version {FORMAT_VERSION}. Upgrade qmoe (or re-encode).")
+        _check_version(int(h[H_VERSION]))
+        if int(h[H_VERSION]) != 1:
+            raise FormatError(f"encoded matrix of format version {int(h[H_VERSION])} has one blob form, not "
+                              "six arrays: read it with EncodedMatrix.from_blob")
         if verify:
             want = int(h[H_CRC])
             h0 = h.copy()
@@ -207,6 +253,12 @@ class EncodedMatrix:
                 raise FormatError("encoded matrix fails its crc32 check: the data is corrupt")
         enc = _validate(h, a)
         return enc
+
+
+def _check_version(version: int) -> None:
+    if version not in VERSIONS:
+        raise FormatError(f"encoded matrix has format version {version}; this qmoe reads versions "
+                          f"{', '.join(map(str, VERSIONS))}. Upgrade qmoe (or re-encode).")
 
 
 def _blob_layout(h: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -226,9 +278,25 @@ def _blob_layout(h: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     }
 
 
-def blob_nbytes(header: np.ndarray) -> int:
-    """Bytes of the ``to_blob`` form of the matrix whose header words are ``header [16] uint32``."""
-    return sum(dt.itemsize * int(np.prod(shape)) for dt, shape in _blob_layout(header).values())
+def blob_nbytes(head: np.ndarray) -> int:
+    """Bytes of the ``to_blob`` form of the matrix whose blob starts with ``head`` (``uint8``, at least
+    the 64 bytes of a version-1 header or the 40 of a version-2 one)."""
+    if int(head[4]) == 2:
+        return format2.nbytes_of(format2.header_of(head))
+    h = head[: 4 * HEADER_WORDS].view("<u4")
+    return sum(dt.itemsize * int(np.prod(shape)) for dt, shape in _blob_layout(h).values())
+
+
+def block_log2_for(starts: np.ndarray) -> int:
+    """Largest block of 2**g rows (g <= 8) whose rows all start within 65535 bits of the block's start, for
+    row starts ``[rows + 1]``: the in-memory row index (``block_offsets``, ``row_deltas``)."""
+    rows = len(starts) - 1
+    for g in range(MAX_BLOCK_LOG2, 0, -1):
+        s = starts[:rows]
+        block = s[:: 1 << g]
+        if int((s - np.repeat(block, 1 << g)[:rows]).max()) < 1 << 16:
+            return g
+    return 0
 
 
 def _crc(header: np.ndarray, body: dict[str, np.ndarray]) -> int:
@@ -278,6 +346,8 @@ def check_layout(enc: EncodedMatrix) -> None:
     bits, g = int(enc.total_bits), int(enc.block_log2)
     if kind not in KINDS or table.kind != kind:
         raise _bad(f"kind {kind!r} with a {table.kind!r} code table")
+    if enc.version not in VERSIONS or (enc.version == 2 and not 1 <= enc.level_steps <= lv.MAX_STEPS):
+        raise _bad(f"format version {enc.version} (level steps {enc.level_steps}) unknown")
     if not (1 <= rows and 1 <= cols <= MAX_COLS) or not 0 <= g <= MAX_BLOCK_LOG2 or not 0 <= bits < 1 << 32:
         raise _bad(f"shape ({rows}, {cols}), block size 2**{g} or bit count {bits} out of range")
     if not 1 <= table.run_limit <= 4096 or not 0 <= table.background <= (3 if kind == "int2" else 0):

@@ -22,6 +22,8 @@ normalisation layers. A row whose result is not finite or breaks the ternary sig
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -41,11 +43,13 @@ def refit_levels(
     offset: int,
     free: Tensor,
     preserve_energy: bool = True,
+    store: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Refitted levels ``[E, rows, L]`` (fp16-exact float32) for ``W [E, rows, cols]``, ``codes`` (int8,
-    level index = code + offset), ``levels [E, rows, L]`` and a positive definite ``H [E, cols, cols]``.
+    """Refitted levels ``[E, rows, L]`` float32 for ``W [E, rows, cols]``, ``codes`` (int8, level index =
+    code + offset), ``levels [E, rows, L]`` and a positive definite ``H [E, cols, cols]``.
 
-    ``free [L]`` bool: the levels that may change.
+    ``free [L]`` bool: the levels that may change. ``store``: rounds levels ``[b, rows, L]`` float32 to what
+    the codec stores (the solver passes the codec's grid); default fp16.
     """
     out = levels.clone()
     L = levels.shape[-1]
@@ -81,11 +85,12 @@ def refit_levels(
         if preserve_energy:  # alpha^2 q H q^T = w H w^T per row
             alpha = (_row_objective(Wb, Hb) / _row_objective(new.gather(-1, idx), Hb)).sqrt()  # [b, rows]
             new = new * torch.where(torch.isfinite(alpha), alpha, 1.0)[..., None]
-        new = new.float().to(torch.float16).float()  # the codec stores fp16 levels
+        new = new.float()
+        new = store(new) if store is not None else new.to(torch.float16).float()  # as the codec stores them
         ok = torch.isfinite(new).all(-1) & (info == 0)  # [b, rows]
         if offset:  # ternary order: lo <= 0 <= hi
             ok &= (new[..., 0] <= 0) & (new[..., -1] >= 0)
-        if not preserve_energy:  # pure least squares: never worse than before (fp16 rounding aside)
+        if not preserve_energy:  # pure least squares: never worse than before (level rounding aside)
             q_new, q_old = new.double().gather(-1, idx), old.gather(-1, idx)
             ok &= _row_objective(Wb - q_new, Hb) <= _row_objective(Wb - q_old, Hb)
         keep = ~ok

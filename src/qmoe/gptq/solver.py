@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,10 +49,11 @@ _CPU_BLOCK_BYTES = 2 << 20  # CPU: the [experts, block_size, rows] column block 
 class QuantizedExperts:
     """Quantized stack of experts; ``dequantized == grid.dequantize(codes, levels)`` exactly.
 
-    - ``dequantized``: ``[E, rows, cols]`` float32, values exactly representable through fp16 levels.
+    - ``dequantized``: ``[E, rows, cols]`` float32, values exactly what the codec's decoders return.
     - ``codes``: ``[E, rows, cols]`` int8; ternary ``{-1, 0, 1}`` (``levels[code + 1]``),
       k-bit ``{0..2^k-1}`` (``levels[code]``).
-    - ``levels``: ``[E, rows, n_levels]`` float32, fp16-exact, ascending; ternary ``[lo, 0, hi]``.
+    - ``levels``: ``[E, rows, n_levels]`` float32 on the codec's level grid (``qmoe.codec.levels``: ternary
+      and int2; fp16-exact for the other widths), ascending; ternary ``[lo, 0, hi]``.
     - ``objective``: ``[E]`` float64 ``tr((W - Q) H (W - Q)^T)`` with the undamped ``H``;
       ``None`` without ``H``.
     - ``fallback``: ``[E]`` bool, True where the expert was rounded to nearest instead of GPTQ-quantized.
@@ -194,11 +196,34 @@ def _free_levels(grid: Grid) -> Tensor:
     return free
 
 
-def _scaled(levels: Tensor, level_scale: float) -> Tensor:
-    """Levels ``[B, rows, L]`` times ``level_scale``, rounded to fp16 as the codec stores them."""
-    if level_scale == 1.0:
+def _stored(levels: Tensor, grid: Grid) -> Tensor:
+    """Levels ``[B, rows, L]`` moved onto the grid the codec stores (format 2, ``qmoe.codec.levels``), so
+    GPTQ quantizes against exactly what the decoders return; grids the codec does not store (int3, int4)
+    keep their fp16 levels."""
+    from qmoe.codec.levels import round_levels
+
+    if grid.n_levels == 3 and grid.code_offset == 1:  # ternary [lo, 0, hi]: lo and hi are stored
+        kind, cols = "ternary", [0, 2]
+    elif grid.n_levels == 4 and grid.code_offset == 0:
+        kind, cols = "int2", [0, 1, 2, 3]
+    else:
         return levels
-    return (levels * level_scale).to(torch.float16).float()
+    lv = levels[..., cols].cpu().numpy()  # [B, rows, 2|4]
+    # Rows a refit got wrong (not finite, or lo > 0 / hi < 0) stay as they are: refit_levels rejects them.
+    ok = np.isfinite(lv).all(-1)
+    if kind == "ternary":
+        ok &= (lv[..., 0] <= 0) & (lv[..., 1] >= 0)
+    rounded = np.where(ok[..., None], round_levels(np.where(ok[..., None], lv, 0.0), kind), lv)
+    out = levels.clone()
+    out[..., cols] = torch.from_numpy(rounded.astype(np.float32)).to(out)
+    return out
+
+
+def _scaled(levels: Tensor, level_scale: float, grid: Grid) -> Tensor:
+    """Levels ``[B, rows, L]`` times ``level_scale``, rounded as the codec stores them (``_stored``)."""
+    if level_scale != 1.0:
+        levels = (levels * level_scale).to(torch.float16).float()
+    return _stored(levels, grid)
 
 
 def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: rd.Rate) -> Tensor:
@@ -224,7 +249,7 @@ def _gptq_batch(
     B, rows, cols = W.shape
     hdiag = H.diagonal(dim1=-2, dim2=-1)  # [B, cols]
     fallback = fallback | (H == 0).flatten(1).all(1)
-    levels = _scaled(grid.fit(W, hdiag), level_scale)  # [B, rows, L] from the original rows
+    levels = _scaled(grid.fit(W, hdiag), level_scale, grid)  # [B, rows, L] from the original rows
 
     # Dead inputs (H_ii == 0, the feature was always zero): weight irrelevant, set to zero as in GPTQ.
     # Not for experts without data, whose every column would look dead.
@@ -272,7 +297,8 @@ def _gptq_batch(
             Hd.diagonal(dim1=-2, dim2=-1)[dead[has_data]] = 1.0
             Wm = W[has_data].masked_fill(dead[has_data][:, None, :], 0.0)
             levels[has_data] = refit_levels(
-                Wm, codes[has_data], levels[has_data], Hd, grid.code_offset, _free_levels(grid)
+                Wm, codes[has_data], levels[has_data], Hd, grid.code_offset, _free_levels(grid),
+                store=lambda lv: _stored(lv, grid),
             )
             Q = grid.dequantize(codes, levels)
     return Q, codes, levels, _objective(W, Q, H), fallback
@@ -398,7 +424,7 @@ def rtn_quantize(
         _check_finite(H, "Hessian entries", 0)
     Wf = W.float()
     hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device).float()
-    levels = _scaled(g.fit(Wf, hdiag), level_scale)
+    levels = _scaled(g.fit(Wf, hdiag), level_scale, g)
     if rd.is_priced(rate):
         d = torch.ones(W.shape[0], W.shape[2], device=W.device) if hdiag is None else hdiag
         rel_bits = _prices(Wf, levels, d, g, rate)
@@ -414,7 +440,8 @@ def rtn_quantize(
             Hd = Hd[has_data]
             Hd.diagonal(dim1=-2, dim2=-1).add_((mean_diag[has_data] * max(damp, _MIN_DAMP))[:, None])
             levels[has_data] = refit_levels(
-                Wf[has_data], codes[has_data], levels[has_data], Hd, g.code_offset, _free_levels(g)
+                Wf[has_data], codes[has_data], levels[has_data], Hd, g.code_offset, _free_levels(g),
+                store=lambda lv: _stored(lv, g),
             )
     Q = g.dequantize(codes, levels)
     objective = None if H is None else _objective(Wf, Q, H)

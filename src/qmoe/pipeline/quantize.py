@@ -287,7 +287,7 @@ def encode_experts(
             continue
         for proj, q, sl in parts:
             codes = q.codes[e, sl].cpu().numpy()  # [rows, cols] int8
-            levels = q.levels[e, sl].cpu().numpy()  # [rows, n_levels] fp16-exact float32
+            levels = q.levels[e, sl].cpu().numpy()  # [rows, n_levels] float32 on the codec's level grid
             enc = _encode(codes, levels, bits)
             encoded[layout.expert_key(moe_path, first_expert + e, proj)] = enc
             nbytes += enc.nbytes
