@@ -42,6 +42,11 @@ def _compress(src: Path, out: Path, args: list[str], ranks: int, env: dict[str, 
     )
 
 
+def _why(r: subprocess.CompletedProcess) -> str:
+    """The ranks' own stderr: torchrun's summary of a failed job (its last ~2000 characters) follows it."""
+    return r.stderr.split("Traceback (most recent call last)")[0][-3000:] + r.stderr[-1500:]
+
+
 def _same_files(a: Path, b: Path) -> None:
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
@@ -91,14 +96,14 @@ QWEN2_ARGS = [*SMALL, "--shared-experts", "ternary", "--target-bits", "2.2"]
 def qwen2_one(qwen2_dir: Path) -> Path:
     out = qwen2_dir.parent / "one"
     r = _compress(qwen2_dir, out, QWEN2_ARGS, ranks=1)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     return out
 
 
 def test_two_ranks_write_the_bytes_of_one_process(qwen2_dir: Path, qwen2_one: Path) -> None:
     out = qwen2_dir.parent / "two"
     r = _compress(qwen2_dir, out, QWEN2_ARGS, ranks=2)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     _same_files(qwen2_one, out)
     rep = json.loads((out / "qmoe_report.json").read_text())
     one = json.loads((qwen2_one / "qmoe_report.json").read_text())
@@ -108,14 +113,6 @@ def test_two_ranks_write_the_bytes_of_one_process(qwen2_dir: Path, qwen2_one: Pa
     assert r.stdout.count("wrote ") == 1  # rank 0 speaks for the job
 
 
-# Seen once (2026-12-06, a fresh clone's first slow-tier run, quiet machine): the resumed 2-rank run's rank 1
-# died of SIGABRT; both tests passed on rerun and in an earlier full run. Cause not found yet (suspects:
-# a cache file half-written by a SIGKILLed rank). Kept running and reported; not allowed to fail CI until
-# the cause is fixed (see the closing note of that session).
-FLAKY_RESUME = pytest.mark.xfail(strict=False, reason="intermittent SIGABRT of a resumed rank (open)")
-
-
-@FLAKY_RESUME
 def test_failing_rank_is_named_and_the_rerun_resumes(qwen2_dir: Path, qwen2_one: Path) -> None:
     out = qwen2_dir.parent / "failed"
     r = _compress(qwen2_dir, out, QWEN2_ARGS, ranks=2, env={FAIL_ENV: "1:model.layers.1.mlp"})
@@ -124,12 +121,15 @@ def test_failing_rank_is_named_and_the_rerun_resumes(qwen2_dir: Path, qwen2_one:
     # rank 1 says what failed where; rank 0 (waiting in a collective of the size search) is either stopped
     # by torchrun or says it lost a rank; torchrun names rank 1 as the root cause
     failed = "rank 1 of 2 failed at GPTQ of MoE layer model.layers.1.mlp: RuntimeError:"
-    assert sum(failed in ln for ln in lines) == 1, r.stderr[-2000:]
+    assert sum(failed in ln for ln in lines) == 1, _why(r)
     assert all(failed in ln or "rank 0 of 2 lost another rank" in ln for ln in lines)
     assert "rerun the same command to resume" in lines[0]
     assert not (out / "config.json").exists()  # no finished-looking output
+    # every rank ends its process group before exiting (Dist.close); a gloo group left to interpreter exit
+    # aborted ranks at random with this line, and SIGABRT, after successful (resumed) runs too
+    assert "terminate called" not in r.stderr, _why(r)
     r = _compress(qwen2_dir, out, QWEN2_ARGS, ranks=2)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     assert json.loads((out / "qmoe_report.json").read_text())["resumed_from_block"] == 1
     _same_files(qwen2_one, out)
 
@@ -147,7 +147,6 @@ def _save_tiny_switch(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     return module.save_tiny_switch(path, tokenizer_dir, **overrides)
 
 
-@FLAKY_RESUME
 def test_killed_distributed_run_restarts_to_the_same_bytes(tmp_path: Path, tokenizer_dir: Path) -> None:
     src = _save_tiny_switch(tmp_path / "switch", tokenizer_dir, num_experts=5)
     args = [*SMALL, "--no-eval"]
@@ -157,7 +156,7 @@ def test_killed_distributed_run_restarts_to_the_same_bytes(tmp_path: Path, token
     r = _compress(src, out, args, ranks=2, env={KILL_ENV: "after:2"})  # every rank SIGKILLs itself
     assert r.returncode != 0 and not (out / "config.json").exists()
     r = _compress(src, out, args, ranks=2)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, _why(r)
     assert json.loads((out / "qmoe_report.json").read_text())["resumed_from_block"] == 3
     _same_files(one, out)
 
@@ -179,7 +178,7 @@ def test_builtin_tiny_switch_two_ranks_match_one_process(tmp_path: Path) -> None
     args = ["--eval-samples", "8", "--quiet"]
     for out, ranks in ((one, 1), (two, 2)):
         r = _compress("tiny-switch", out, args, ranks)  # type: ignore[arg-type]
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, _why(r)
     _same_files(one, two)
     for out, ranks in ((one, 1), (two, 2)):
         ex = json.loads((out / "qmoe_report.json").read_text())["execution"]

@@ -149,3 +149,42 @@ def test_planted_kernel_never_runs(tmp_path) -> None:
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     assert not mark.exists(), "the planted library's constructor ran"
     assert b"planted" not in Path(where).read_bytes()
+
+
+@needs_cc
+def test_a_second_process_never_discards_a_library_being_built(cache, monkeypatch) -> None:
+    """Two ranks on an empty cache: B looks in the moment A has renamed the library into place but not yet
+    its sidecar. B must wait for A, not discard A's file (then A's own check failed: numba fallback)."""
+    import threading
+
+    path = _native.private_dir() / _native.library_path().name
+    discarded, results = threading.Event(), {}
+    real_replace, real_discard = os.replace, _native._discard
+
+    def discard(p: Path) -> None:
+        real_discard(p)
+        if threading.current_thread().name == "B":
+            discarded.set()
+
+    def b() -> None:  # a thread stands in for the other process: flock locks conflict between open files
+        try:
+            p, fd = _native.library()
+            os.close(fd)
+            results["B"] = p
+        except BackendUnavailable as err:
+            results["B"] = err
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        if Path(dst) == path and "B" not in threads:  # A's library is in place, its sidecar not yet
+            threads["B"] = threading.Thread(target=b, name="B")
+            threads["B"].start()
+            discarded.wait(timeout=3)  # old behaviour: B discards A's library at once
+
+    threads: dict[str, threading.Thread] = {}
+    monkeypatch.setattr(_native, "_discard", discard)
+    monkeypatch.setattr(_native.os, "replace", replace)
+    a_path, fd = _native.library()  # A
+    os.close(fd)
+    threads["B"].join(timeout=60)
+    assert results["B"] == a_path == path and not discarded.is_set()

@@ -13,18 +13,21 @@ Loading a shared library runs its constructors, so nobody but the user may choos
 inside it (``O_NOFOLLOW``); the library's sha256 is written to a sidecar ``<name>.so.sha256`` when it is
 built and checked before ``dlopen``, which then loads the very file that was hashed (``/proc/self/fd``); a
 library that is not a regular file owned by the user, lacks its sidecar or does not match it is removed
-and rebuilt.
+and rebuilt. Processes that find no valid library build it one at a time (a lock file beside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from qmoe.errors import BackendUnavailable
@@ -154,20 +157,39 @@ def build(target: Path) -> None:
     os.replace(side, _sidecar(target))
 
 
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold ``<name>.so.lock`` (flock) while checking, discarding and building ``path``: the processes of
+    one job (torchrun ranks) start together on an empty cache, and without it one would discard the
+    library another has just renamed into place but not yet given its sidecar, so that the other's
+    check fails and it falls back to the numba kernel."""
+    fd = os.open(path.with_name(path.name + ".lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, also if the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
 def library() -> tuple[Path, int]:
     """(path, open fd) of the verified library, built (or rebuilt over anything that fails the checks)."""
     path = private_dir() / library_path().name
     fd = verified(path)
+    if fd is not None:
+        return path, fd
+    try:
+        with _build_lock(path):
+            fd = verified(path)  # built by another process while this one waited
+            if fd is None:
+                _discard(path)
+                build(path)
+                fd = verified(path)
+    except OSError as err:  # e.g. a full disk
+        raise BackendUnavailable(f"cannot build the native CPU kernel in {path.parent}: {err}") from err
     if fd is None:
-        _discard(path)
-        try:
-            build(path)
-        except OSError as err:  # e.g. a full disk
-            raise BackendUnavailable(f"cannot build the native CPU kernel in {path.parent}: {err}") from err
-        fd = verified(path)
-        if fd is None:
-            raise BackendUnavailable(f"the native CPU kernel just built at {path} fails its checksum; "
-                                     "is another process writing to the cache?")
+        raise BackendUnavailable(f"the native CPU kernel just built at {path} fails its checksum; "
+                                 "is another process writing to the cache?")
     return path, fd
 
 

@@ -57,8 +57,25 @@ class RankFailed(QMoEError):
 class Dist:
     """This process's place in the job: ``rank`` of ``world``; with ``world == 1`` every call is local."""
 
-    def __init__(self, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, owns_group: bool = False) -> None:
         self.rank, self.world = rank, world
+        self.owns_group = owns_group  # from_environment started the process group: close() ends it
+
+    def close(self) -> None:
+        """End the process group this job started (:func:`from_environment`); a group the caller started
+        is left alone. Every rank must call this before its process exits, also after a failure: a gloo
+        group still alive at interpreter exit is torn down by static destructors while its threads run,
+        and ``std::terminate`` aborts the process ("terminate called without an active exception",
+        SIGABRT), at random, after a successful run too. No collective is left pending when this is called
+        (every collective here waits for its result), so it returns at once; a peer still waiting on this
+        rank sees its connection close and fails, as when the process exits."""
+        if not self.owns_group:
+            return
+        import torch.distributed as dist
+
+        self.owns_group = False
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     @property
     def main(self) -> bool:
@@ -228,7 +245,8 @@ def local_launcher(ranks: int) -> list[str]:
 
 
 def from_environment(device: torch.device) -> Dist:
-    """The job torchrun describes (``WORLD_SIZE``, ``RANK``), its process group started; else one process."""
+    """The job torchrun describes (``WORLD_SIZE``, ``RANK``), its process group started (unless the caller
+    started one); else one process. The caller ends it with :meth:`Dist.close` before the process exits."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -236,11 +254,12 @@ def from_environment(device: torch.device) -> Dist:
 
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed; run one process")
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout)
-    return Dist(dist.get_rank(), dist.get_world_size())
+    if dist.is_initialized():  # the caller's group: theirs to end
+        return Dist(dist.get_rank(), dist.get_world_size())
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timeout)
+    return Dist(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
 
 def settle_threads() -> tuple[int, str | None]:

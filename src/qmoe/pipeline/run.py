@@ -692,8 +692,6 @@ def compress(
     A killed run restarted with the same arguments resumes after its last completed block; a finished
     output directory of the same run is left as it is. Returns the report (also in ``qmoe_report.json``).
     """
-    from qmoe import __version__
-
     wall0 = time.perf_counter()
     config = config if config is not None else CompressConfig()
     if not isinstance(config, CompressConfig):
@@ -702,7 +700,24 @@ def compress(
         config = config.replace(**overrides)
     dev = resolve_device(device)
     dist = from_environment(dev)  # torchrun: this rank's place in the job; else one process
-    dev = local_device(dev)
+    try:
+        return _compress(source, out, config, local_device(dev), dist, buffer_gb, progress, wall0)
+    finally:
+        dist.close()  # before the process exits, success or failure (Dist.close says why)
+
+
+def _compress(
+    source: str | Path,
+    out: str | Path,
+    config: CompressConfig,
+    dev: torch.device,
+    dist: Dist,
+    buffer_gb: float | None,
+    progress: bool | Progress,
+    wall0: float,
+) -> dict[str, Any]:
+    from qmoe import __version__
+
     p = plan(source, out, config, __version__)
     if dist.world > p.n_experts:
         raise ConfigError(
