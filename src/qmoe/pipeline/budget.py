@@ -246,13 +246,16 @@ def _choose_dropping(
     total = (bits * w[:, None]).sum(0) / w.sum()  # [J], about decreasing in the price
     below = np.nonzero(total <= budget)[0]
     j = int(below[0]) if below.size else int(np.argmin(total))
-    scale = budget / total[0] if j == 0 and total[0] < budget else 1.0  # no price: levels shrink alike
+    # the first price at or below the budget; its sizes scaled so that the plan spends exactly the budget
+    # (the drops come in steps, so the size at a grid price is rarely B itself). Above the size of the
+    # lowest price this is "no price": levels shrink alike. Out of reach below, the smallest as it is.
+    scale = budget / total[j] if below.size and total[j] > 0 else 1.0
     planned = []
     for i, g in enumerate(groups):
         dropped = tuple(int(e) for e in np.nonzero(drops[i // 2][:, j])[0])
         planned.append(GroupPlan(**{**asdict(g), "bits": float(bits[i, j] * scale), "dropped": dropped}))
     predicted = float((bits[:, j] * scale * w).sum() / w.sum())
-    price = 0.0 if scale != 1.0 else float(np.exp(x[j]))
+    price = 0.0 if j == 0 and total[0] < budget else float(np.exp(x[j]))
     return BudgetPlan(float(budget), price, predicted, tuple(planned), tuple(layers))
 
 
