@@ -182,6 +182,14 @@ def _saved(model, path: Path, tokenizer_dir: Path) -> Path:
     return path
 
 
+def _global_budget(bits: float):
+    """A small calibration at a model-wide budget of ``bits`` (the runs below force which experts drop)."""
+    from qmoe.config import CompressConfig
+
+    return CompressConfig(calib_samples=16, seq_len=32, eval_samples=8, batch_size=8, target_bits=bits,
+                          allocation="global")
+
+
 def test_budget_drops_experts_end_to_end(tmp_path: Path, tokenizer_dir: Path, monkeypatch) -> None:
     """Dropped experts store nothing and are recorded; the pipeline's compressed stream ran with them
     masked exactly as ``qmoe.load`` runs them; ``qmoe verify`` accepts the checkpoint; decompress says why
@@ -196,8 +204,7 @@ def test_budget_drops_experts_end_to_end(tmp_path: Path, tokenizer_dir: Path, mo
     _force_drop(monkeypatch, [1])
     src = _saved(_tiny("qwen3_moe", width=128), tmp_path / "src", tokenizer_dir)
     out = tmp_path / "out"
-    cfg = CompressConfig(calib_samples=16, seq_len=32, eval_samples=8, batch_size=8, target_bits=1.0,
-                         allocation="global")
+    cfg = _global_budget(1.0)
     rep = compress(src, out, cfg, device="cpu", progress=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["dropped_experts"] == {"model.layers.0.mlp": [1], "model.layers.1.mlp": [1]}
@@ -228,16 +235,13 @@ def test_dropped_experts_decompress_with_the_routers_bias(tmp_path: Path, tokeni
     from transformers import AutoModelForCausalLM
 
     import qmoe
-    from qmoe.config import CompressConfig
     from qmoe.pipeline import compress
     from qmoe.runtime.decompress import decompress
 
     _force_drop(monkeypatch, [2])
     dense = _saved(_tiny("deepseek_v3", width=128), tmp_path / "dense", tokenizer_dir)
     out = tmp_path / "out"
-    cfg = CompressConfig(calib_samples=16, seq_len=32, eval_samples=8, batch_size=8, target_bits=1.2,
-                         allocation="global")
-    rep = compress(dense, out, cfg, device="cpu", progress=False)
+    rep = compress(dense, out, _global_budget(1.2), device="cpu", progress=False)
     assert all(r["dropped"] == [2] for r in rep["layers"])
     a = qmoe.load(out)
     assert _eval_loss(a, out, rep) == pytest.approx(rep["eval"]["loss_compressed"], abs=1e-4)

@@ -219,8 +219,7 @@ def group_bits(
     the rest of the group (``Dist.sum_ints``; one process: the identity). ``dropped`` experts store nothing
     but their weights still count: bits/weight is always over the whole group."""
     stored = expert_bits(layout, moe_path, q, projections, bits, first, total, dropped)
-    (weights,) = total([q.codes.numel()])
-    (nbits,) = total([int(stored.sum())])
+    nbits, weights = total([int(stored.sum()), q.codes.numel()])  # one collective for both sums
     return nbits / weights
 
 
