@@ -43,11 +43,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from qmoe.pipeline.context import RunContext
 
 PLAN_SAMPLES = 64  # calibration samples of the sensitivity pass (the first ones of the calibration set)
 NOISE_SCALE = 0.3  # perturbation RMS as a fraction of the layer output's RMS: about a 1-bit expert's error
@@ -278,15 +281,16 @@ def expert_curves(
     return np.stack(bits, 1), np.stack(err, 1)
 
 
-def make_plan(run: Any) -> BudgetPlan:
+def make_plan(ctx: RunContext) -> BudgetPlan:
     """Measure (``qmoe.pipeline.sensitivity``), trace every group's size curve and choose the price that
-    meets ``run.config.target_bits``. Deterministic: a resumed run plans the same."""
-    from qmoe.pipeline.quantize import expert_bits, stack_experts
+    meets ``ctx.config.target_bits``. Deterministic: a resumed run plans the same."""
+    from qmoe.pipeline.encode import expert_bits
+    from qmoe.pipeline.quantize import stack_experts
     from qmoe.pipeline.sensitivity import measure
 
-    p, config = run.p, run.config
+    p, config = ctx.plan, ctx.config
     layout = p.adapter.experts
-    layers = {s.name: s for s in measure(run)}
+    layers = {s.name: s for s in measure(ctx)}
     floor = kappa_floor(list(layers.values()))
     blocks = [bp for bp in p.blocks if bp.moe_path is not None]
     moe = [bp.moe_path for bp in blocks]
@@ -301,7 +305,7 @@ def make_plan(run: Any) -> BudgetPlan:
     experts = range(p.n_experts)
     for li, name in enumerate(moe):
         stacked = stack_experts(
-            p.reader.get_many(layout.keys_of(name, experts)), layout, name, experts, run.device
+            p.reader.get_many(layout.keys_of(name, experts)), layout, name, experts, ctx.device
         )
         for gi, ((kind, projections), W) in enumerate(zip(kinds, stacked, strict=True)):
             m = mults[2 * li + gi]
@@ -342,3 +346,15 @@ def at_price(
     w = np.array([g.weights for g in planned], dtype=np.float64)
     predicted = float(sum(g.bits * g.weights for g in planned) / w.sum())
     return BudgetPlan(predicted, float(price), predicted, tuple(planned), tuple(layers), fixed_price=True)
+
+
+def spent_bits(plan: BudgetPlan | None, rows: Sequence[dict[str, Any]]) -> float:
+    """Stored bits of the groups in the report ``rows`` of finished blocks (a resumed run's start), summed in
+    the order the run quantized them, as the run adds them (the same float). 0 without a size to keep."""
+    spent = 0.0
+    if plan is None or plan.fixed_price:
+        return spent
+    for row in rows:
+        for kind, bits in zip(("first", "second"), row["group_bits"], strict=True):
+            spent += bits * plan.groups[plan.index(row["name"], kind)].weights
+    return spent

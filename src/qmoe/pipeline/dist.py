@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from qmoe.errors import ConfigError, QMoEError
+from qmoe.pipeline.comm import Local
 
 T = TypeVar("T")
 TIMEOUT_ENV = "QMOE_DIST_TIMEOUT"  # seconds a rank waits in a collective (default 1800)
@@ -54,8 +55,9 @@ class RankFailed(QMoEError):
     """Another rank (or this one) failed; the message names the rank and the layer."""
 
 
-class Dist:
-    """This process's place in the job: ``rank`` of ``world``; with ``world == 1`` every call is local."""
+class Dist(Local):
+    """This process's place in a torchrun job: ``rank`` of ``world`` (with ``world == 1`` every call is
+    local, as :class:`qmoe.pipeline.comm.Local`'s)."""
 
     def __init__(self, rank: int = 0, world: int = 1, owns_group: bool = False) -> None:
         self.rank, self.world = rank, world
@@ -76,23 +78,6 @@ class Dist:
         self.owns_group = False
         if dist.is_initialized():
             dist.destroy_process_group()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    # -- work split ------------------------------------------------------------------------------------------
-    def owned(self, n_experts: int) -> range:
-        """The experts this rank quantizes: a contiguous range, sizes differing by at most one."""
-        return range(self.rank * n_experts // self.world, (self.rank + 1) * n_experts // self.world)
-
-    def mine(self, items: Sequence[T]) -> list[tuple[int, T]]:
-        """``(index, item)`` of the items this rank computes: every ``world``-th, starting at ``rank``."""
-        return [(j, it) for j, it in enumerate(items) if j % self.world == self.rank]
 
     # -- errors ----------------------------------------------------------------------------------------------
     def guard(self, fn: Callable[[], T], where: str) -> T:
@@ -244,12 +229,12 @@ def local_launcher(ranks: int) -> list[str]:
     ]
 
 
-def from_environment(device: torch.device) -> Dist:
+def from_environment(device: torch.device) -> Local:
     """The job torchrun describes (``WORLD_SIZE``, ``RANK``), its process group started (unless the caller
     started one); else one process. The caller ends it with :meth:`Dist.close` before the process exits."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Local()
     import torch.distributed as dist
 
     if not dist.is_available():

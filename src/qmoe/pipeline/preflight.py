@@ -200,32 +200,23 @@ def _check_target_bits(target: float, matrices: list[tuple[str, tuple[int, ...]]
         )
 
 
-def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_version: str) -> Plan:
-    src = resolve_source(source)
-    cfg = read_config(src)
-    require_moe(src, cfg)
-    if is_compressed(cfg):
-        raise SourceError(f"{src} is already a qmoe-compressed model; compress the original checkpoint")
-    method = (cfg.get("quantization_config") or {}).get("quant_method")
-    if method:  # DeepSeek-V3's fp8 and gpt-oss's mxfp4 releases, GPTQ/AWQ files, ...
-        raise SourceError(
-            f"{src} holds {method}-quantized weights; qmoe compresses 16/32-bit checkpoints: dequantize it "
-            "first (load it in transformers with the quantization's dequantize option and save_pretrained)"
-        )
-    adapter = get_adapter(cfg)
-    reader = ShardReader(src)
-    hf_config = adapter.hf_config(src)
-    plan_cfg = hf_config.to_dict()  # includes defaults that config.json may omit
-    n_experts = adapter.num_experts(plan_cfg)
-    stacks = adapter.stacks(plan_cfg)
-
+def _blocks(
+    adapter: Adapter,
+    plan_cfg: dict[str, Any],
+    hf_config: Any,
+    reader: ShardReader,
+    stacks: tuple[StackSpec, ...],
+    config: CompressConfig,
+    n_experts: int,
+) -> list[BlockPlan]:
+    """Every block of every stack, checked against the shard headers, with the matrices it will encode."""
     blocks: list[BlockPlan] = []
+    layout = adapter.experts
     for stack in stacks:
         for i in range(stack.n_blocks):
             tensor_keys, expert_keys = _check_block(adapter, plan_cfg, hf_config, reader, stack, i, n_experts)
             moe = stack.moe_path(i)
             moe = None if moe is None else adapter.disk_key(moe)  # expert keys and report rows: on-disk names
-            layout = adapter.experts
             matrices = (
                 []
                 if moe is None
@@ -240,6 +231,63 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
                 tensor_keys = [k for k in tensor_keys if k not in shared]
                 matrices += [(k, reader.shape(k)) for k in shared]
             blocks.append(BlockPlan(stack, i, len(blocks), tensor_keys, moe, expert_keys, matrices, shared))
+    return blocks
+
+
+def hidden_size(plan_cfg: dict[str, Any]) -> int:
+    return int(plan_cfg.get("d_model") or plan_cfg.get("hidden_size") or 0)
+
+
+def disk_estimate(
+    plan_cfg: dict[str, Any],
+    reader: ShardReader,
+    stacks: tuple[StackSpec, ...],
+    blocks: list[BlockPlan],
+    expert_params: int,
+    config: CompressConfig,
+) -> dict[str, int]:
+    """Upper bounds of the bytes the run writes: the output (non-expert tensors as stored, experts at
+    ``_EST_BITS``) and the activation snapshots (two generations of every stream's buffer, at the end of a
+    block while the previous snapshot is still the resume point)."""
+    n_eval = len(config.eval_data) * 2 * config.eval_samples if config.eval else 0
+    acts = 4 * hidden_size(plan_cfg) * config.seq_len * (config.calib_samples + n_eval) * len(stacks)
+    non_expert = sum(reader.nbytes(k) for k in reader.keys()) - sum(
+        reader.nbytes(k) for b in blocks for k in b.expert_keys
+    )
+    return {
+        "output": non_expert + int(expert_params * _EST_BITS[config.bits] / 8),
+        "snapshots": 2 * acts,
+    }
+
+
+def _open_source(source: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The source directory and its config.json: an MoE checkpoint of 16/32-bit weights."""
+    src = resolve_source(source)
+    cfg = read_config(src)
+    require_moe(src, cfg)
+    if is_compressed(cfg):
+        raise SourceError(f"{src} is already a qmoe-compressed model; compress the original checkpoint")
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    if method:  # DeepSeek-V3's fp8 and gpt-oss's mxfp4 releases, GPTQ/AWQ files, ...
+        raise SourceError(
+            f"{src} holds {method}-quantized weights; qmoe compresses 16/32-bit checkpoints: dequantize it "
+            "first (load it in transformers with the quantization's dequantize option and save_pretrained)"
+        )
+    return src, cfg
+
+
+def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_version: str) -> Plan:
+    """Check the source and the output directory and lay out every block; reads only config and shard
+    headers (no weights), so it takes seconds on any model."""
+    src, cfg = _open_source(source)
+    adapter = get_adapter(cfg)
+    reader = ShardReader(src)
+    hf_config = adapter.hf_config(src)
+    plan_cfg = hf_config.to_dict()  # includes defaults that config.json may omit
+    n_experts = adapter.num_experts(plan_cfg)
+    stacks = adapter.stacks(plan_cfg)
+
+    blocks = _blocks(adapter, plan_cfg, hf_config, reader, stacks, config, n_experts)
     needed = {s.embed_key for s in stacks} | {s.final_norm_key for s in stacks if s.final_norm_key}
     needed |= set(adapter.head_keys(plan_cfg).values())
     missing = sorted(k for k in needed if k not in reader)
@@ -257,45 +305,18 @@ def plan(source: str | Path, out: str | Path, config: CompressConfig, qmoe_versi
 
     from qmoe.codec import FORMAT_VERSION
 
-    fp = fingerprint(
-        config.to_dict(),
-        cfg,
-        [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in reader.files],
-        qmoe_version,
-        FORMAT_VERSION,
-    )
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in reader.files]
+    fp = fingerprint(config.to_dict(), cfg, files, qmoe_version, FORMAT_VERSION)
     out = Path(out).expanduser()
     state, complete = _output_state(out, fp)
 
     if not complete:
-        d = int(plan_cfg.get("d_model") or plan_cfg.get("hidden_size") or 0)
-        n_eval = len(config.eval_data) * 2 * config.eval_samples if config.eval else 0
-        acts = 4 * d * config.seq_len * (config.calib_samples + n_eval) * len(stacks)
-        non_expert = sum(reader.nbytes(k) for k in reader.keys()) - sum(
-            reader.nbytes(k) for b in blocks for k in b.expert_keys
-        )
-        need = non_expert + int(expert_params * _EST_BITS[config.bits] / 8) + 2 * acts
+        need = sum(disk_estimate(plan_cfg, reader, stacks, blocks, expert_params, config).values())
         free = _free_bytes(out)
         if free < need:
             raise QMoEError(
                 f"not enough disk space for {out}: about {need / 2**30:.2f} GiB needed (output and "
                 f"activation snapshots), {free / 2**30:.2f} GiB free; free space or choose another --out"
             )
-    return Plan(
-        src,
-        cfg,
-        adapter,
-        hf_config,
-        reader,
-        stacks,
-        blocks,
-        rest_keys,
-        n_experts,
-        params,
-        expert_params,
-        fp,
-        out,
-        state,
-        complete,
-        shared_params,
-    )
+    return Plan(src, cfg, adapter, hf_config, reader, stacks, blocks, rest_keys, n_experts, params,
+                expert_params, fp, out, state, complete, shared_params)

@@ -1,4 +1,4 @@
-"""Quantize a stack of experts (GPTQ or round-to-nearest) and encode each expert matrix with the codec.
+"""Quantize a stack of experts (GPTQ or round-to-nearest), at a given bit price or to a stored size.
 
 Every expert is quantized: one that saw fewer than ``min_tokens`` calibration tokens (or whose Hessian is
 not positive definite) is rounded to nearest instead of GPTQ-quantized, and flagged (``fallback``).
@@ -7,7 +7,7 @@ not positive definite) is rounded to nearest instead of GPTQ-quantized, and flag
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +16,18 @@ from torch import Tensor
 from qmoe.adapters import ExpertLayout
 from qmoe.config import CompressConfig
 from qmoe.gptq import QuantizedExperts, gptq_quantize, rtn_quantize
+from qmoe.pipeline.comm import LOCAL, Local
+from qmoe.pipeline.encode import GroupSize
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One quantized group and the settings that made it."""
+
+    q: QuantizedExperts
+    rate: float  # the bit price (times each expert's multiplier under a budget)
+    level_scale: float
+    bits: float | None  # stored bits/weight of the whole group; None: no size target (not measured)
 
 
 def quantize(
@@ -67,7 +79,8 @@ def _rtn_guess(
     W: Tensor,
     H: Tensor,
     config: CompressConfig,
-    bits_of: Callable[[QuantizedExperts], float],
+    size: GroupSize,
+    comm: Local,
     target: float,
     weights: Tensor | None = None,
 ) -> float:
@@ -79,7 +92,7 @@ def _rtn_guess(
         q = rtn_quantize(
             W, grid=config.grid, H=H, rate=expert_rates(mid, weights), level_scale=config.level_scale
         )
-        if bits_of(q) > target:
+        if size.bits_per_weight(q, comm) > target:
             lo = mid
         else:
             hi = mid
@@ -133,11 +146,13 @@ def quantize_to_size(
     H: Tensor | None,
     counts: Tensor | None,
     config: CompressConfig,
-    bits_of: Callable[[QuantizedExperts], float],
+    size: GroupSize,
+    comm: Local = LOCAL,
     target: float | None = None,
     rate_weights: Tensor | None = None,
-) -> tuple[QuantizedExperts, float, float, float]:
-    """Quantize so that the stored size ``bits_of(q)`` (bits/weight) is closest to ``target`` (default
+) -> Quantized:
+    """Quantize so that the stored size (bits/weight of the whole group, ``size.bits_per_weight(q, comm)``:
+    summed over the ranks, so every rank takes the same steps) is closest to ``target`` (default
     ``config.target_bits``); ``rate_weights [E]``: each expert's rate is the searched rate times its weight
     (a model-wide budget's relative prices, ``qmoe.pipeline.budget``).
 
@@ -147,8 +162,7 @@ def quantize_to_size(
     the configured one: more weights take a nonzero code, each smaller). Measured on tiny-qwen3-moe, large
     levels with a price win below the grid's own size and smaller levels above it (docs/recipes.md).
 
-    Returns ``(q, rate, level_scale, bits/weight)`` of the closest result seen. A target out of reach
-    returns the nearest end. Deterministic.
+    Returns the closest result seen. A target out of reach returns the nearest end. Deterministic.
     """
     target = float(config.target_bits if target is None else target)  # type: ignore[arg-type]
     tol = _SEARCH_TOL * target
@@ -156,7 +170,7 @@ def quantize_to_size(
 
     def run(rate: float, scale: float) -> float:
         q = quantize(W, H, counts, config, rate=expert_rates(rate, rate_weights), level_scale=scale)
-        b = bits_of(q)
+        b = size.bits_per_weight(q, comm)  # a collective in a distributed run
         best.append((abs(b - target), rate, scale, b, q))
         best.sort(key=lambda t: t[:3])
         del best[1:]  # keep only the closest (bounded memory)
@@ -165,11 +179,8 @@ def quantize_to_size(
     scale0 = config.level_scale
     g0 = run(0.0, scale0)
     if g0 > tol:  # too big at nearest rounding: price the bits
-        start = (
-            _rtn_guess(W, H, config, bits_of, target, rate_weights)
-            if config.method == "gptq" and H is not None
-            else 1.0
-        )
+        gptq = config.method == "gptq" and H is not None
+        start = _rtn_guess(W, H, config, size, comm, target, rate_weights) if gptq else 1.0
         lo, hi = np.log(_RATE_RANGE[0]), np.log(_RATE_RANGE[1])
         _solve_decreasing(
             lambda x: run(float(np.exp(x)), scale0),
@@ -180,142 +191,10 @@ def quantize_to_size(
             tol,
         )
     elif g0 < -tol:  # too small even so: shrink the levels
-        _solve_decreasing(
-            lambda s: run(0.0, s),
-            0.85 * scale0,
-            0.15 * scale0,
-            _SCALE_MIN * scale0,
-            scale0,
-            tol,
-            known=(scale0, g0),
-        )
+        shrink = (0.85 * scale0, 0.15 * scale0, _SCALE_MIN * scale0, scale0, tol)
+        _solve_decreasing(lambda s: run(0.0, s), *shrink, known=(scale0, g0))
     _, rate, scale, bits, q = best[0]
-    return q, rate, scale, bits
-
-
-def _encode(codes: np.ndarray, levels: np.ndarray, bits: str) -> Any:
-    """One ``[rows, cols]`` matrix: ternary codes {-1,0,1} with levels [rows, 3], or 2-bit codes [rows, 4]."""
-    from qmoe.codec import encode_int2, encode_ternary
-
-    if bits == "ternary":
-        return encode_ternary(codes, levels[:, 0], levels[:, 2])
-    return encode_int2(codes.astype(np.uint8), levels)
-
-
-def group_bits(
-    layout: ExpertLayout,
-    moe_path: str,
-    q: QuantizedExperts,
-    projections: list[str],
-    bits: str,
-    first: int = 0,
-    total: Callable[[list[int]], list[int]] = list,
-    dropped: frozenset[int] = frozenset(),
-) -> float:
-    """Stored bits/weight of a quantized group (the fused first projections, or the second): encoded
-    arrays plus each matrix's estimated share of the shard header (``codec.matrix_header_bytes``).
-
-    ``q`` holds experts ``first, first + 1, ...``; ``total`` sums integer counts over the ranks that hold
-    the rest of the group (``Dist.sum_ints``; one process: the identity). ``dropped`` experts store nothing
-    but their weights still count: bits/weight is always over the whole group."""
-    stored = expert_bits(layout, moe_path, q, projections, bits, first, total, dropped)
-    nbits, weights = total([int(stored.sum()), q.codes.numel()])  # one collective for both sums
-    return nbits / weights
-
-
-def expert_bits(
-    layout: ExpertLayout,
-    moe_path: str,
-    q: QuantizedExperts,
-    projections: list[str],
-    bits: str,
-    first: int = 0,
-    total: Callable[[list[int]], list[int]] = list,
-    dropped: frozenset[int] = frozenset(),
-) -> np.ndarray:
-    """``[E_r]`` int64 stored bits of each expert of ``q`` in this group (arrays and header estimate; 0 for
-    a ``dropped`` one). The header estimate's offset width comes from the whole group (``total``)."""
-    from qmoe.codec.container import matrix_header_bytes
-
-    rows = q.codes.shape[1] // len(projections)
-    encoded: list[list[tuple[str, Any]]] = []
-    for e in range(q.codes.shape[0]):
-        mats = []
-        if first + e not in dropped:
-            for j, proj in enumerate(projections):
-                sl = slice(j * rows, (j + 1) * rows)
-                enc = _encode(q.codes[e, sl].cpu().numpy(), q.levels[e, sl].cpu().numpy(), bits)
-                mats.append((layout.expert_key(moe_path, first + e, proj), enc))
-        encoded.append(mats)
-    (arrays,) = total([sum(enc.nbytes for mats in encoded for _, enc in mats)])
-    digits = len(str(2 * arrays))  # data offsets in the shard run up to about the layer's size
-    return np.array(
-        [8 * sum(enc.nbytes + matrix_header_bytes(k, enc, digits) for k, enc in mats) for mats in encoded],
-        dtype=np.int64,
-    )
-
-
-def encode_experts(
-    layout: ExpertLayout,
-    moe_path: str,
-    first: QuantizedExperts,
-    second: QuantizedExperts,
-    bits: str,
-    first_expert: int = 0,
-    dropped: frozenset[int] = frozenset(),
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Encoded matrices under their on-disk keys, and per-expert size statistics.
-
-    ``first`` holds the fused first projections ``[E, F*I, d]`` (in ``layout.first`` order), ``second``
-    the second projection ``[E, d, I]``, of experts ``first_expert, first_expert + 1, ...``; each expert
-    projection becomes one encoded ``[rows, cols]`` matrix; a ``dropped`` expert (global index) none.
-    """
-    E = first.codes.shape[0]
-    F = len(layout.first)
-    rows = first.codes.shape[1] // F
-    encoded: dict[str, Any] = {}
-    stats = []
-    parts = [(p, first, slice(j * rows, (j + 1) * rows)) for j, p in enumerate(layout.first)]
-    parts.append((layout.second, second, slice(None)))
-    for e in range(E):
-        nbytes = weights = zeros = 0
-        if first_expert + e in dropped:
-            weights = sum(q.codes[e, sl].numel() for _, q, sl in parts)
-            stats.append({"expert": first_expert + e, "bytes": 0, "weights": weights, "bits_per_weight": 0.0,
-                          "zero_fraction": 1.0, "dropped": True})
-            continue
-        for proj, q, sl in parts:
-            codes = q.codes[e, sl].cpu().numpy()  # [rows, cols] int8
-            levels = q.levels[e, sl].cpu().numpy()  # [rows, n_levels] float32 on the codec's level grid
-            enc = _encode(codes, levels, bits)
-            encoded[layout.expert_key(moe_path, first_expert + e, proj)] = enc
-            nbytes += enc.nbytes
-            weights += codes.size
-            zeros += int((q.dequantized[e, sl] == 0).sum())
-        stats.append(
-            {
-                "expert": first_expert + e,
-                "bytes": nbytes,
-                "weights": weights,
-                "bits_per_weight": 8 * nbytes / weights,
-                "zero_fraction": zeros / weights,
-            }
-        )
-    return encoded, stats
-
-
-def encode_fused(names: list[str], q: QuantizedExperts, bits: str) -> dict[str, Any]:
-    """One quantized matrix ``q [1, F*rows, cols]`` (fused projections, rows in ``names`` order) as ``F``
-    encoded ``[rows, cols]`` matrices under ``names`` (the shared experts' on-disk keys)."""
-    rows = q.codes.shape[1] // len(names)
-    return {
-        name: _encode(
-            q.codes[0, j * rows : (j + 1) * rows].cpu().numpy(),
-            q.levels[0, j * rows : (j + 1) * rows].cpu().numpy(),
-            bits,
-        )
-        for j, name in enumerate(names)
-    }
+    return Quantized(q, rate, scale, bits)
 
 
 def stack_experts(

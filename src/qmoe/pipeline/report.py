@@ -72,6 +72,30 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _expert_row(
+    e: int,
+    objective_names: list[str],
+    routed: list[int],
+    used: list[int],
+    fallbacks: list[list[bool]],
+    objectives: list[list[float | None]],
+    sizes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    s = sizes[e]
+    return {
+        "expert": e,
+        "tokens": routed[e],
+        "tokens_used": used[e],
+        # a dropped expert has no weights to quantize: not a fallback, whatever its (zero) tokens
+        "fallback": any(fb[e] for fb in fallbacks) and not s.get("dropped", False),
+        "dropped": s.get("dropped", False),
+        "objective": {n: obj[e] for n, obj in zip(objective_names, objectives, strict=True)},
+        "zero_fraction": s["zero_fraction"],
+        "bits_per_weight": s["bits_per_weight"],
+        "bytes": s["bytes"],
+    }
+
+
 def layer_row(
     name: str,
     stack: str,
@@ -93,23 +117,9 @@ def layer_row(
     of the shard's header (``codec.container.header_share``); per-expert sizes count the arrays only.
     """
     E = len(routed)
-    per_expert = []
-    for e in range(E):
-        s = sizes[e]
-        per_expert.append(
-            {
-                "expert": e,
-                "tokens": routed[e],
-                "tokens_used": used[e],
-                # a dropped expert has no weights to quantize: not a fallback, whatever its (zero) tokens
-                "fallback": any(fb[e] for fb in fallbacks) and not s.get("dropped", False),
-                "dropped": s.get("dropped", False),
-                "objective": {n: obj[e] for n, obj in zip(objective_names, objectives, strict=True)},
-                "zero_fraction": s["zero_fraction"],
-                "bits_per_weight": s["bits_per_weight"],
-                "bytes": s["bytes"],
-            }
-        )
+    per_expert = [
+        _expert_row(e, objective_names, routed, used, fallbacks, objectives, sizes) for e in range(E)
+    ]
     array_bytes = sum(s["bytes"] for s in sizes)
     nbytes = array_bytes + header_bytes
     weights = sum(s["weights"] for s in sizes)

@@ -20,13 +20,14 @@ import torch
 
 from qmoe.pipeline.budget import NOISE_SCALE, PLAN_SAMPLES, LayerSensitivity
 from qmoe.pipeline.buffers import ActivationBuffer, to_device
+from qmoe.pipeline.context import RunContext, final_norms, layer_calibration, load_block
+from qmoe.pipeline.streams import capacity_lifted
 
 
-def measure(run: Any) -> list[LayerSensitivity]:
-    """``LayerSensitivity`` of every MoE layer, in block order, for the pipeline run ``run`` (``_Run``:
-    its plan, config, device, samples, memory budget and block loader)."""
-    p = run.p
-    calib = run.samples["calib"]
+def measure(ctx: RunContext) -> list[LayerSensitivity]:
+    """``LayerSensitivity`` of every MoE layer, in block order, for the compression run ``ctx``."""
+    p = ctx.plan
+    calib = ctx.samples["calib"]
     n = min(PLAN_SAMPLES, len(calib["labels"]))
     bufs: dict[tuple[str, str], ActivationBuffer] = {}  # (stream, stack) -> [n, S, d]
     streams = ["ref"]
@@ -37,15 +38,15 @@ def measure(run: Any) -> list[LayerSensitivity]:
         embed = p.reader.get(stack.embed_key).float()  # [vocab, d]
         ids = torch.from_numpy(calib[stack.inputs][:n])  # [n, S]
         for s in streams:
-            buf = ActivationBuffer(f"plan/{stack.name}/{s}", (*ids.shape, embed.shape[1]), run.budget)
+            buf = ActivationBuffer(f"plan/{stack.name}/{s}", (*ids.shape, embed.shape[1]), ctx.memory)
             buf.data[:] = torch.nn.functional.embedding(ids, embed)
             bufs[(s, stack.name)] = buf
         del embed
         for bp in (b for b in p.blocks if b.stack.name == stack.name):
-            block, raw = run.load_block(bp)
+            block, raw = load_block(ctx, bp)
             cal = None
             if bp.moe_path is not None:
-                cal = run.layer_calibration(block, raw, bp, range(p.n_experts), None)
+                cal = layer_calibration(ctx, block, raw, bp, range(p.n_experts), None)
                 cal.stats = {
                     "energy": torch.zeros(p.n_experts, dtype=torch.float64),
                     "out_sq": 0.0,
@@ -56,22 +57,13 @@ def measure(run: Any) -> list[LayerSensitivity]:
                 if cal is not None:
                     cal.count_tokens = s == "ref"
                     cal.stats_on = s == "ref"
-                _forward(run, block, bp, stack_state[stack.name], bufs, s, stack)
+                _forward(ctx, block, bp, stack_state[stack.name], bufs, s, stack)
             if cal is not None:
-                st = cal.stats
-                positions = int(st["positions"])
-                d = bufs[("ref", stack.name)].shape[2]
-                sigma = NOISE_SCALE * (st["out_sq"] / max(1, positions * d)) ** 0.5
-                stats[bp.moe_path] = {
-                    "routed": [int(v) for v in cal.routed.tolist()],
-                    "energy": st["energy"].tolist(),
-                    "positions": positions,
-                    "sigma": sigma,
-                    "stack": stack.name,
-                }
-                _perturb(run, bufs, streams, stack.name, bp.moe_path, bp.g, sigma)
+                stats[bp.moe_path] = _layer_stats(cal, bufs[("ref", stack.name)].shape[2], stack.name)
+                sigma = stats[bp.moe_path]["sigma"]
+                _perturb(ctx, bufs, streams, stack.name, bp.moe_path, bp.g, sigma)
             del block, raw, cal
-    losses = _losses(run, bufs, streams, n)
+    losses = _losses(ctx, bufs, streams, n)
     out = []
     for name, st in stats.items():
         d = next(b.shape[2] for (s, k), b in bufs.items() if s == "ref" and k == st["stack"])
@@ -92,8 +84,21 @@ def measure(run: Any) -> list[LayerSensitivity]:
     return out
 
 
+def _layer_stats(cal: Any, d: int, stack: str) -> dict[str, Any]:
+    """What the reference stream counted at one MoE layer, and the noise scale of its perturbed streams."""
+    st = cal.stats
+    positions = int(st["positions"])
+    return {
+        "routed": [int(v) for v in cal.routed.tolist()],
+        "energy": st["energy"].tolist(),
+        "positions": positions,
+        "sigma": NOISE_SCALE * (st["out_sq"] / max(1, positions * d)) ** 0.5,
+        "stack": stack,
+    }
+
+
 def _forward(
-    run: Any,
+    ctx: RunContext,
     block: torch.nn.Module,
     bp: Any,
     state: dict[str, Any],
@@ -102,26 +107,24 @@ def _forward(
     stack: Any,
 ) -> None:
     """Stream ``stream`` through ``block`` in place (capacity lifted when the recipe lifts it)."""
-    from qmoe.pipeline.run import _capacity_lifted
-
-    p, device = run.p, run.device
+    p, device = ctx.plan, ctx.device
     buf = bufs[(stream, stack.name)]
     mem = None
     if stack.memory:  # cross-attention: the stream's own encoder output, or the reference's
         mem = bufs.get((stream, stack.memory)) or bufs[("ref", stack.memory)]
-    lift = p.adapter.capacity_attribute if run.config.no_drop else None
-    with _capacity_lifted(block, lift):
-        for i0, i1 in buf.batches(run.config.batch_size):
+    lift = p.adapter.capacity_attribute if ctx.config.no_drop else None
+    w = final_norms(p)[stack.memory].to(device) if mem is not None else None  # [d]
+    with capacity_lifted(block, lift):
+        for i0, i1 in buf.batches(ctx.config.batch_size):
             h = to_device(buf.data[i0:i1], device)
             m = None
             if mem is not None:
-                w = run.norm_weights[stack.memory].to(device)
                 m = p.adapter.final_norm(p.hf_config, w, to_device(mem.data[i0:i1], device))
             buf.data[i0:i1] = p.adapter.block_forward(block, bp.i, h, m, state).to("cpu", torch.float32)
 
 
 def _perturb(
-    run: Any,
+    ctx: RunContext,
     bufs: dict[tuple[str, str], ActivationBuffer],
     streams: list[str],
     stack: str,
@@ -131,33 +134,33 @@ def _perturb(
 ) -> None:
     """Start the streams ``+name`` / ``-name``: the reference output of this block plus / minus noise."""
     ref = bufs[("ref", stack)]
-    gen = torch.Generator().manual_seed(1_000_003 * (run.config.seed + 1) + g)
+    gen = torch.Generator().manual_seed(1_000_003 * (ctx.config.seed + 1) + g)
     noise = torch.randn(ref.shape, generator=gen) * sigma  # [n, S, d]
     for sign in (1.0, -1.0):
         s = f"{'+' if sign > 0 else '-'}{name}"
-        buf = ActivationBuffer(f"plan/{stack}/{s}", ref.shape, run.budget)
+        buf = ActivationBuffer(f"plan/{stack}/{s}", ref.shape, ctx.memory)
         buf.data[:] = ref.data + sign * noise
         bufs[(s, stack)] = buf
         streams.append(s)
 
 
 def _losses(
-    run: Any, bufs: dict[tuple[str, str], ActivationBuffer], streams: list[str], n: int
+    ctx: RunContext, bufs: dict[tuple[str, str], ActivationBuffer], streams: list[str], n: int
 ) -> dict[str, float]:
     """Mean loss per target token of every stream on the plan sample."""
-    p, device = run.p, run.device
+    p, device = ctx.plan, ctx.device
     last = p.stacks[-1]
     head = {
         k: p.reader.get(key).float().to(device)
         for k, key in p.adapter.head_keys(p.hf_config.to_dict()).items()
     }
-    norm = run.norm_weights[last.name].to(device)
-    labels = torch.from_numpy(run.samples["calib"]["labels"][:n])
+    norm = final_norms(p)[last.name].to(device)
+    labels = torch.from_numpy(ctx.samples["calib"]["labels"][:n])
     out = {}
     for s in streams:
         buf = bufs[(s, last.name)]
         total, count = 0.0, 0
-        for i0, i1 in buf.batches(run.config.batch_size):
+        for i0, i1 in buf.batches(ctx.config.batch_size):
             h = p.adapter.final_norm(p.hf_config, norm, to_device(buf.data[i0:i1], device))
             ls, c = p.adapter.loss(p.hf_config, head, h, labels[i0:i1].to(device))
             total, count = total + ls, count + c

@@ -11,12 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 PARTIAL_DIR = ".qmoe-partial"
 STATE_FILE = "state.json"
+KILL_ENV = "QMOE_TEST_KILL"  # "after:G" / "during:G": SIGKILL ourselves at block G (resume tests)
+
+
+def kill_hook(stage: str, g: int) -> None:
+    """The resume tests' way to die at a chosen point of block ``g``, as a killed run would."""
+    if os.environ.get(KILL_ENV) == f"{stage}:{g}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
