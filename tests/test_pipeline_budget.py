@@ -105,24 +105,20 @@ def _sensitivity(src: Path, out: Path, **config: object) -> list:
     from qmoe import __version__
     from qmoe.config import CompressConfig
     from qmoe.pipeline.buffers import MemoryBudget
+    from qmoe.pipeline.comm import Local
+    from qmoe.pipeline.context import RunContext
     from qmoe.pipeline.preflight import plan
-    from qmoe.pipeline.run import _load_samples, _Run
+    from qmoe.pipeline.samples import load_samples
     from qmoe.pipeline.sensitivity import measure
-    from qmoe.pipeline.state import RunState
+    from qmoe.progress import Progress
 
     cfg = CompressConfig(eval=False, **config)
     p = plan(src, out, cfg, __version__)
-    run = _Run(
-        p,
-        cfg,
-        torch.device("cpu"),
-        RunState(p.fingerprint),
-        _load_samples(p, cfg),
-        MemoryBudget(1 << 30, out / "spill"),
-        False,
-    )
+    memory = MemoryBudget(1 << 30, out / "spill")
+    quiet = Progress(enabled=False)
+    ctx = RunContext(p, cfg, torch.device("cpu"), load_samples(p, cfg), memory, Local(), quiet)
     with torch.inference_mode():
-        return measure(run)
+        return measure(ctx)
 
 
 @pytest.mark.timeout(600)

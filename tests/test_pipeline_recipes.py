@@ -50,16 +50,16 @@ def test_version_1_configs_read_as_they_ran() -> None:
 
 def _capture_hessians(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Record (H, counts) of every GPTQ call the pipeline makes, in order."""
-    import qmoe.pipeline.run as run_mod
+    import qmoe.pipeline.moe_block as block_mod
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = run_mod.quantize
+    real = block_mod.quantize
 
     def spy(W, H, counts, config, rate=None):  # noqa: ANN001, ANN202
         seen.append((H.clone(), counts.clone()))
         return real(W, H, counts, config, rate)
 
-    monkeypatch.setattr(run_mod, "quantize", spy)
+    monkeypatch.setattr(block_mod, "quantize", spy)
     return seen
 
 

@@ -202,6 +202,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="activations kept in RAM before "
         "spilling to a disk memmap (default: half the free RAM, at most 8)",
     )
+    p.add_argument(
+        "--dry-run",
+        nargs="?",
+        type=int,
+        const=1,
+        default=None,
+        metavar="RANKS",
+        help="print the plan (every MoE block's matrices, the experts each of RANKS processes holds, the "
+        "memory and disk the run needs) after the checks, and stop: nothing is quantized or written",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-layer table")
     p.add_argument("--verbose", action="store_true",
                    help="also a bar (or, outside a terminal, a line) for each pass through a block")
@@ -209,6 +219,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qmoe.config import CompressConfig
+    from qmoe.errors import ConfigError
     from qmoe.pipeline import compress
     from qmoe.pipeline.report import summary
     from qmoe.progress import Progress
@@ -247,6 +258,14 @@ def run(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
         batch_size=args.batch_size,
     )
+    if args.dry_run is not None:
+        from qmoe.pipeline import dry_run
+        from qmoe.pipeline.dryrun import format_plan
+
+        if args.dry_run < 1:
+            raise ConfigError(f"--dry-run {args.dry_run}: the number of ranks must be at least 1")
+        print(format_plan(dry_run(args.source, args.out, config, ranks=args.dry_run)))
+        return 0
     progress = Progress(enabled=not args.quiet, verbose=args.verbose)
     report = compress(
         args.source, args.out, config, device=args.device, buffer_gb=args.buffer_gb, progress=progress
