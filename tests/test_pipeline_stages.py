@@ -112,7 +112,7 @@ def test_size_search_on_two_ranks_equals_one_process() -> None:
 
     def rank(r: int) -> None:
         sl = slice(2 * r, 2 * r + 2)
-        size = GroupSize(layout, path, list(layout.first), "ternary", first=2 * r)
+        size = GroupSize(layout, path, list(layout.first), "ternary", first_expert=2 * r)
         halves[r] = quantize_to_size(W[sl], H[sl], counts[sl], config, size, comms[r])
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]

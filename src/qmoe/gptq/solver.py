@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from qmoe.errors import ConfigError, QuantizationError
-from qmoe.gptq import rate as rd
+from qmoe.gptq import rate as qrate
 from qmoe.gptq.refit import refit_levels
 from qmoe.grids import Grid, get_grid
 
@@ -158,9 +158,9 @@ def _gptq_columns(
     thr = grid.thresholds(levels)  # [B, rows, L-1]
     if pricing is not None:
         scale, rel, inv_c = pricing
-        # Price of each level before the column factor, with forbidden levels (rd.zero_locks) at +inf.
+        # Price of each level before the column factor, with forbidden levels (qrate.zero_locks) at +inf.
         base = (scale[:, :, None] * rel[:, None, :]).masked_fill(
-            rd.zero_locks(levels, grid.code_offset), torch.inf
+            qrate.zero_locks(levels, grid.code_offset), torch.inf
         )
     codes = torch.empty(B, cols, rows, dtype=torch.int8, device=WT.device)
     Q = torch.empty_like(WT)
@@ -173,7 +173,7 @@ def _gptq_columns(
             w = W1[:, i].unsqueeze(-1)  # [B, rows, 1]
             if pricing is None:
                 code = grid.quantize(w, levels, thr)  # [B, rows, 1]
-            else:  # rd.rd_codes for one column, inlined: this loop is GPTQ's hot path on CPU
+            else:  # qrate.rd_codes for one column, inlined: this loop is GPTQ's hot path on CPU
                 cost = (w - levels).square_().add_(base * inv_c[:, i1 + i, None, None])  # [B, rows, L]
                 code = (cost.argmin(-1, keepdim=True) - grid.code_offset).to(torch.int8)
             q = grid.dequantize(code, levels)
@@ -226,9 +226,9 @@ def _scaled(levels: Tensor, level_scale: float, grid: Grid) -> Tensor:
     return _stored(levels, grid)
 
 
-def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: rd.Rate) -> Tensor:
+def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: qrate.Rate) -> Tensor:
     """Relative bit prices ``[B, L]`` (cheapest level 0) for ``W [B, rows, cols]``, column weights ``d``."""
-    bits = rd.fit_prices(W, levels, rd.column_weights(d), rate, grid.code_offset)
+    bits = qrate.fit_prices(W, levels, qrate.column_weights(d), rate, grid.code_offset)
     return bits - bits.amin(-1, keepdim=True)
 
 
@@ -241,7 +241,7 @@ def _gptq_batch(
     act_order: bool,
     fallback: Tensor,
     first: int,
-    rate: rd.Rate = 0.0,
+    rate: qrate.Rate = 0.0,
     refit: bool = False,
     level_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -257,7 +257,7 @@ def _gptq_batch(
     Hw = H.clone()
     Hw.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
     WT = W.transpose(1, 2).masked_fill(dead[:, :, None], 0.0)  # [B, cols, rows] copy
-    priced = rd.is_priced(rate)
+    priced = qrate.is_priced(rate)
     if priced:  # bit prices consistent with the decisions, on H's diagonal (no feedback yet)
         rel_bits = _prices(WT.transpose(1, 2), levels, hdiag.masked_fill(dead, 0.0), grid, rate)
 
@@ -278,9 +278,9 @@ def _gptq_batch(
     pricing = None
     if priced:  # GPTQ's per-column cost of a unit error is 1 / U_jj^2
         d = U.diagonal(dim1=-2, dim2=-1).pow(-2)  # [B, cols] (in the order the columns are quantized)
-        c = rd.column_weights(d)
+        c = qrate.column_weights(d)
         inv_c = 1.0 / c.clamp(min=torch.finfo(c.dtype).tiny)
-        pricing = (rd.per_row(rate, rd.row_scale(W)), rel_bits, inv_c)
+        pricing = (qrate.per_row(rate, qrate.row_scale(W)), rel_bits, inv_c)
     codes, Q = _gptq_columns(WT, U, grid, levels, block_size, pricing)
     del U, WT
 
@@ -324,7 +324,7 @@ def gptq_quantize(
     counts: Tensor | None = None,
     min_tokens: int = 1,
     expert_batch: int | None = None,
-    rate: rd.Rate = 0.0,
+    rate: qrate.Rate = 0.0,
     refit: bool = False,
     level_scale: float = 1.0,
 ) -> QuantizedExperts:
@@ -360,7 +360,7 @@ def gptq_quantize(
             f"0 < level_scale <= 4; got {damp}, {block_size}, {min_tokens}, {expert_batch}, {level_scale}"
         )
     E, rows, cols = W.shape
-    rd.check_rate(rate, E)
+    qrate.check_rate(rate, E)
     if counts is not None and counts.shape != (E,):
         raise ConfigError(f"counts must be [{E}], got {tuple(counts.shape)}")
     _check_finite(W, "weights", 0)
@@ -405,7 +405,7 @@ def rtn_quantize(
     W: Tensor,
     grid: str | Grid = "ternary",
     H: Tensor | None = None,
-    rate: rd.Rate = 0.0,
+    rate: qrate.Rate = 0.0,
     refit: bool = False,
     damp: float = 0.1,
     level_scale: float = 1.0,
@@ -418,18 +418,18 @@ def rtn_quantize(
     """
     _check_stack(W, H)
     g = get_grid(grid)
-    rd.check_rate(rate, W.shape[0])
+    qrate.check_rate(rate, W.shape[0])
     _check_finite(W, "weights", 0)
     if H is not None:
         _check_finite(H, "Hessian entries", 0)
     Wf = W.float()
     hdiag = None if H is None else H.diagonal(dim1=-2, dim2=-1).to(W.device).float()
     levels = _scaled(g.fit(Wf, hdiag), level_scale, g)
-    if rd.is_priced(rate):
+    if qrate.is_priced(rate):
         d = torch.ones(W.shape[0], W.shape[2], device=W.device) if hdiag is None else hdiag
         rel_bits = _prices(Wf, levels, d, g, rate)
-        price = rd.price_of(rate, rd.row_scale(Wf), rel_bits, rd.column_weights(d))
-        codes = rd.rd_codes(Wf, levels, price, g.code_offset, rd.zero_locks(levels, g.code_offset))
+        price = qrate.price_of(rate, qrate.row_scale(Wf), rel_bits, qrate.column_weights(d))
+        codes = qrate.rd_codes(Wf, levels, price, g.code_offset, qrate.zero_locks(levels, g.code_offset))
     else:
         codes = g.quantize(Wf, levels)
     if refit and H is not None:

@@ -248,12 +248,12 @@ class Prepared:
         self.lanes = build_lane_tables(enc)
         stream = np.ascontiguousarray(enc.stream)  # dtypes and shapes checked by validate()
         bo = np.ascontiguousarray(enc.block_offsets)
-        rd = np.ascontiguousarray(enc.row_deltas)
+        row_deltas = np.ascontiguousarray(enc.row_deltas)
         levels = np.ascontiguousarray(enc.levels)
-        self._arrays = (stream, bo, rd, levels)
+        self._arrays = (stream, bo, row_deltas, levels)
         m = np.zeros(nb.NMETA, dtype=np.int64)
         m[nb.M_STREAM], m[nb.M_BLOCK_OFFSETS] = stream.ctypes.data, bo.ctypes.data
-        m[nb.M_ROW_DELTAS], m[nb.M_LEVELS] = rd.ctypes.data, levels.ctypes.data
+        m[nb.M_ROW_DELTAS], m[nb.M_LEVELS] = row_deltas.ctypes.data, levels.ctypes.data
         m[nb.M_LUT], m[nb.M_LUT2], m[nb.M_XPAD] = self.lut.ctypes.data, self.lut2.ctypes.data, self.xpad
         m[nb.M_ROWS], m[nb.M_COLS] = rows, cols
         m[nb.M_BLOCK_LOG2], m[nb.M_BITS] = enc.block_log2, enc.total_bits

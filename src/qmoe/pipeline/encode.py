@@ -20,19 +20,19 @@ from qmoe.pipeline.comm import LOCAL, Local
 @dataclass(frozen=True)
 class GroupSize:
     """How to measure one group's stored size: which layer and projections, at which width, holding which
-    experts (``first, first + 1, ...``: a distributed run's share), with which experts not stored."""
+    experts (``first_expert, first_expert + 1, ...``: a distributed run's share), which are not stored."""
 
     layout: ExpertLayout
     moe_path: str
     projections: list[str]
     bits: str  # "ternary" or "2"
-    first: int = 0
+    first_expert: int = 0
     dropped: frozenset[int] = frozenset()
 
     def bits_per_weight(self, q: QuantizedExperts, comm: Local = LOCAL) -> float:
         """Stored bits/weight of the whole group (``group_bits``): collectives over ``comm``'s ranks."""
         return group_bits(
-            self.layout, self.moe_path, q, self.projections, self.bits, self.first, comm, self.dropped
+            self.layout, self.moe_path, q, self.projections, self.bits, self.first_expert, comm, self.dropped
         )
 
 
@@ -51,17 +51,17 @@ def group_bits(
     q: QuantizedExperts,
     projections: list[str],
     bits: str,
-    first: int = 0,
+    first_expert: int = 0,
     comm: Local = LOCAL,
     dropped: frozenset[int] = frozenset(),
 ) -> float:
     """Stored bits/weight of a quantized group (the fused first projections, or the second): encoded
     arrays plus each matrix's estimated share of the shard header (``codec.matrix_header_bytes``).
 
-    ``q`` holds experts ``first, first + 1, ...``; ``comm`` sums integer counts over the ranks that hold
-    the rest of the group (two collectives; one process: none). ``dropped`` experts store nothing but
-    their weights still count: bits/weight is always over the whole group."""
-    stored = expert_bits(layout, moe_path, q, projections, bits, first, comm, dropped)
+    ``q`` holds experts ``first_expert, first_expert + 1, ...``; ``comm`` sums integer counts over the
+    ranks that hold the rest of the group (two collectives; one process: none). ``dropped`` experts store
+    nothing but their weights still count: bits/weight is always over the whole group."""
+    stored = expert_bits(layout, moe_path, q, projections, bits, first_expert, comm, dropped)
     nbits, weights = comm.sum_ints([int(stored.sum()), q.codes.numel()])  # one collective for both sums
     return nbits / weights
 
@@ -72,7 +72,7 @@ def expert_bits(
     q: QuantizedExperts,
     projections: list[str],
     bits: str,
-    first: int = 0,
+    first_expert: int = 0,
     comm: Local = LOCAL,
     dropped: frozenset[int] = frozenset(),
 ) -> np.ndarray:
@@ -84,11 +84,11 @@ def expert_bits(
     encoded: list[list[tuple[str, Any]]] = []
     for e in range(q.codes.shape[0]):
         mats = []
-        if first + e not in dropped:
+        if first_expert + e not in dropped:
             for j, proj in enumerate(projections):
                 sl = slice(j * rows, (j + 1) * rows)
                 enc = _encode(q.codes[e, sl].cpu().numpy(), q.levels[e, sl].cpu().numpy(), bits)
-                mats.append((layout.expert_key(moe_path, first + e, proj), enc))
+                mats.append((layout.expert_key(moe_path, first_expert + e, proj), enc))
         encoded.append(mats)
     (arrays,) = comm.sum_ints([sum(enc.nbytes for mats in encoded for _, enc in mats)])
     digits = len(str(2 * arrays))  # data offsets in the shard run up to about the layer's size
@@ -101,25 +101,25 @@ def expert_bits(
 def encode_experts(
     layout: ExpertLayout,
     moe_path: str,
-    first: QuantizedExperts,
-    second: QuantizedExperts,
+    q_first: QuantizedExperts,
+    q_second: QuantizedExperts,
     bits: str,
     first_expert: int = 0,
     dropped: frozenset[int] = frozenset(),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Encoded matrices under their on-disk keys, and per-expert size statistics.
 
-    ``first`` holds the fused first projections ``[E, F*I, d]`` (in ``layout.first`` order), ``second``
+    ``q_first`` holds the fused first projections ``[E, F*I, d]`` (in ``layout.first`` order), ``q_second``
     the second projection ``[E, d, I]``, of experts ``first_expert, first_expert + 1, ...``; each expert
     projection becomes one encoded ``[rows, cols]`` matrix; a ``dropped`` expert (global index) none.
     """
-    E = first.codes.shape[0]
+    E = q_first.codes.shape[0]
     F = len(layout.first)
-    rows = first.codes.shape[1] // F
+    rows = q_first.codes.shape[1] // F
     encoded: dict[str, Any] = {}
     stats = []
-    parts = [(p, first, slice(j * rows, (j + 1) * rows)) for j, p in enumerate(layout.first)]
-    parts.append((layout.second, second, slice(None)))
+    parts = [(p, q_first, slice(j * rows, (j + 1) * rows)) for j, p in enumerate(layout.first)]
+    parts.append((layout.second, q_second, slice(None)))
     for e in range(E):
         nbytes = weights = zeros = 0
         if first_expert + e in dropped:

@@ -121,14 +121,20 @@ def _capture(
 class _Groups:
     """Quantize one group of a block (``kind`` "first": the fused first projections, "second": the second)
     at the configured rate and level scale, or at those that land its stored size on ``target_bits``
-    (uniform) or on the budget plan's share (global). ``W [E_r, rows, cols]`` holds experts ``first,
-    first + 1, ...`` (a distributed run's share); a size target counts the whole group, summed over the
-    ranks, so every rank searches alike."""
+    (uniform) or on the budget plan's share (global). ``W [E_r, rows, cols]`` holds experts
+    ``first_expert, first_expert + 1, ...`` (a distributed run's share); a size target counts the whole
+    group, summed over the ranks, so every rank searches alike."""
 
     def __init__(
-        self, ctx: RunContext, bp: BlockPlan, first: int, budget: BudgetPlan | None, dropped: frozenset[int]
+        self,
+        ctx: RunContext,
+        bp: BlockPlan,
+        first_expert: int,
+        budget: BudgetPlan | None,
+        dropped: frozenset[int],
     ) -> None:
-        self.ctx, self.bp, self.first, self.budget, self.dropped = ctx, bp, first, budget, dropped
+        self.ctx, self.bp, self.budget, self.dropped = ctx, bp, budget, dropped
+        self.first_expert = first_expert
 
     def __call__(self, W: Tensor, acc: Any, kind: str, spent: float) -> tuple[Quantized, float]:
         """``(the quantized group, bits spent so far including it)``."""
@@ -144,18 +150,18 @@ class _Groups:
         if config.target_bits is None and plan is None:
             return Quantized(quantize(W, H, counts, config), config.rate, config.level_scale, None), spent
         projections = list(layout.first) if kind == "first" else [layout.second]
-        size = GroupSize(layout, self.bp.moe_path, projections, config.bits, self.first, self.dropped)
+        size = GroupSize(layout, self.bp.moe_path, projections, config.bits, self.first_expert, self.dropped)
         if plan is None:
             return quantize_to_size(W, H, counts, config, size, self.ctx.comm), spent
         i = plan.index(self.bp.moe_path, kind)
         weights = torch.tensor(
-            plan.groups[i].multipliers[self.first : self.first + W.shape[0]],
+            plan.groups[i].multipliers[self.first_expert : self.first_expert + W.shape[0]],
             dtype=torch.float32,
             device=W.device,
         )
         for e in self.dropped:  # not stored: round them to zero at once, their bits are not counted anyway
-            if self.first <= e < self.first + W.shape[0]:
-                weights[e - self.first] = MAX_MULTIPLIER
+            if self.first_expert <= e < self.first_expert + W.shape[0]:
+                weights[e - self.first_expert] = MAX_MULTIPLIER
         if plan.fixed_price:  # one model-wide price, no size search
             q = quantize(W, H, counts, config, rate=expert_rates(plan.price, weights))
             return Quantized(q, plan.price, config.level_scale, None), spent
@@ -173,7 +179,7 @@ class _SharedExperts:
         self.modules = shared_modules(ctx, block, bp)  # [nn.Linear] in layout.projections order
         self.n_first = len(ctx.plan.adapter.experts.first)
         self.tokens = 0  # tokens in their Hessians (0: kept, or round-to-nearest)
-        self.first: QuantizedExperts | None = None
+        self.q_first: QuantizedExperts | None = None  # the quantized fused first projections [1, F*I_s, d]
         if self.modules:
             cal.shared = (
                 torch.cat([m.weight for m in self.modules[: self.n_first]])[None].float(),  # [1, F*I_s, d]
@@ -192,24 +198,24 @@ class _SharedExperts:
         cal = self.cal
         if cal.shared_hessian is not None:
             self.tokens = int(cal.shared_hessian.counts[0])
-        self.first = self._quantize(cal.shared[0])
-        cal.shared = (self.first.dequantized.to(self.ctx.device), cal.shared[1])
+        self.q_first = self._quantize(cal.shared[0])
+        cal.shared = (self.q_first.dequantized.to(self.ctx.device), cal.shared[1])
 
     def finish(self) -> dict[str, Any]:
         """Quantize the second projection, put both into the block (the compressed streams run them) and
         return the encoded matrices under their on-disk keys."""
         if not self.modules:
             return {}
-        cal, first = self.cal, self.first
-        assert first is not None
-        second = self._quantize(cal.shared[1])
-        rows = first.dequantized.shape[1] // self.n_first
+        cal, q_first = self.cal, self.q_first
+        assert q_first is not None
+        q_second = self._quantize(cal.shared[1])
+        rows = q_first.dequantized.shape[1] // self.n_first
         for j, m in enumerate(self.modules[: self.n_first]):
-            m.weight.copy_(first.dequantized[0, j * rows : (j + 1) * rows])
-        self.modules[-1].weight.copy_(second.dequantized[0])
+            m.weight.copy_(q_first.dequantized[0, j * rows : (j + 1) * rows])
+        self.modules[-1].weight.copy_(q_second.dequantized[0])
         keys, bits = self.ctx.shared_quantized(self.bp), self.ctx.config.shared_experts
         cal.shared = cal.shared_hessian = None
-        return {**encode_fused(keys[:-1], first, bits), **encode_fused(keys[-1:], second, bits)}
+        return {**encode_fused(keys[:-1], q_first, bits), **encode_fused(keys[-1:], q_second, bits)}
 
     def row(self, shard: str, encoded: dict[str, Any]) -> dict[str, Any]:
         """The shared experts' own report line: stored (kept) or encoded bytes, header share included."""
@@ -241,7 +247,7 @@ def _encode_and_write(
     """Encode this rank's experts, gather every rank's on rank 0, which writes the shard: its report row."""
     comm, E, layout = ctx.comm, ctx.plan.n_experts, ctx.plan.adapter.experts
     q1, q2 = (g.q for g in groups)
-    first = comm.owned(E).start
+    first_expert = comm.owned(E).start
     routed = [int(v) for v in cal.routed.tolist()]  # counted in passes every rank runs whole
     fallbacks = [comm.gather_experts(q.fallback.to(torch.uint8), E).bool().tolist() for q in (q1, q2)]
     objectives = [
@@ -250,7 +256,7 @@ def _encode_and_write(
     ]
     parts = comm.gather_objects(
         comm.guard(
-            lambda: encode_experts(layout, bp.moe_path, q1, q2, ctx.config.bits, first, dropped),
+            lambda: encode_experts(layout, bp.moe_path, q1, q2, ctx.config.bits, first_expert, dropped),
             f"encoding of MoE layer {bp.moe_path}",
         )
     )
