@@ -9,7 +9,8 @@ directory, to use the working tree as it is) and run as ``python -m qmoe compres
 under ``--work/<commit>/<case>`` and reused on a rerun, so a base is compressed once.
 
 Compared: every file of the output directory byte for byte, except ``qmoe_report.json``, whose fields are
-compared after removing what measures the run rather than its result (times, memory, where it resumed).
+compared after removing what measures the run rather than its result (times, memory, where it resumed);
+fields only the head's report has are listed (new information), not counted as a difference.
 A resumed case kills the run after its second block (``QMOE_TEST_KILL``) and runs the same command again.
 
 Prints one line per case (identical or the files that differ) and exits 1 if any case differs.
@@ -112,20 +113,24 @@ def _stable(value: object) -> object:
     return value
 
 
-def differences(a: Path, b: Path) -> list[str]:
-    """Files of two output directories that differ (the report: its stable fields)."""
+def differences(a: Path, b: Path) -> tuple[list[str], list[str]]:
+    """``(files of two output directories that differ, report fields only the second has)``. The report is
+    compared on its stable fields; a field the newer commit adds (new information, not a changed result) is
+    listed apart, a field it drops or changes is a difference."""
     names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
-    diff = []
+    diff, added = [], []
     for n in names:
         fa, fb = a / n, b / n
         if not fa.is_file() or not fb.is_file():
             diff.append(f"{n} (only in one)")
         elif n == REPORT:
-            if _stable(json.loads(fa.read_text())) != _stable(json.loads(fb.read_text())):
+            ra, rb = _stable(json.loads(fa.read_text())), _stable(json.loads(fb.read_text()))
+            added = sorted(set(rb) - set(ra))
+            if ra != {k: v for k, v in rb.items() if k in ra}:
                 diff.append(n)
         elif fa.read_bytes() != fb.read_bytes():
             diff.append(n)
-    return diff
+    return diff, added
 
 
 def main() -> None:
@@ -149,15 +154,16 @@ def main() -> None:
             reuse = not label.startswith("dir-")
             seconds.append(compress(tree, out, case, args.threads, args.extra, reuse))
             outs.append(out)
-        diff = differences(*outs)
+        diff, added = differences(*outs)
         files = sum(1 for _ in outs[0].iterdir())
         took = " ".join(f"{s:.0f}s" if s else "cached" for s in seconds)
         verdict = "identical" if not diff else "DIFFERENT: " + ", ".join(diff)
+        verdict += f" (the report adds {', '.join(added)})" if added else ""
         print(f"{case:18s} {files:3d} files  {verdict}  ({took})", flush=True)
         if diff:
             failed.append(case)
         if CASES[case][1] and "qwen" in args.cases:  # a resumed run must also equal the run never killed
-            same = differences(outs[1], outs[1].with_name("qwen"))
+            same, _ = differences(outs[1].with_name("qwen"), outs[1])
             print(f"{'':18s} resumed vs uninterrupted (head): {'identical' if not same else same}", flush=True)
             failed += [f"{case} vs qwen"] if same else []
     sys.exit(1 if failed else 0)
