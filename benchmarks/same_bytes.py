@@ -84,8 +84,8 @@ def compress(tree: Path, out: Path, case: str, threads: int, extra: list[str], r
     ranks, resumed, args = CASES[case]
     launcher = [sys.executable, "-m", "qmoe"]
     if ranks > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-        launcher += ["-m", "qmoe"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launcher += [f"--nproc-per-node={ranks}", "-m", "qmoe"]
     cmd = [*launcher, "compress", *args, "--out", str(out), "--device", "cpu", "--quiet", *extra]
     env = {
         **os.environ,
@@ -164,7 +164,8 @@ def main() -> None:
             failed.append(case)
         if CASES[case][1] and "qwen" in args.cases:  # a resumed run must also equal the run never killed
             same, _ = differences(outs[1].with_name("qwen"), outs[1])
-            print(f"{'':18s} resumed vs uninterrupted (head): {'identical' if not same else same}", flush=True)
+            verdict = "identical" if not same else ", ".join(same)
+            print(f"{'':18s} resumed vs uninterrupted (head): {verdict}", flush=True)
             failed += [f"{case} vs qwen"] if same else []
     sys.exit(1 if failed else 0)
 
