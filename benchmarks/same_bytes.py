@@ -3,10 +3,11 @@
     python benchmarks/same_bytes.py --base REV [--head REV] [--cases switch qwen qwen-1.2 ...] [--threads 1]
 
 For a change meant to keep the output (a refactor, a speed-up), this is the check: each commit's tree is
-exported with ``git archive`` (uncommitted changes are not seen: commit first, or pass ``--head WORKTREE``, a
-directory, to use the working tree as it is) and run as ``python -m qmoe compress`` with its own ``src`` on
-``PYTHONPATH``, one case after another, with the same thread count (the bytes depend on it). Outputs are kept
-under ``--work/<commit>/<case>`` and reused on a rerun, so a base is compressed once.
+exported with ``git archive`` (uncommitted changes are not seen: commit first, or pass ``--head WORKTREE``,
+a directory, to use the working tree as it is) and run as ``python -m qmoe compress`` with its own ``src``
+on ``PYTHONPATH``, one case after another, with the same thread count (the bytes depend on it), both on
+the same copy of the built-in models (the base's). Outputs are kept under ``--work/<commit>/<case>`` and
+reused on a rerun, so a base is compressed once.
 
 Compared: every file of the output directory byte for byte, except ``qmoe_report.json``, whose fields are
 compared after removing what measures the run rather than its result (times, memory, where it resumed);
@@ -73,7 +74,26 @@ def export(rev: str, work: Path) -> tuple[str, Path]:
     return sha_s, tree
 
 
-def compress(tree: Path, out: Path, case: str, threads: int, extra: list[str], reuse: bool) -> float:
+def shared_sources(tree: Path, work: Path) -> dict[str, str]:
+    """Built-in model name -> one copy of its directory that both commits read. The run fingerprint in
+    ``config.json`` hashes the source files' sizes and modification times, and each exported tree has its
+    own; reading one copy keeps that hash a function of the code alone."""
+    names = {args[0] for _, _, args in CASES.values()}
+    out = {}
+    for name in sorted(names):
+        dst = work / "models" / name
+        if not dst.is_dir():
+            tmp = dst.with_name(name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(tree / "src" / "qmoe" / "models" / name, tmp)
+            tmp.rename(dst)
+        out[name] = str(dst)
+    return out
+
+
+def compress(
+    tree: Path, out: Path, case: str, threads: int, extra: list[str], reuse: bool, sources: dict[str, str]
+) -> float:
     """Run one case with the code of ``tree`` into ``out`` (reused when already done and ``reuse``: a
     commit's code does not change, a working tree's may); seconds spent (0: reused)."""
     done = out.parent / f"{out.name}{DONE}"
@@ -82,6 +102,7 @@ def compress(tree: Path, out: Path, case: str, threads: int, extra: list[str], r
     done.unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     ranks, resumed, args = CASES[case]
+    args = [sources.get(args[0], args[0]), *args[1:]]
     launcher = [sys.executable, "-m", "qmoe"]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -144,6 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work).resolve()
     sides = [export(args.base, work), export(args.head, work)]
+    sources = shared_sources(sides[0][1], work)
     print(f"base {sides[0][0]}  head {sides[1][0]}  threads {args.threads}", flush=True)
     failed = []
     for case in args.cases:
@@ -152,7 +174,7 @@ def main() -> None:
         for label, tree in sides:
             out = work / label / case
             reuse = not label.startswith("dir-")
-            seconds.append(compress(tree, out, case, args.threads, args.extra, reuse))
+            seconds.append(compress(tree, out, case, args.threads, args.extra, reuse, sources))
             outs.append(out)
         diff, added = differences(*outs)
         files = sum(1 for _ in outs[0].iterdir())
