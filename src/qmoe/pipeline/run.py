@@ -120,6 +120,9 @@ def _compress(
         shutil.rmtree(p.out / PARTIAL_DIR, ignore_errors=True)
         log.info("%s already holds this run, complete; nothing to do", p.out)
         return json.loads((p.out / report.REPORT_FILE).read_text())
+    # what the report says about earlier attempts, read before this run adds its blocks to the same state
+    resumed_from, prior_seconds = (p.state.done, p.state.seconds) if p.state else (None, 0.0)
+    plan_data = describe(p, config, comm.world)
     ctx, state, execution = _start(p, config, dev, comm, buffer_gb, progress)
     streams = Streams(ctx)
     streams.restore(state.buffers, p.out / PARTIAL_DIR)
@@ -127,11 +130,8 @@ def _compress(
         budget = make_plan(ctx) if config.allocation == "global" else None
         _blocks(ctx, streams, state, budget)
         usage = comm.gather_objects((report.cpu_seconds(), report.peak_rss_bytes()))
-        facts = RunFacts(
-            str(source), __version__, execution, usage or [], wall0,
-            p.state.seconds if p.state else 0.0, p.state.done if p.state else None,
-            describe(p, config, comm.world),
-        )  # fmt: skip
+        facts = RunFacts(str(source), __version__, execution, usage or [], wall0, prior_seconds, resumed_from,
+                         plan_data)  # fmt: skip
         done = lambda: finish(ctx, streams, state, budget, facts) if comm.main else {}  # noqa: E731
         rep = comm.guard(done, "finishing the output directory")
     streams.release()
