@@ -5,6 +5,7 @@ matmul, with the matrices in cache and in memory.
     python benchmarks/kernel_cpu.py --quick          # 768x3072 and 2080x6144, ternary
     python benchmarks/kernel_cpu.py --clock cpu      # 1 thread each, CPU time of the calling thread
     python benchmarks/kernel_cpu.py --json runs/kernel_cpu.json
+    python benchmarks/kernel_cpu.py --formats         # format version 2 vs 1: parse and kernel, same matrices
 
 Random codes with P(background) = 0.885 (QMoE's ternary sparsity; for int2 the other three codes share the
 rest), per-row fp16 levels. Dense = ``x @ W.T`` with W contiguous ``[rows, cols]``; qmoe =
@@ -73,15 +74,31 @@ def llc_bytes() -> int:
     return best[1] or 32 * 2**20
 
 
-def make(kind: str, rows: int, cols: int, rng: np.random.Generator) -> codec.EncodedMatrix:
+def codes_levels(
+    kind: str, rows: int, cols: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random codes ``[rows, cols]`` with P(background) = ``P_ZERO`` and per-row levels (ternary
+    ``[rows, 2]``: lo, hi; int2 ``[rows, 4]``)."""
     u = rng.random((rows, cols), dtype=np.float32)
     lv = rng.uniform(0.5, 1.5, size=(rows, 4)).astype(np.float16).astype(np.float32)
     if kind == "ternary":
         codes = np.where(u < (1 - P_ZERO) / 2, -1, np.where(u < 1 - P_ZERO, 1, 0)).astype(np.int8)
-        return codec.encode_ternary(codes, -lv[:, 0], lv[:, 1])
+        return codes, np.stack([-lv[:, 0], lv[:, 1]], axis=1)
     other = (1 - P_ZERO) / 3  # background code 1, the others share the rest
     codes = np.where(u < other, 0, np.where(u < 2 * other, 2, np.where(u < 3 * other, 3, 1))).astype(np.uint8)
-    return codec.encode_int2(codes, np.sort(lv * [-1.5, -0.5, 0.5, 1.5], axis=1))
+    return codes, np.sort(lv * [-1.5, -0.5, 0.5, 1.5], axis=1)
+
+
+def encode(
+    kind: str, codes: np.ndarray, levels: np.ndarray, version: int | None = None
+) -> codec.EncodedMatrix:
+    if kind == "ternary":
+        return codec.encode_ternary(codes, levels[:, 0], levels[:, 1], version=version)
+    return codec.encode_int2(codes, levels, version=version)
+
+
+def make(kind: str, rows: int, cols: int, rng: np.random.Generator) -> codec.EncodedMatrix:
+    return encode(kind, *codes_levels(kind, rows, cols, rng))
 
 
 CLOCK = time.perf_counter
@@ -166,6 +183,53 @@ def bench_shape(kind: str, rows: int, cols: int, args, rng, llc: int, threads: i
     return out
 
 
+def make_on_grid(
+    kind: str, rows: int, cols: int, rng: np.random.Generator, version: int
+) -> codec.EncodedMatrix:
+    """A random matrix with its levels on format 2's grid (as the quantizer leaves them), as ``version``."""
+    from qmoe.codec.levels import round_levels
+
+    codes, levels = codes_levels(kind, rows, cols, rng)
+    return encode(kind, codes, round_levels(levels, kind), version)
+
+
+def bench_formats(kind: str, rows: int, cols: int, args, rng, threads: int) -> list[dict]:
+    """The same matrices read back from version-1 and version-2 blobs: parse time (``from_blob``, which
+    expands version 2's row metadata into the arrays every decoder reads) and the kernel's time on each
+    (``auto`` mode), interleaved, cache-resident and in a ring of distinct matrices."""
+    from qmoe.codec import EncodedMatrix
+
+    seed = int(rng.integers(1 << 30))
+    n = 1 if args.cache_only else 8
+    blobs = {v: [make_on_grid(kind, rows, cols, np.random.default_rng(seed + i), v).to_blob().copy()
+                 for i in range(n)] for v in (1, 2)}
+    mats = {v: [EncodedMatrix.from_blob(b) for b in blobs[v]] for v in (1, 2)}
+    for a, b in zip(mats[1], mats[2], strict=True):  # the same matrix: every array the decoders read
+        same = [np.array_equal(getattr(a, k), getattr(b, k)) for k in ("stream", "row_deltas", "levels")]
+        assert all(same), "version 1 and 2 of one matrix must expand to the same arrays"
+    parse = run_cell({f"v{v}": [lambda b=b: EncodedMatrix.from_blob(b) for b in blobs[v]] for v in (1, 2)},
+                     max(args.reps, 3), rng)
+    out = []
+    for tokens in args.batches:
+        x = torch.from_numpy(rng.standard_normal((tokens, cols), dtype=np.float32))
+        for v in (1, 2):
+            check(mats[v][0], x)
+            qmoe_call("auto", mats[v][0], x)
+        fns = {f"v{v}": [lambda e=e, x=x: qmoe_call("auto", e, x) for e in mats[v]] for v in (1, 2)}
+        med = run_cell(fns, max(args.reps, 1), rng)
+        row = {"kind": kind, "shape": f"{rows}x{cols}", "batch": tokens, "ring": n, "threads": threads,
+               "blob_bytes": {f"v{v}": int(blobs[v][0].nbytes) for v in (1, 2)},
+               "parse_ms": {k: 1e3 * t for k, t in parse.items()},
+               "kernel_ms": {k: 1e3 * t for k, t in med.items()},
+               "kernel_ratio_v2_v1": med["v2"] / med["v1"]}
+        out.append(row)
+        b, pm, km = row["blob_bytes"], row["parse_ms"], row["kernel_ms"]
+        print(f"{kind:7} {rows}x{cols:<6} T={tokens:<2} bytes v1 {b['v1']:9d} v2 {b['v2']:9d} | parse ms v1 "
+              f"{pm['v1']:7.3f} v2 {pm['v2']:7.3f} | kernel ms v1 {km['v1']:7.3f} v2 {km['v2']:7.3f} "
+              f"ratio v2/v1 {row['kernel_ratio_v2_v1']:.3f}", flush=True)
+    return out
+
+
 def print_header() -> None:
     print(f"{'kind':7} {'shape':>10} {'b/w':>5} {'T':>2} {'where':6} {'fp32':>7} {'bf16':>7} {'fp16':>7} "
           f"{'numba':>7} {'native':>7} {'auto':>7} | {'auto/fp32':>9} {'/bf16':>6} {'/fp16':>6} "
@@ -200,6 +264,8 @@ def main() -> None:
     ap.add_argument("--cache-only", action="store_true", help="skip the memory-resident rings")
     ap.add_argument("--llc-mib", type=float, help="last-level cache size (default: read from sysfs)")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--formats", action="store_true",
+                    help="instead: the same matrices from format version 1 and 2 blobs (parse, kernel)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: 2 threads, perf_counter; cpu: 1 thread each, thread_time")
     args = ap.parse_args()
@@ -226,12 +292,16 @@ def main() -> None:
             f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; times in ms, ratios = time / dense "
             "time")
     print(head)
-    print_header()
+    if not args.formats:
+        print_header()
     rng = np.random.default_rng(0)
     results = []
     for kind in kinds:
         for rows, cols in shapes:
-            results += bench_shape(kind, rows, cols, args, rng, llc, threads)
+            if args.formats:
+                results += bench_formats(kind, rows, cols, args, rng, threads)
+            else:
+                results += bench_shape(kind, rows, cols, args, rng, llc, threads)
             if args.json:
                 args.json.write_text(json.dumps({"header": head, "machine": platform.processor() or
                                                  platform.machine(), "torch": torch.__version__,
