@@ -202,3 +202,53 @@ def test_report_records_the_plan(tmp_path: Path, tiny_qwen3_moe_dir: Path) -> No
         k: v for k, v in planned.items() if k != "resume"
     }
     assert np.isclose(rep["totals"]["expert_params"], planned["expert_params"])
+
+
+@pytest.mark.timeout(300)
+def test_moe_block_stage_writes_what_the_quantizer_computes(tmp_path: Path, tiny_qwen3_moe_dir: Path) -> None:
+    """The MoE stage alone on block 0 (round-to-nearest, no budget): the shard holds every expert matrix,
+    decoding to the quantizer's own result on the source weights; the compressed stream moved through the
+    quantized block, the reference streams through the original one; the row counts every routed token."""
+    from qmoe.codec import dequantize, load_shard
+    from qmoe.gptq import rtn_quantize
+    from qmoe.pipeline.moe_block import moe_block
+    from qmoe.pipeline.quantize import stack_experts
+    from qmoe.pipeline.streams import Streams
+
+    settings = {"method": "rtn", "calib_samples": 6, "seq_len": 16, "eval_samples": 4}
+    ctx = _ctx(tiny_qwen3_moe_dir, tmp_path / "out", **settings)
+    ctx.plan.out.mkdir()
+    streams = Streams(ctx)
+    bp = ctx.plan.blocks[0]
+    streams.start_stack(bp.stack)
+    before = {k: b.data.clone() for k, b in streams.buffers.items()}
+    with torch.inference_mode():
+        result = moe_block(ctx, streams, bp, None, 12.5)
+    assert result.spent_bits == 12.5  # no budget: nothing spent
+    row = result.row
+    top_k, E = 2, ctx.plan.n_experts
+    assert row is not None and row["tokens"]["total"] == 6 * 16 * top_k and row["experts"] == E
+
+    shard = load_shard(next(ctx.plan.out.glob("model-00002-of-*.safetensors")))
+    layout = ctx.plan.adapter.experts
+    assert sorted(shard.encoded) == sorted(k for k, _ in bp.matrices)
+    w_first, w_second = stack_experts(
+        ctx.plan.reader.get_many(layout.keys_of(bp.moe_path, range(E))), layout, bp.moe_path, range(E),
+        torch.device("cpu"),
+    )
+    c = ctx.config
+    q1, q2 = (rtn_quantize(w, c.grid, rate=c.rate, level_scale=c.level_scale) for w in (w_first, w_second))
+    rows = w_first.shape[1] // 2
+    for e in range(E):
+        for j, proj in enumerate(layout.first):
+            got = dequantize(shard.encoded[layout.expert_key(bp.moe_path, e, proj)])
+            want = q1.dequantized[e, j * rows : (j + 1) * rows].numpy()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        got = dequantize(shard.encoded[layout.expert_key(bp.moe_path, e, layout.second)])
+        np.testing.assert_allclose(got, q2.dequantized[e].numpy(), rtol=0, atol=1e-6)
+
+    name = bp.stack.name
+    assert not torch.equal(streams.buffers[f"{name}/calib"].data, before[f"{name}/calib"])
+    ref, q = (streams.buffers[f"{name}/{k}:validation"].data for k in ("ref", "q"))
+    assert torch.equal(before[f"{name}/ref:validation"], before[f"{name}/q:validation"])
+    assert not torch.equal(ref, q)  # the same input through the original and the quantized block
