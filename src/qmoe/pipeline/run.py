@@ -122,7 +122,8 @@ def _compress(
         return json.loads((p.out / report.REPORT_FILE).read_text())
     # what the report says about earlier attempts, read before this run adds its blocks to the same state
     resumed_from, prior_seconds = (p.state.done, p.state.seconds) if p.state else (None, 0.0)
-    plan_data = describe(p, config, comm.world)
+    # the plan as the report records it: where this attempt resumed is already resumed_from_block
+    plan_data = {k: v for k, v in describe(p, config, comm.world).items() if k != "resume"}
     ctx, state, execution = _start(p, config, dev, comm, buffer_gb, progress)
     streams = Streams(ctx)
     streams.restore(state.buffers, p.out / PARTIAL_DIR)
