@@ -114,21 +114,32 @@ def reference_of(compressed_dir: Path) -> str:
     return str(source)
 
 
-def evaluate_model(model: Any, tokenizer: Any, config: HarnessConfig, task_manager: Any = None) -> dict:
-    """The harness's results (``log_samples=True``) for a loaded model and tokenizer."""
-    lm_eval = require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
+def task_manager_for(config: HarnessConfig) -> Any:
+    """The harness's TaskManager with ``config.include_path``; ConfigError for a task it does not know."""
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    check_options(config.options)
-    backend = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal"
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend=backend, batch_size=config.batch_size,
-              **config.model_args)
-    tm = task_manager or TaskManager(include_path=list(config.include_path) or None)
+    for folder in config.include_path:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--include-path {folder} is not a folder; pass a folder of task YAMLs")
+    tm = TaskManager(include_path=list(config.include_path) or None)
     unknown = [t for t in config.tasks if not tm.match_tasks([t])]
     if unknown:
         raise ConfigError(f"lm-eval knows no task {', '.join(unknown)}; list them with `lm_eval ls tasks`, "
                           "or pass --include-path DIR for your own task YAMLs")
+    return tm
+
+
+def evaluate_model(model: Any, tokenizer: Any, config: HarnessConfig, task_manager: Any = None) -> dict:
+    """The harness's results (``log_samples=True``) for a loaded model and tokenizer."""
+    lm_eval = require_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+
+    check_options(config.options)
+    tm = task_manager or task_manager_for(config)
+    backend = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal"
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend=backend, batch_size=config.batch_size,
+              **config.model_args)
     limit = None if config.limit is None else (config.limit if config.limit < 1 else int(config.limit))
     results = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=tm, limit=limit,
                                       log_samples=True, **config.options)
@@ -138,13 +149,13 @@ def evaluate_model(model: Any, tokenizer: Any, config: HarnessConfig, task_manag
 
 
 def evaluate_source(source: str | Path, config: HarnessConfig, device: Any = "cpu",
-                    backend: str | None = None) -> dict:
+                    backend: str | None = None, task_manager: Any = None) -> dict:
     """Load ``source`` (built-in, dense or compressed directory) and score it; frees the model after."""
     from qmoe.sources import load_model
 
     model, tokenizer, _ = load_model(source, device=device, backend=backend)
     try:
-        return evaluate_model(model, tokenizer, config)
+        return evaluate_model(model, tokenizer, config, task_manager)
     finally:
         del model
         gc.collect()
@@ -200,12 +211,13 @@ def run_harness(source: str | Path, config: HarnessConfig, reference: str | Path
         if bible_task.TASK_NAME in config.tasks:
             bible_task.write_task(tmp)
             config = HarnessConfig(**{**config.__dict__, "include_path": (*config.include_path, tmp)})
+        tm = task_manager_for(config)  # unknown tasks fail here, before a model is loaded
         if reference is None:
-            res = evaluate_source(path, config, device, backend)
+            res = evaluate_source(path, config, device, backend, tm)
             rows = single_rows(res, "compressed" if compressed else "dense")
             return HarnessResult(str(source), None, compressed, tuple(rows), 0, harness_version())
-        dense = evaluate_source(reference, config, device, backend)
-        other = evaluate_source(path, config, device, backend)
+        dense = evaluate_source(reference, config, device, backend, tm)
+        other = evaluate_source(path, config, device, backend, tm)
     requests = check_identical_requests(dense, other)
     rows = tuple(compare(dense, other))
     return HarnessResult(str(source), reference, True, rows, requests, harness_version())
