@@ -53,6 +53,8 @@ class HarnessConfig:
         if self.limit is not None and not (self.limit > 0 and (self.limit < 1 or whole)):
             raise ConfigError(f"--limit must be a whole number of documents or a fraction in (0, 1), got "
                               f"{self.limit}")
+        if self.limit is not None and "limit" in self.options:
+            raise ConfigError("--limit and --lm-eval-args limit=... both given; pass one")
         for name, given, reserved in (("--lm-eval-args", self.options, RESERVED_OPTIONS),
                                       ("--model-args", self.model_args, RESERVED_MODEL_ARGS)):
             clash = sorted(set(given) & set(reserved))
@@ -122,6 +124,12 @@ def task_manager_for(config: HarnessConfig) -> Any:
     for folder in config.include_path:
         if not Path(folder).is_dir():
             raise ConfigError(f"--include-path {folder} is not a folder; pass a folder of task YAMLs")
+    # Indexing the harness's own ~10,000 task YAMLs takes a while (minutes on a busy 2-core machine); tasks
+    # that the include paths hold (qmoe_bible_next, your own) are found without it.
+    if config.include_path:
+        tm = TaskManager(include_path=list(config.include_path), include_defaults=False)
+        if all(tm.match_tasks([t]) for t in config.tasks):
+            return tm
     tm = TaskManager(include_path=list(config.include_path) or None)
     unknown = [t for t in config.tasks if not tm.match_tasks([t])]
     if unknown:
@@ -140,9 +148,11 @@ def evaluate_model(model: Any, tokenizer: Any, config: HarnessConfig, task_manag
     backend = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal"
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend=backend, batch_size=config.batch_size,
               **config.model_args)
+    options = dict(config.options)
     limit = None if config.limit is None else (config.limit if config.limit < 1 else int(config.limit))
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=tm, limit=limit,
-                                      log_samples=True, **config.options)
+    options["limit"] = options.get("limit", limit)  # --lm-eval-args limit=N works as --limit N
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=tm, log_samples=True,
+                                      **options)
     if results is None:  # only non-zero ranks of a distributed harness run get None
         raise QMoEError("lm-eval returned no results (a distributed launch?); run qmoe eval in one process")
     return results
