@@ -161,3 +161,16 @@ def test_cli_option_errors(capsys) -> None:
         from qmoe.harness import HarnessConfig
 
         HarnessConfig(tasks=())
+
+
+def test_reference_of_reads_the_report(tmp_path) -> None:
+    from qmoe.errors import SourceError
+    from qmoe.harness.run import reference_of
+
+    with pytest.raises(SourceError, match="pass --reference DIR"):
+        reference_of(tmp_path)  # no qmoe_report.json
+    (tmp_path / "qmoe_report.json").write_text(json.dumps({"source": "tiny-qwen3-moe"}))
+    assert reference_of(tmp_path) == "tiny-qwen3-moe"
+    (tmp_path / "qmoe_report.json").write_text(json.dumps({"source": str(tmp_path / "gone")}))
+    with pytest.raises(SourceError, match="is not available here.*--no-reference"):
+        reference_of(tmp_path)
