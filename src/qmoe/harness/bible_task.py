@@ -7,7 +7,8 @@ one task in the harness's own format that needs nothing but the installed corpus
 
     {"context": verse i of a chapter, "choices": [4 verses], "label": index of verse i+1 among them}
 
-with three distractors drawn from other chapters of the same split. ``write_task`` writes the data
+with three distractors drawn from other chapters of the same split, the documents in random order (the
+harness's ``--limit N`` takes the first N). ``write_task`` writes the data
 (``qmoe_bible_next.jsonl``) and a task YAML (``qmoe_bible_next.yaml``: ``dataset_path: json`` with
 ``data_files``) into a directory that ``lm_eval.tasks.TaskManager(include_path=...)`` (and ``lm_eval
 --include_path``) reads like any other task folder. Chance accuracy is 0.25.
@@ -42,7 +43,7 @@ def task_documents(split: str = DEFAULT_SPLIT, docs: int = DEFAULT_DOCS,
                         "documents asked for; ask for fewer")
     rng = random.Random(seed)
     out = []
-    for c, i in sorted(rng.sample(pairs, docs)):
+    for c, i in rng.sample(pairs, docs):  # in random order, so that --limit N takes a random subset
         answer = chapters[c][i + 1]
         distractors: list[str] = []
         while len(distractors) < CHOICES - 1:
