@@ -14,6 +14,7 @@ they were given identical requests and pairs their per-item scores.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import json
@@ -193,7 +194,8 @@ class HarnessResult:
 
 
 def run_harness(source: str | Path, config: HarnessConfig, reference: str | Path | None = None,
-            compare_reference: bool = True, device: Any = "cpu", backend: str | None = None) -> HarnessResult:
+                compare_reference: bool = True, device: Any = "cpu",
+                backend: str | None = None) -> HarnessResult:
     """Score ``source`` with the harness; a compressed source also its dense reference, paired.
 
     ``reference``: the dense model (default: the source recorded in the compressed directory's report);
@@ -220,7 +222,7 @@ def run_harness(source: str | Path, config: HarnessConfig, reference: str | Path
     with tempfile.TemporaryDirectory(prefix="qmoe-lm-eval-") as tmp:
         if bible_task.TASK_NAME in config.tasks:
             bible_task.write_task(tmp)
-            config = HarnessConfig(**{**config.__dict__, "include_path": (*config.include_path, tmp)})
+            config = dataclasses.replace(config, include_path=(*config.include_path, tmp))
         tm = task_manager_for(config)  # unknown tasks fail here, before a model is loaded
         if reference is None:
             res = evaluate_source(path, config, device, backend, tm)
