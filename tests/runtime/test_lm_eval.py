@@ -99,3 +99,14 @@ def test_cli_table_and_pass_through(qwen3_compressed, reference_of, tmp_path, ca
     assert out[1].split()[:5] == ["task", "metric", "n", "dense", "compressed"]
     acc = out[2].split()
     assert acc[:3] == ["my_task", "acc", "3"] and acc[3] == acc[4]  # the decoded weights: equal scores
+
+
+def test_unreadable_task_data_is_one_line(qwen3_compressed, reference_of, tmp_path, capsys) -> None:
+    yaml = write_task(tmp_path, docs=2)
+    yaml.write_text(yaml.read_text().replace(f"task: {TASK_NAME}", "task: my_missing"))
+    (tmp_path / f"{TASK_NAME}.jsonl").unlink()  # as a hub dataset is when the hub is unreachable
+    argv = ["eval", str(qwen3_compressed), "--tasks", "my_missing", "--include-path", str(tmp_path),
+            "--no-reference"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("qmoe eval: error: lm-eval could not read the data of my_missing"), err

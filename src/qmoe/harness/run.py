@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qmoe.errors import ConfigError, QMoEError, SourceError
+from qmoe.errors import ConfigError, DataError, QMoEError, SourceError
 
 INSTALL_HINT = "pip install 'qmoe[lm-eval]'"
 # simple_evaluate arguments that qmoe sets itself (the model, the tasks, what it needs to pair two runs).
@@ -152,8 +152,14 @@ def evaluate_model(model: Any, tokenizer: Any, config: HarnessConfig, task_manag
     options = dict(config.options)
     limit = None if config.limit is None else (config.limit if config.limit < 1 else int(config.limit))
     options["limit"] = options.get("limit", limit)  # --lm-eval-args limit=N works as --limit N
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=tm, log_samples=True,
-                                      **options)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(config.tasks), task_manager=tm,
+                                          log_samples=True, **options)
+    except OSError as exc:  # datasets/hub: a missing file, no network (requests' errors are OSErrors too)
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DataError(f"lm-eval could not read the data of {', '.join(config.tasks)} "
+                        f"({type(exc).__name__}: {first}); tasks on the Hugging Face hub need it reachable: "
+                        "offline, use qmoe_bible_next or your own task (--include-path)") from exc
     if results is None:  # only non-zero ranks of a distributed harness run get None
         raise QMoEError("lm-eval returned no results (a distributed launch?); run qmoe eval in one process")
     return results
@@ -222,7 +228,8 @@ def run_harness(source: str | Path, config: HarnessConfig, reference: str | Path
     with tempfile.TemporaryDirectory(prefix="qmoe-lm-eval-") as tmp:
         if bible_task.TASK_NAME in config.tasks:
             bible_task.write_task(tmp)
-            config = dataclasses.replace(config, include_path=(*config.include_path, tmp))
+            # first: a task of the same name in the user's own folders overrides qmoe's (later paths win)
+            config = dataclasses.replace(config, include_path=(tmp, *config.include_path))
         tm = task_manager_for(config)  # unknown tasks fail here, before a model is loaded
         if reference is None:
             res = evaluate_source(path, config, device, backend, tm)
