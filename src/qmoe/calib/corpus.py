@@ -50,6 +50,12 @@ def _literal(node: ast.AST) -> object:
 @functools.lru_cache(maxsize=4)
 def _read_bible(package: str) -> dict[tuple[int, int], str]:
     """{(book, chapter): chapter text} from the package's string literal and verse index dicts."""
+    return {k: " ".join(v) for k, v in _read_verses(package).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_verses(package: str) -> dict[tuple[int, int], tuple[str, ...]]:
+    """{(book, chapter): its verses, in order} from the package's string literal and verse index dicts."""
     path = _package_file(package)
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -68,7 +74,7 @@ def _read_bible(package: str) -> dict[tuple[int, int], str]:
         if verse:
             key = (verse_id // 1_000_000, (verse_id // 1000) % 1000)
             chapters.setdefault(key, []).append(verse)
-    return {k: " ".join(v) for k, v in chapters.items()}
+    return {k: tuple(v) for k, v in chapters.items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -82,6 +88,15 @@ def bible_split(split: str) -> tuple[str, ...]:
             if split_of_book(book) == split:
                 docs.append(text)
     return tuple(docs)
+
+
+def bible_chapter_verses(split: str) -> tuple[tuple[str, ...], ...]:
+    """The chapters of :func:`bible_split`, in the same order, each as its tuple of verses."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return tuple(verses for package in BIBLE_PACKAGES
+                 for (book, _chapter), verses in sorted(_read_verses(package).items())
+                 if split_of_book(book) == split)
 
 
 @functools.lru_cache(maxsize=1)
