@@ -13,9 +13,13 @@ llama.cpp's build and Python environment are peers.py's (``benchmarks/peerlib/en
 - llama.cpp: ``convert_hf_to_gguf.py`` -> F16 GGUF; ``llama-imatrix`` on ``--imatrix-chunks`` chunks of 512
   tokens of the project's calibration text (the Bible's calibration books, as peers.py); ``llama-quantize``
   to each ``--llama`` type (llama.cpp's own per-tensor mix; IQ1_S and IQ2_XXS with the importance matrix);
-- qmoe: ``qmoe compress`` with the default recipe (ternary) and ``--bits 2``, each on ``--calib-samples``
-  windows of 128 tokens, no evaluation pass (random weights: quality means nothing here, the bits/weight
-  and the kernels' work do).
+- qmoe: ``qmoe compress`` ternary (the default) and ``--bits 2``, each on ``--calib-samples`` windows of
+  128 tokens, no evaluation pass, and by default ``--method rtn --rate 0``: the default recipe's grid and
+  entropy code, every weight rounded to its row's nearest level (QMoE's own rounding) instead of GPTQ with
+  entropy-constrained rounding. Random weights make quality meaningless here; what the runtime pays for is
+  the stored stream (bits/weight, reported). Why not the full default: on the shared, loaded 2-core machine
+  GPTQ did not finish one layer of 128 experts of 2048x768 in 13 minutes, and rate 0.05's price fitting
+  (``qmoe.gptq.rate.fit_prices``, 9 whole-layer passes) not in 30 (``--method gptq --rate 0.05`` runs them).
 
 What is measured, the same way for every tool, at batch 1 on ``--threads`` threads, each measurement in a
 fresh process, tools interleaved (every repetition runs every tool once, in a rotated order):
@@ -90,7 +94,7 @@ def run(cmd: list, logfile: Path, nice: int = 0) -> float:
 
 
 def build_qmoe(src: Path, work: Path, bits: str, args: argparse.Namespace) -> Path:
-    out = work / f"qmoe-{bits}-c{args.calib_samples}"
+    out = work / f"qmoe-{bits}-{args.method}-r{args.rate:g}-c{args.calib_samples}"
     if not (out / "qmoe_report.json").is_file():
         log(f"qmoe compress --bits {bits} -> {out} ...")
         cmd = [
@@ -105,6 +109,10 @@ def build_qmoe(src: Path, work: Path, bits: str, args: argparse.Namespace) -> Pa
             bits,
             "--calib-samples",
             args.calib_samples,
+            "--method",
+            args.method,
+            "--rate",
+            args.rate,
             "--no-eval",
             "--quiet",
         ]
@@ -442,7 +450,11 @@ def main() -> None:
     ap.add_argument(
         "--dense", nargs="*", default=["bf16"], choices=["bf16"], help="dense transformers dtypes"
     )
-    ap.add_argument("--calib-samples", type=int, default=64, help="qmoe compress calibration windows")
+    ap.add_argument("--calib-samples", type=int, default=16, help="qmoe compress calibration windows")
+    ap.add_argument(
+        "--method", default="rtn", choices=["rtn", "gptq"], help="qmoe compress --method (see the docstring)"
+    )
+    ap.add_argument("--rate", type=float, default=0.0, help="qmoe compress --rate (see the docstring)")
     ap.add_argument("--imatrix-chunks", type=int, default=8, help="llama-imatrix chunks of 512 tokens")
     ap.add_argument("--cache", default=str(envs.default_cache()), help="llama.cpp build (peers.py's)")
     ap.add_argument("--build-nice", type=int, default=0, help="nice level of the build steps")
