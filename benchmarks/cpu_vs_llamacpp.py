@@ -290,10 +290,12 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if kind == "qmoe":
+    if kind.startswith("qmoe"):
         import qmoe
 
-        model = qmoe.load(path)
+        # qmoe-bf16: the non-expert weights (attention, router, embeddings, head) in bf16 instead of the
+        # default float32; the experts compute in float32 either way
+        model = qmoe.load(path, dtype=torch.bfloat16 if kind == "qmoe-bf16" else None)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -426,7 +428,7 @@ def table(res: dict, meta: dict) -> str:
 
 def expert_bits(kind: str, path: Path) -> float | None:
     """Stored bits per expert weight: qmoe from its report, llama.cpp from the GGUF's expert tensors."""
-    if kind == "qmoe":
+    if kind.startswith("qmoe"):
         rep = json.loads((path / "qmoe_report.json").read_text())
         return rep["totals"]["expert_bits_per_weight"]
     if kind == "llama.cpp":
@@ -458,6 +460,9 @@ def main() -> None:
     ap.add_argument("--imatrix-chunks", type=int, default=8, help="llama-imatrix chunks of 512 tokens")
     ap.add_argument("--cache", default=str(envs.default_cache()), help="llama.cpp build (peers.py's)")
     ap.add_argument("--build-nice", type=int, default=0, help="nice level of the build steps")
+    ap.add_argument(
+        "--qmoe-bf16", action="store_true", help="also qmoe ternary with its non-expert weights in bf16"
+    )
     ap.add_argument("--prepare-only", action="store_true", help="build everything, measure nothing")
     ap.add_argument("--profile", action="store_true", help="also profile qmoe's decode step (stderr)")
     ap.add_argument("--json", type=Path, default=None)
@@ -479,6 +484,11 @@ def main() -> None:
     if args.llama:
         bench, files = build_llama(src, work, args.llama, args)
         variants.update({f"llama.cpp {t}": ("llama.cpp", f) for t, f in files.items()})
+    if args.qmoe_bf16 and "ternary" in args.qmoe:
+        variants["qmoe default ternary, bf16 non-expert weights"] = (
+            "qmoe-bf16",
+            variants["qmoe default ternary"][1],
+        )
     for dt in args.dense:
         variants[f"transformers dense {dt}"] = (dt, src)
     prepare_s = time.perf_counter() - t0
