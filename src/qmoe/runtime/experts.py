@@ -176,6 +176,8 @@ class CompressedExperts(nn.Module):
         from qmoe.kernels import matmul_experts
 
         x = r.x.float()  # the kernels compute in float32 whatever the model's dtype
+        if len(groups) == r.expert.numel() and not self.bias_names:
+            return self._forward_single(x, groups, out, backend)
         first, second = self.layout.first, self.layout.second
         xs = [x[tok] for _, tok, _ in groups]  # [t_e, d] each
         # One grouped call per stage: every active expert's first projection(s), then every second one.
@@ -187,6 +189,28 @@ class CompressedExperts(nn.Module):
         y = matmul_experts([self.matrix(second, e) for e, _, _ in groups], hidden, backend)  # [t_e, d]
         for (e, tok, w), ye in zip(groups, y, strict=True):
             out.index_add_(0, tok, ((ye + self._bias(second, e)) * w[:, None]).to(out.dtype))
+        return out
+
+    def _forward_single(self, x: Tensor, groups: list, out: Tensor, backend: str) -> Tensor:
+        """``_forward_grouped`` when every active expert has one token (decoding at batch 1: the k experts of
+        the one token), for families without expert biases: the same kernel calls and arithmetic, with the
+        per-expert torch ops (slices, GLU, gate, scatter) done once for all. A decode step on Qwen3-30B-A3B's
+        shapes spent ~1.7 ms per layer in them (docs/runtime.md, issue 26). Tested against a dense float64
+        reference (tests/runtime/test_experts_single.py)."""
+        from qmoe.kernels import matmul_experts
+
+        first, second = self.layout.first, self.layout.second
+        n = len(groups)
+        tok = torch.cat([t for _, t, _ in groups])  # [n]: one token per active expert, ascending expert
+        w = torch.cat([g for _, _, g in groups])  # [n]
+        xs = x[tok]  # [n, d]
+        h = matmul_experts([self.matrix(p, e) for e, _, _ in groups for p in first],
+                           [xs[i:i + 1] for i in range(n) for _ in first], backend)  # n * k of [1, I]
+        # [n*k, I] in (expert, projection) order -> [n, k*I]: row i is torch.cat(h_i, dim=1), as above
+        hidden = self.glu(torch.cat(h).view(n, -1))  # [n, I]
+        y = matmul_experts([self.matrix(second, e) for e, _, _ in groups], list(hidden.split(1)), backend)
+        # index_add_ adds the rows in index order, i.e. expert by expert ascending, as the general path does
+        out.index_add_(0, tok, (torch.cat(y) * w[:, None]).to(out.dtype))  # [T, d]
         return out
 
     def _bias(self, proj: str, e: int | Tensor) -> Tensor | float:
