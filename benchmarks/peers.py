@@ -287,7 +287,7 @@ def interval(reference: np.ndarray, per_seed: list[np.ndarray]) -> dict[str, Any
 
 
 def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
-    specs = {k: v for k, v in quality.variants().items() if k in QMOE_VARIANTS}
+    specs = {k: v for k, v in quality.variants().items() if k in args.qmoe_variants}
     sweep = quality.sweep_variants(args.qmoe_targets, len(args.seeds), args.qmoe_budgets)
     specs.update({k: v for k, v in sweep.items() if not k.endswith("no-drop")})
     qargs = argparse.Namespace(
@@ -298,7 +298,15 @@ def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
     )
     rows = []
     for name, spec in specs.items():
-        reps = [quality.run_one(args.model, name, spec, s, qargs) for s in args.seeds]
+        seeds = list(args.seeds)
+        if args.qmoe_existing:  # the longest prefix of --seeds already compressed: computes nothing
+            d = quality.model_work_dir(args.qmoe_work, args.model)
+            have = [(d / f"{name.replace(' ', '_')}-s{s}" / "qmoe_report.json").is_file() for s in seeds]
+            seeds = seeds[: have.index(False)] if False in have else seeds
+            if not seeds:
+                print(f"  qmoe {name}: no output for seed {args.seeds[0]} yet; left out", flush=True)
+                continue
+        reps = [quality.run_one(args.model, name, spec, s, qargs) for s in seeds]
         bits = float(np.mean([r["totals"]["expert_bits_per_weight"] for r in reps]))
         for split in SPLITS if args.data is None else ev.arrays:
             evs = [quality._evals(r)[split] for r in reps]
@@ -673,6 +681,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/peers", help="peer outputs and scores, reused on rerun")
     ap.add_argument("--qmoe-work", default="runs/quality", help="qmoe outputs (shared with quality.py)")
     ap.add_argument(
+        "--qmoe-variants", nargs="*", default=list(QMOE_VARIANTS), help="quality.py's qmoe recipes to show"
+    )
+    ap.add_argument(
         "--qmoe-targets", nargs="*", type=float, default=list(QMOE_TARGETS), help="per-group --target-bits"
     )
     ap.add_argument(
@@ -681,6 +692,11 @@ def main() -> None:
         type=float,
         default=list(QMOE_BUDGETS),
         help="--target-bits with --allocation global (model-wide budget)",
+    )
+    ap.add_argument(
+        "--qmoe-existing",
+        action="store_true",
+        help="qmoe rows from outputs already in --qmoe-work only (per variant the seeds done, in order)",
     )
     ap.add_argument("--figure-split", default="test", help="the split the figure plots (test: the headline)")
     ap.add_argument("--calib-samples", type=int, default=512)
@@ -717,6 +733,8 @@ def main() -> None:
     rows: list[dict] = []
     jobs = peer_jobs(args, work, src)
     for tool in ("llama.cpp", "gptq", "hqq"):
+        if tool not in args.only and not any(done(Path(v["out"])) for v in jobs[tool]):
+            continue  # neither run now nor earlier: not a row
         error = run_peer(tool, jobs[tool], args, work, calib, src) if tool in args.only else None
         if error:
             print(f"  {tool}: {error}", flush=True)
