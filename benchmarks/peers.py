@@ -208,7 +208,9 @@ def run_peer(
 class Evaluator:
     """The uncompressed model and the evaluation windows; swaps expert weights in and scores them."""
 
-    def __init__(self, src: Path, eval_data: tuple[str, ...], samples: int, seq_len: int):
+    def __init__(
+        self, src: Path, eval_data: tuple[str, ...], samples: int, seq_len: int, cache: Path | None = None
+    ):
         import torch
         from safetensors.torch import load_file
 
@@ -234,7 +236,30 @@ class Evaluator:
         self.set_experts(self.original)  # the mapping must reproduce the loaded model exactly
         for name, p in self.model.named_parameters():
             assert torch.equal(p, loaded[name]), f"{name}: expert mapping does not round-trip"
-        self.reference = self._score()
+        self.reference = self._cached_reference(cache) if cache is not None else self._score()
+
+    def _cached_reference(self, cache: Path) -> dict[str, np.ndarray]:
+        """The uncompressed model's per-sample scores, kept in ``cache`` with a fingerprint of the model's
+        weights and the evaluation tokens, so that a rerun on an unchanged model skips that pass."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.original):
+            h.update(name.encode())
+            h.update(self.original[name].float().numpy().tobytes())
+        for split in sorted(self.arrays):
+            h.update(split.encode())
+            h.update(np.ascontiguousarray(self.arrays[split][0]).tobytes())
+        key = h.hexdigest()
+        if cache.is_file():
+            got = dict(np.load(cache))
+            if str(got.pop("_key")) == key and set(got) == set(self.arrays):
+                return got
+        ref = self._score()
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, _key=np.array(key), **ref)
+        tmp.replace(cache)
+        return ref
 
     def _score(self) -> dict[str, np.ndarray]:
         return {s: self._sample_losses(self.model, a) for s, a in self.arrays.items()}
@@ -727,7 +752,9 @@ def main() -> None:
         eval_data = (eval_file, "pydoc")
         args.qmoe_work = str(work / "qmoe")
         quality.SPLITS = eval_data  # qmoe's runs evaluate the same texts
-    ev = Evaluator(src, eval_data, args.eval_samples, args.seq_len)
+    ev = Evaluator(
+        src, eval_data, args.eval_samples, args.seq_len, work / f"reference-{args.eval_samples}.npz"
+    )
     calib = calibration(args, ev.tokenizer, ev.adapter, args.seq_len, work)
 
     rows: list[dict] = []
