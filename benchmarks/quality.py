@@ -242,14 +242,15 @@ def markdown(model: str, res: dict[str, Any], args: argparse.Namespace) -> str:
         f"\n**{model}**: calibration `{args.calib_data}` x {args.calib_samples} samples, seeds {args.seeds} "
         f"(sweep points {args.sweep_seeds} seeds, ablations 1); loss increase in nats over "
         f"{args.eval_samples} samples per split, 95% interval over samples and seeds\n",
-        f"| variant | expert bits/w | {' | '.join(SPLITS)} | RTN fallbacks per seed "
+        f"| variant | seeds | expert bits/w | {' | '.join(SPLITS)} | RTN fallbacks per seed "
         "| dropped experts per seed (routed share) |",
-        "|---|---|" + "---|" * len(SPLITS) + "---|---|",
+        "|---|---|---|" + "---|" * len(SPLITS) + "---|---|",
     ]
     for name, v in summary.items():
         cells = " | ".join(f"{v[s]['delta']:+.4f} ± {v[s]['ci95']:.4f}" for s in SPLITS)
         drops = ", ".join(f"{d['experts']} ({d['routed_share']:.1%})" for d in v["dropped"])
-        lines.append(f"| {name} | {v['expert_bits_per_weight']:.3f} | {cells} | {v['fallbacks']} | {drops} |")
+        bits = v["expert_bits_per_weight"]
+        lines.append(f"| {name} | {v['seeds']} | {bits:.3f} | {cells} | {v['fallbacks']} | {drops} |")
     lines += ["", "| paired comparison (A vs B) | " + " | ".join(f"{s}: A - B (A/B)" for s in SPLITS) + " |"]
     lines.append("|---|" + "---|" * len(SPLITS))
     for key, c in comparisons.items():
@@ -352,6 +353,11 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (names as printed)")
     ap.add_argument("--work", default="runs/quality", help="compressed outputs, reused on rerun")
+    ap.add_argument(
+        "--existing",
+        action="store_true",
+        help="only outputs already in --work (per variant the seeds done, in order); computes nothing",
+    )
     ap.add_argument("--json", default=None, help="write every number here")
     ap.add_argument("--figure", default=None, help="loss increase against expert bits/weight (PNG)")
     args = ap.parse_args()
@@ -376,6 +382,13 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for name, spec in specs.items():
             seeds = args.seeds[: spec.get("seeds", len(args.seeds))] if spec["calibrated"] else args.seeds[:1]
+            if args.existing:  # the longest prefix of those seeds already compressed: computes nothing
+                d = model_work_dir(args.work, model)
+                have = [(d / f"{name.replace(' ', '_')}-s{s}" / "qmoe_report.json").is_file() for s in seeds]
+                seeds = seeds[: have.index(False)] if False in have else seeds
+                if not seeds:
+                    print(f"  {model} {name}: no output yet; left out", flush=True)
+                    continue
             runs[name] = [run_one(model, name, spec, s, args) for s in seeds]
         summary = {name: summarize(r) for name, r in runs.items()}
         comparisons = {}
