@@ -17,8 +17,9 @@ them (``peerlib/workers``). Every variant is then measured here with qmoe's eval
   has on models whose rows fit it, never the padding;
 - GPTQ through llm-compressor: 2 and 3 bits, groups of 128 and 64, asymmetric, on the calibration windows;
 - HQQ: 1 and 2 bits (calibration-free);
-- qmoe: the default recipe and QMoE's (ternary), 2-bit, and ``--target-bits`` points, through
-  ``benchmarks/quality.py``'s runs (shared work directory, so its outputs are reused).
+- qmoe: the default recipe and QMoE's (ternary), 2-bit, ``--target-bits`` points per group
+  (``target B``, ``--allocation uniform``) and for the whole model (``budget B``, ``--allocation global``),
+  through ``benchmarks/quality.py``'s runs (shared work directory, so its outputs are reused).
 
 Calibration: for seed s, the same 512 token windows of the held-out calibration books that qmoe draws with
 ``--seed s`` (llama-imatrix gets them as text). Loss increases are paired per evaluation sample against the
@@ -51,7 +52,8 @@ LLAMA_TYPES = (("TQ1_0", False), ("IQ1_S", True), ("IQ1_M", True), ("IQ2_XXS", T
 GPTQ_SETTINGS = ((2, 128), (2, 64), (3, 128), (3, 64))  # (bits, group size)
 HQQ_SETTINGS = ((1, 64), (1, 32), (2, 128), (2, 64))
 QMOE_VARIANTS = ("qmoe default", "QMoE recipe", "qmoe default 2-bit")
-QMOE_TARGETS = (1.0, 1.2, 1.4, 1.56)  # 1.56: llama.cpp's smallest type, IQ1_S (1.5625 bits/w)
+QMOE_TARGETS = (1.0, 1.2, 1.25, 1.4, 1.56)  # 1.56: IQ1_S's 1.5625 bits/w; 1.25: 0.8x that (issue 22)
+QMOE_BUDGETS = (0.6, 0.8, 1.0, 1.2, 1.25, 1.4, 1.6)  # --allocation global (model-wide budget, dropping on)
 MARK_BEGIN, MARK_END = "<!-- peers:begin -->", "<!-- peers:end -->"
 
 
@@ -206,7 +208,9 @@ def run_peer(
 class Evaluator:
     """The uncompressed model and the evaluation windows; swaps expert weights in and scores them."""
 
-    def __init__(self, src: Path, eval_data: tuple[str, ...], samples: int, seq_len: int):
+    def __init__(
+        self, src: Path, eval_data: tuple[str, ...], samples: int, seq_len: int, cache: Path | None = None
+    ):
         import torch
         from safetensors.torch import load_file
 
@@ -232,7 +236,30 @@ class Evaluator:
         self.set_experts(self.original)  # the mapping must reproduce the loaded model exactly
         for name, p in self.model.named_parameters():
             assert torch.equal(p, loaded[name]), f"{name}: expert mapping does not round-trip"
-        self.reference = self._score()
+        self.reference = self._cached_reference(cache) if cache is not None else self._score()
+
+    def _cached_reference(self, cache: Path) -> dict[str, np.ndarray]:
+        """The uncompressed model's per-sample scores, kept in ``cache`` with a fingerprint of the model's
+        weights and the evaluation tokens, so that a rerun on an unchanged model skips that pass."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in sorted(self.original):
+            h.update(name.encode())
+            h.update(self.original[name].float().numpy().tobytes())
+        for split in sorted(self.arrays):
+            h.update(split.encode())
+            h.update(np.ascontiguousarray(self.arrays[split][0]).tobytes())
+        key = h.hexdigest()
+        if cache.is_file():
+            got = dict(np.load(cache))
+            if str(got.pop("_key")) == key and set(got) == set(self.arrays):
+                return got
+        ref = self._score()
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, _key=np.array(key), **ref)
+        tmp.replace(cache)
+        return ref
 
     def _score(self) -> dict[str, np.ndarray]:
         return {s: self._sample_losses(self.model, a) for s, a in self.arrays.items()}
@@ -285,8 +312,9 @@ def interval(reference: np.ndarray, per_seed: list[np.ndarray]) -> dict[str, Any
 
 
 def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
-    specs = {k: v for k, v in quality.variants().items() if k in QMOE_VARIANTS}
-    specs.update(quality.sweep_variants(list(QMOE_TARGETS), len(args.seeds)))
+    specs = {k: v for k, v in quality.variants().items() if k in args.qmoe_variants}
+    sweep = quality.sweep_variants(args.qmoe_targets, len(args.seeds), args.qmoe_budgets)
+    specs.update({k: v for k, v in sweep.items() if not k.endswith("no-drop")})
     qargs = argparse.Namespace(
         work=args.qmoe_work,
         calib_data=args.calib_data,
@@ -295,7 +323,15 @@ def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
     )
     rows = []
     for name, spec in specs.items():
-        reps = [quality.run_one(args.model, name, spec, s, qargs) for s in args.seeds]
+        seeds = list(args.seeds)
+        if args.qmoe_existing:  # the longest prefix of --seeds already compressed: computes nothing
+            d = quality.model_work_dir(args.qmoe_work, args.model)
+            have = [(d / f"{name.replace(' ', '_')}-s{s}" / "qmoe_report.json").is_file() for s in seeds]
+            seeds = seeds[: have.index(False)] if False in have else seeds
+            if not seeds:
+                print(f"  qmoe {name}: no output for seed {args.seeds[0]} yet; left out", flush=True)
+                continue
+        reps = [quality.run_one(args.model, name, spec, s, qargs) for s in seeds]
         bits = float(np.mean([r["totals"]["expert_bits_per_weight"] for r in reps]))
         for split in SPLITS if args.data is None else ev.arrays:
             evs = [quality._evals(r)[split] for r in reps]
@@ -310,6 +346,8 @@ def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
                     "expert_bits_per_weight": bits,
                     "split": split,
                     **interval(ref, per_seed),
+                    "_inc": [c[:, 0] - ref[:, 0] for c in per_seed],  # per seed, per sample: vs its own ref
+                    "_tok": ref[:, 1],
                     "seeds": len(reps),
                     "reference_drift": drift,
                     "dir": str(
@@ -351,6 +389,8 @@ def peer_rows(tool: str, variants: list[dict], error: str | None, ev: Evaluator)
                     "expert_bits_per_weight": bits,
                     "split": split,
                     **interval(ev.reference[split], [s[split] for s in scores]),
+                    "_inc": [s[split][:, 0] - ev.reference[split][:, 0] for s in scores],
+                    "_tok": ev.reference[split][:, 1],
                     "seeds": len(ok),
                     "detail": infos[0],
                 }
@@ -477,6 +517,82 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def paired(a: dict, b: dict) -> dict[str, float]:
+    """Paired difference of loss increases ``a - b`` (rows of one split) over the seeds both ran: per sample
+    (seed-averaged increases, each against its own reference pass) with its 95% interval, widened by the
+    spread of the per-seed differences when both have several seeds, as ``quality.compare``. Also the ratio
+    of the two increases over those seeds."""
+    from qmoe.evaluation import paired_delta
+
+    n = min(len(a["_inc"]), len(b["_inc"]))
+    tok = a["_tok"]
+    ia, ib = np.mean(a["_inc"][:n], 0), np.mean(b["_inc"][:n], 0)
+    diff, h = paired_delta(ib, ia, tok)
+    if n > 1:
+        per_seed = [paired_delta(y, x, tok)[0] for x, y in zip(a["_inc"][:n], b["_inc"][:n], strict=True)]
+        h = float(np.hypot(h, 1.96 * np.std(per_seed, ddof=1) / np.sqrt(n)))
+    da, db = ia.sum() / tok.sum(), ib.sum() / tok.sum()
+    return {"difference": diff, "ci95": h, "ratio": float(da / db) if db else float("nan"), "seeds": n}
+
+
+def _fmt(c: dict) -> str:
+    return f"{c['difference']:+.4f} ± {c['ci95']:.4f} ({c['ratio']:.2f}x, {c['seeds']} seeds)"
+
+
+def issue_targets(rows: list[dict]) -> list[str]:
+    """Issues 22 and 23 against the peers, per split, paired on the same samples and seeds: qmoe at 1.25
+    bits/w (0.8x IQ1_S) against IQ1_S; no qmoe point in 0.6-2.2 bits/w dominated by a peer (fewer bits and a
+    smaller increase, paired interval below zero); qmoe's 2-bit point against IQ2_XXS."""
+    lines = []
+    for split in dict.fromkeys(r["split"] for r in rows):
+        if split == "pydoc":  # out of domain: damaged models gain there, so it ranks nothing
+            continue
+        ok = [r for r in rows if r["split"] == split and "error" not in r and "_inc" in r]
+        peers = [r for r in ok if r["tool"] != "qmoe"]
+        mine = [r for r in ok if r["tool"] == "qmoe"]
+        by = {r["variant"]: r for r in ok}
+        iq1, iq2 = by.get("llama.cpp IQ1_S (imatrix)"), by.get("llama.cpp IQ2_XXS (imatrix)")
+        if iq1:
+            for m in mine:
+                if abs(m["expert_bits_per_weight"] - 0.8 * iq1["expert_bits_per_weight"]) < 0.02:
+                    c = paired(m, iq1)
+                    verdict = "smaller" if c["difference"] + c["ci95"] < 0 else "NOT smaller (paired)"
+                    lines.append(
+                        f"{split}: {m['variant']} ({m['expert_bits_per_weight']:.3f} b/w, {m['delta']:+.4f}) "
+                        f"vs IQ1_S ({iq1['expert_bits_per_weight']:.3f} b/w, {iq1['delta']:+.4f}): "
+                        f"{_fmt(c)} -> {verdict}"
+                    )
+        dominated = []
+        for m in sorted(mine, key=lambda r: r["expert_bits_per_weight"]):
+            if not 0.6 <= m["expert_bits_per_weight"] <= 2.2:
+                continue
+            for p in peers:
+                if p["expert_bits_per_weight"] < m["expert_bits_per_weight"] and p["delta"] < m["delta"]:
+                    c = paired(m, p)
+                    sig = "significant" if c["difference"] - c["ci95"] > 0 else "within the interval"
+                    dominated.append(f"{m['variant']} by {p['variant']} ({_fmt(c)}, {sig})")
+        n_in = sum(0.6 <= m["expert_bits_per_weight"] <= 2.2 for m in mine)
+        lines.append(
+            f"{split}: qmoe points in 0.6-2.2 b/w dominated by a peer row: "
+            + ("; ".join(dominated) if dominated else f"none of {n_in}")
+        )
+        two = by.get("qmoe default 2-bit")
+        if iq2 and two:
+            c = paired(two, iq2)
+            fewer = two["expert_bits_per_weight"] < iq2["expert_bits_per_weight"]
+            better = c["difference"] + c["ci95"] < 0
+            lines.append(
+                f"{split}: qmoe default 2-bit ({two['expert_bits_per_weight']:.3f} b/w, {two['delta']:+.4f}) "
+                f"vs "
+                f"IQ2_XXS ({iq2['expert_bits_per_weight']:.3f} b/w, {iq2['delta']:+.4f}): {_fmt(c)}; "
+                f"{'fewer' if fewer else 'NOT fewer'} bits, "
+                f"{'smaller increase (paired)' if better else 'increase NOT smaller (paired)'} -> "
+                f"{'dominates' if fewer and better else 'does NOT dominate'}; ratio "
+                f"{c['ratio']:.2f}x (target <= 0.8x{'' if fewer else ', but at more bits'})"
+            )
+    return lines
+
+
 def markdown(rows: list[dict], speed: dict, meta: dict) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     names = list(dict.fromkeys((r["tool"], r["variant"]) for r in rows))
@@ -517,20 +633,32 @@ def markdown(rows: list[dict], speed: dict, meta: dict) -> str:
                 f"{s.get('note', '')} |"
             )
     lines += ["", "Targets (from these rows):", ""] + [f"- {t}" for t in targets(rows)]
+    lines += ["", "Issues 22 and 23 (paired A - B [95% CI] (A/B), over the seeds both ran):", ""]
+    lines += [f"- {t}" for t in issue_targets(rows)]
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], path: Path, split: str) -> None:
+def figure(rows: list[dict], path: Path, split: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    style = {"qmoe": ("C0", "o"), "llama.cpp": ("C3", "s"), "gptq": ("C2", "D"), "hqq": ("C1", "^")}
+    style = {
+        "qmoe": ("C0", "o"),
+        "qmoe --allocation global": ("C4", "*"),
+        "llama.cpp": ("C3", "s"),
+        "gptq": ("C2", "D"),
+        "hqq": ("C1", "^"),
+    }
+
+    def kind(r: dict) -> str:
+        return "qmoe --allocation global" if r["variant"].startswith("budget ") else r["tool"]
+
     for tool, (color, marker) in style.items():
         rs = sorted(
-            (r for r in rows if r["tool"] == tool and r["split"] == split and "error" not in r),
+            (r for r in rows if kind(r) == tool and r["split"] == split and "error" not in r),
             key=lambda r: r["expert_bits_per_weight"],
         )
         for i, r in enumerate(rs):
@@ -554,7 +682,7 @@ def figure(rows: list[dict], path: Path, split: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("expert bits/weight (every stored byte)")
     ax.set_ylabel(f"{split} loss increase, nats (95% CI)")
-    ax.set_title("tiny-qwen3-moe: expert weights compressed by each tool")
+    ax.set_title(f"{model}: expert weights compressed by each tool")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -579,6 +707,25 @@ def main() -> None:
     ap.add_argument("--cache", default=str(envs.default_cache()), help="peer environments and builds")
     ap.add_argument("--work", default="runs/peers", help="peer outputs and scores, reused on rerun")
     ap.add_argument("--qmoe-work", default="runs/quality", help="qmoe outputs (shared with quality.py)")
+    ap.add_argument(
+        "--qmoe-variants", nargs="*", default=list(QMOE_VARIANTS), help="quality.py's qmoe recipes to show"
+    )
+    ap.add_argument(
+        "--qmoe-targets", nargs="*", type=float, default=list(QMOE_TARGETS), help="per-group --target-bits"
+    )
+    ap.add_argument(
+        "--qmoe-budgets",
+        nargs="*",
+        type=float,
+        default=list(QMOE_BUDGETS),
+        help="--target-bits with --allocation global (model-wide budget)",
+    )
+    ap.add_argument(
+        "--qmoe-existing",
+        action="store_true",
+        help="qmoe rows from outputs already in --qmoe-work only (per variant the seeds done, in order)",
+    )
+    ap.add_argument("--figure-split", default="test", help="the split the figure plots (test: the headline)")
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -607,12 +754,16 @@ def main() -> None:
         eval_data = (eval_file, "pydoc")
         args.qmoe_work = str(work / "qmoe")
         quality.SPLITS = eval_data  # qmoe's runs evaluate the same texts
-    ev = Evaluator(src, eval_data, args.eval_samples, args.seq_len)
+    ev = Evaluator(
+        src, eval_data, args.eval_samples, args.seq_len, work / f"reference-{args.eval_samples}.npz"
+    )
     calib = calibration(args, ev.tokenizer, ev.adapter, args.seq_len, work)
 
     rows: list[dict] = []
     jobs = peer_jobs(args, work, src)
     for tool in ("llama.cpp", "gptq", "hqq"):
+        if tool not in args.only and not any(done(Path(v["out"])) for v in jobs[tool]):
+            continue  # neither run now nor earlier: not a row
         error = run_peer(tool, jobs[tool], args, work, calib, src) if tool in args.only else None
         if error:
             print(f"  {tool}: {error}", flush=True)
@@ -656,7 +807,8 @@ def main() -> None:
         out = [{("loss_increase" if k == "delta" else k): r[k] for k in keep if k in r} for r in rows]
         Path(args.json).write_text(json.dumps({"meta": meta, "speed": speed, "rows": out}, indent=1) + "\n")
     if args.figure:
-        figure(rows, Path(args.figure), eval_data[0])
+        split = args.figure_split if args.figure_split in eval_data else eval_data[0]
+        figure(rows, Path(args.figure), split, Path(args.model).name)
     if args.write_docs:
         doc = Path(__file__).resolve().parents[1] / "docs" / "peers.md"
         body = doc.read_text()

@@ -41,7 +41,11 @@ def variants() -> dict[str, dict[str, Any]]:
         "QMoE recipe": {"recipe": "qmoe", "over": {}, "calibrated": True},
         "qmoe default": {"recipe": "default", "over": {}, "calibrated": True},
         # the default's rate as one model-wide price, spread over experts by measured importance
-        "qmoe default, global price": {"recipe": "default", "over": {"allocation": "global"}, "calibrated": True},
+        "qmoe default, global price": {
+            "recipe": "default",
+            "over": {"allocation": "global"},
+            "calibrated": True,
+        },
         "RTN 2-bit": {
             "recipe": "qmoe",
             "over": {"method": "rtn", "bits": "2", "grid": "int2"},
@@ -154,6 +158,21 @@ def _same_run(a: Any, b: Any) -> bool:
     return a == b
 
 
+def dropped(rep: dict) -> dict[str, Any]:
+    """Experts a global budget dropped and the share of the plan sample's routing slots they received
+    (``budget.layers[].routed``: per expert, in layer order)."""
+    gone = [
+        (i, e["expert"])
+        for i, layer in enumerate(rep["layers"])
+        for e in layer["per_expert"]
+        if e.get("dropped")
+    ]
+    routed = [layer["routed"] for layer in (rep.get("budget") or {}).get("layers", [])]
+    total = sum(sum(r) for r in routed)
+    share = sum(routed[i][e] for i, e in gone) / total if routed and total else 0.0
+    return {"experts": len(gone), "routed_share": share, "which": gone}
+
+
 def _evals(rep: dict) -> dict[str, dict]:
     return {e["split"]: e for e in [rep["eval"], *rep["eval_extra"]]}
 
@@ -167,6 +186,7 @@ def summarize(reps: list[dict]) -> dict[str, Any]:
         "expert_bits_per_weight": float(np.mean([r["totals"]["expert_bits_per_weight"] for r in reps])),
         "expert_bits_per_weight_seeds": [r["totals"]["expert_bits_per_weight"] for r in reps],
         "fallbacks": [r["totals"]["experts_fallback"] for r in reps],
+        "dropped": [dropped(r) for r in reps],
         "wall_seconds": [r["wall_seconds"] for r in reps],
     }
     for split in SPLITS:
@@ -222,12 +242,15 @@ def markdown(model: str, res: dict[str, Any], args: argparse.Namespace) -> str:
         f"\n**{model}**: calibration `{args.calib_data}` x {args.calib_samples} samples, seeds {args.seeds} "
         f"(sweep points {args.sweep_seeds} seeds, ablations 1); loss increase in nats over "
         f"{args.eval_samples} samples per split, 95% interval over samples and seeds\n",
-        f"| variant | expert bits/w | {' | '.join(SPLITS)} | RTN fallbacks per seed |",
-        "|---|---|" + "---|" * len(SPLITS) + "---|",
+        f"| variant | seeds | expert bits/w | {' | '.join(SPLITS)} | RTN fallbacks per seed "
+        "| dropped experts per seed (routed share) |",
+        "|---|---|---|" + "---|" * len(SPLITS) + "---|---|",
     ]
     for name, v in summary.items():
         cells = " | ".join(f"{v[s]['delta']:+.4f} ± {v[s]['ci95']:.4f}" for s in SPLITS)
-        lines.append(f"| {name} | {v['expert_bits_per_weight']:.3f} | {cells} | {v['fallbacks']} |")
+        drops = ", ".join(f"{d['experts']} ({d['routed_share']:.1%})" for d in v["dropped"])
+        bits = v["expert_bits_per_weight"]
+        lines.append(f"| {name} | {v['seeds']} | {bits:.3f} | {cells} | {v['fallbacks']} | {drops} |")
     lines += ["", "| paired comparison (A vs B) | " + " | ".join(f"{s}: A - B (A/B)" for s in SPLITS) + " |"]
     lines.append("|---|" + "---|" * len(SPLITS))
     for key, c in comparisons.items():
@@ -330,6 +353,11 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=256)
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (names as printed)")
     ap.add_argument("--work", default="runs/quality", help="compressed outputs, reused on rerun")
+    ap.add_argument(
+        "--existing",
+        action="store_true",
+        help="only outputs already in --work (per variant the seeds done, in order); computes nothing",
+    )
     ap.add_argument("--json", default=None, help="write every number here")
     ap.add_argument("--figure", default=None, help="loss increase against expert bits/weight (PNG)")
     args = ap.parse_args()
@@ -354,6 +382,13 @@ def main() -> None:
         runs: dict[str, list[dict]] = {}
         for name, spec in specs.items():
             seeds = args.seeds[: spec.get("seeds", len(args.seeds))] if spec["calibrated"] else args.seeds[:1]
+            if args.existing:  # the longest prefix of those seeds already compressed: computes nothing
+                d = model_work_dir(args.work, model)
+                have = [(d / f"{name.replace(' ', '_')}-s{s}" / "qmoe_report.json").is_file() for s in seeds]
+                seeds = seeds[: have.index(False)] if False in have else seeds
+                if not seeds:
+                    print(f"  {model} {name}: no output yet; left out", flush=True)
+                    continue
             runs[name] = [run_one(model, name, spec, s, args) for s in seeds]
         summary = {name: summarize(r) for name, r in runs.items()}
         comparisons = {}

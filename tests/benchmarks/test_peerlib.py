@@ -223,3 +223,57 @@ def test_work_folder_is_named_from_the_model_never_inside_it(tmp_path: Path):
     (src / "qmoe").mkdir(parents=True)
     with pytest.raises(SystemExit, match="lies inside"):  # never inside a source tree
         quality.model_work_dir(src / "qmoe", "tiny-switch")
+
+
+def _sampled(tool: str, variant: str, bits: float, per_seed_shift: list[float], rng) -> dict:
+    """A row with per-sample increases: ``shift`` nats per token plus noise, per seed (128 tokens each)."""
+    tok = np.full(200, 128.0)
+    inc = [s * tok + rng.normal(0, 0.5, tok.size) for s in per_seed_shift]
+    delta = float(np.mean(inc, 0).sum() / tok.sum())
+    return {
+        "tool": tool,
+        "variant": variant,
+        "expert_bits_per_weight": bits,
+        "split": "test",
+        "delta": delta,
+        "ci95": [delta - 0.001, delta + 0.001],
+        "_inc": inc,
+        "_tok": tok,
+    }
+
+
+def test_paired_difference_matches_a_direct_sum_over_common_seeds():
+    from peers import paired
+
+    rng = np.random.default_rng(0)
+    a = _sampled("qmoe", "budget 1.25", 1.25, [0.05, 0.06, 0.07], rng)
+    b = _sampled("llama.cpp", "IQ1_S", 1.5625, [0.08, 0.09], rng)
+    c = paired(a, b)
+    assert c["seeds"] == 2  # only the seeds both ran
+    direct = (np.mean(a["_inc"][:2], 0) - np.mean(b["_inc"][:2], 0)).sum() / a["_tok"].sum()
+    assert c["difference"] == pytest.approx(direct, abs=1e-12)
+    assert c["difference"] == pytest.approx(-0.03, abs=0.002) and 0 < c["ci95"] < 0.01
+    same = paired(a, a)
+    assert same["difference"] == 0 and same["ci95"] == 0 and same["ratio"] == 1
+
+
+def test_issue_targets_pair_qmoe_with_iq1s_and_name_dominating_peers():
+    from peers import issue_targets
+
+    rng = np.random.default_rng(1)
+    rows = [
+        _sampled("qmoe", "budget 1.25", 1.25, [0.05, 0.05], rng),
+        _sampled("qmoe", "qmoe default 2-bit", 1.8, [0.03, 0.03], rng),
+        _sampled("llama.cpp", "llama.cpp IQ1_S (imatrix)", 1.5625, [0.08, 0.08], rng),
+        _sampled("llama.cpp", "llama.cpp IQ2_XXS (imatrix)", 2.0625, [0.04, 0.04], rng),
+    ]
+    iq1, dom, iq2 = issue_targets(rows)
+    assert "budget 1.25" in iq1 and iq1.endswith("-> smaller")
+    assert dom.endswith("none of 2")
+    assert "fewer bits, smaller increase (paired) -> dominates" in iq2
+    ratio = float(iq2.split("; ratio ")[1].split("x")[0])
+    assert ratio == pytest.approx(0.03 / 0.04, abs=0.03)
+    rows.append(_sampled("gptq", "GPTQ 1-bit", 1.2, [0.2, 0.2], rng))  # fewer bits, worse: no domination
+    rows.append(_sampled("hqq", "HQQ 1.7-bit", 1.7, [0.01, 0.01], rng))  # dominates the 2-bit point
+    _, dom, _ = issue_targets(rows)
+    assert "qmoe default 2-bit by HQQ 1.7-bit" in dom and "significant" in dom and "budget 1.25 by" not in dom
