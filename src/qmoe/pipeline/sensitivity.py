@@ -33,6 +33,7 @@ def measure(ctx: RunContext) -> list[LayerSensitivity]:
     streams = ["ref"]
     stats: dict[str, dict[str, Any]] = {}  # per MoE layer: routed, energy, positions, sigma
     stack_state: dict[str, dict[str, Any]] = {}
+    norms = final_norms(p)  # [d] per stack: read once
     for stack in p.stacks:
         stack_state[stack.name] = p.adapter.prepare_stack(p.hf_config, stack, p.reader.get)
         embed = p.reader.get(stack.embed_key).float()  # [vocab, d]
@@ -57,13 +58,13 @@ def measure(ctx: RunContext) -> list[LayerSensitivity]:
                 if cal is not None:
                     cal.count_tokens = s == "ref"
                     cal.stats_on = s == "ref"
-                _forward(ctx, block, bp, stack_state[stack.name], bufs, s, stack)
+                _forward(ctx, block, bp, stack_state[stack.name], bufs, s, stack, norms)
             if cal is not None:
                 stats[bp.moe_path] = _layer_stats(cal, bufs[("ref", stack.name)].shape[2], stack.name)
                 sigma = stats[bp.moe_path]["sigma"]
                 _perturb(ctx, bufs, streams, stack.name, bp.moe_path, bp.g, sigma)
             del block, raw, cal
-    losses = _losses(ctx, bufs, streams, n)
+    losses = _losses(ctx, bufs, streams, n, norms[p.stacks[-1].name])
     out = []
     for name, st in stats.items():
         d = next(b.shape[2] for (s, k), b in bufs.items() if s == "ref" and k == st["stack"])
@@ -105,6 +106,7 @@ def _forward(
     bufs: dict[tuple[str, str], ActivationBuffer],
     stream: str,
     stack: Any,
+    norms: dict[str, Any],
 ) -> None:
     """Stream ``stream`` through ``block`` in place (capacity lifted when the recipe lifts it)."""
     p, device = ctx.plan, ctx.device
@@ -113,7 +115,7 @@ def _forward(
     if stack.memory:  # cross-attention: the stream's own encoder output, or the reference's
         mem = bufs.get((stream, stack.memory)) or bufs[("ref", stack.memory)]
     lift = p.adapter.capacity_attribute if ctx.config.no_drop else None
-    w = final_norms(p)[stack.memory].to(device) if mem is not None else None  # [d]
+    w = norms[stack.memory].to(device) if mem is not None else None  # [d]
     with capacity_lifted(block, lift):
         for i0, i1 in buf.batches(ctx.config.batch_size):
             h = to_device(buf.data[i0:i1], device)
@@ -145,7 +147,11 @@ def _perturb(
 
 
 def _losses(
-    ctx: RunContext, bufs: dict[tuple[str, str], ActivationBuffer], streams: list[str], n: int
+    ctx: RunContext,
+    bufs: dict[tuple[str, str], ActivationBuffer],
+    streams: list[str],
+    n: int,
+    final_norm: Any,
 ) -> dict[str, float]:
     """Mean loss per target token of every stream on the plan sample."""
     p, device = ctx.plan, ctx.device
@@ -154,7 +160,7 @@ def _losses(
         k: p.reader.get(key).float().to(device)
         for k, key in p.adapter.head_keys(p.hf_config.to_dict()).items()
     }
-    norm = final_norms(p)[last.name].to(device)
+    norm = final_norm.to(device)  # [d]
     labels = torch.from_numpy(ctx.samples["calib"]["labels"][:n])
     out = {}
     for s in streams:
