@@ -293,9 +293,14 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
     if kind.startswith("qmoe"):
         import qmoe
 
-        # qmoe-bf16: the non-expert weights (attention, router, embeddings, head) in bf16 instead of the
-        # default float32; the experts compute in float32 either way
-        model = qmoe.load(path, dtype=torch.bfloat16 if kind == "qmoe-bf16" else None)
+        # qmoe: the default load, non-expert weights (attention, embeddings, head) kept in the checkpoint's
+        # bf16 and widened in registers, activations float32 (qmoe.runtime.half); qmoe-fp32: those weights
+        # widened to float32 at load (the default before); qmoe-bf16: weights and activations bf16. The
+        # experts compute in float32 in all three.
+        if kind == "qmoe-bf16":
+            model = qmoe.load(path, dtype=torch.bfloat16)
+        else:
+            model = qmoe.load(path, half_weights=False if kind == "qmoe-fp32" else None)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -461,7 +466,12 @@ def main() -> None:
     ap.add_argument("--cache", default=str(envs.default_cache()), help="llama.cpp build (peers.py's)")
     ap.add_argument("--build-nice", type=int, default=0, help="nice level of the build steps")
     ap.add_argument(
-        "--qmoe-bf16", action="store_true", help="also qmoe ternary with its non-expert weights in bf16"
+        "--qmoe-bf16", action="store_true", help="also qmoe ternary with its non-expert weights and "
+        "activations in bf16 (qmoe.load(dtype=torch.bfloat16))"
+    )
+    ap.add_argument(
+        "--qmoe-fp32", action="store_true", help="also qmoe ternary with its non-expert weights widened to "
+        "float32 at load (qmoe.load(half_weights=False), the default before qmoe.runtime.half)"
     )
     ap.add_argument("--prepare-only", action="store_true", help="build everything, measure nothing")
     ap.add_argument("--profile", action="store_true", help="also profile qmoe's decode step (stderr)")
@@ -487,6 +497,11 @@ def main() -> None:
     if args.qmoe_bf16 and "ternary" in args.qmoe:
         variants["qmoe default ternary, bf16 non-expert weights"] = (
             "qmoe-bf16",
+            variants["qmoe default ternary"][1],
+        )
+    if args.qmoe_fp32 and "ternary" in args.qmoe:
+        variants["qmoe default ternary, float32 non-expert weights"] = (
+            "qmoe-fp32",
             variants["qmoe default ternary"][1],
         )
     for dt in args.dense:

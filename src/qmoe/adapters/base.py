@@ -171,6 +171,10 @@ class Adapter(ABC):
     # the family has one (DeepSeek-V3's "e_score_correction_bias"): how an expert is dropped (``drop.py``).
     router: str = "gate"
     router_drop_bias: str | None = None
+    # Linear layers (attribute names) whose family code casts its activations to the layer's weight dtype
+    # (T5's and Switch's dense FF "wo"): qmoe.runtime.half keeps them float32, since a 16-bit weight there
+    # would round the activations.
+    wide_linears: tuple[str, ...] = ()
 
     def disk_key(self, name: str) -> str:
         """The on-disk form of a module path or state-dict key (Mixtral: ``model.layers.0.mlp`` ->

@@ -31,6 +31,7 @@ class SwitchAdapter(Adapter):
     architectures = ("SwitchTransformersForConditionalGeneration",)
     is_encoder_decoder = True
     capacity_attribute = "expert_capacity"  # SwitchTransformersTop1Router drops tokens beyond it
+    wide_linears = ("wo",)  # SwitchTransformersDenseActDense casts its hidden state to wo's weight dtype
     experts = ExpertLayout(
         container="experts",
         key="experts.expert_{e}.{proj}.weight",

@@ -33,6 +33,12 @@ from pathlib import Path
 from qmoe.errors import BackendUnavailable
 
 SOURCE = Path(__file__).with_name("cpu_lanes.c")
+DENSE16 = Path(__file__).with_name("dense16.c")  # the dense 16-bit kernel, built into the same library
+
+
+def sources() -> tuple[Path, ...]:
+    """What the one library is compiled from: the lanes kernel and the dense 16-bit kernel."""
+    return (SOURCE, DENSE16)
 ABI = 2 * 1000 + 20  # QMOE_NATIVE_ABI * 1000 + NMETA in cpu_lanes.c; NMETA = qmoe.kernels._cpu_numba.NMETA
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-strict-aliasing"]
 COMPILE_TIMEOUT_S = 120
@@ -54,7 +60,7 @@ def compiler() -> list[str]:
 
 def library_path() -> Path:
     """Where the compiled kernel for this source, compiler command and machine lives."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(s.read_bytes() for s in sources()))
     h.update(repr((compiler(), FLAGS, platform.machine(), platform.system())).encode())
     return cache_dir() / f"qmoe_cpu_lanes-{h.hexdigest()[:16]}.so"
 
@@ -138,7 +144,7 @@ def build(target: Path) -> None:
     temporary name, then rename; the library first, so a crash in between leaves a mismatch: a rebuild)."""
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    cmd = [*compiler(), *FLAGS, str(SOURCE), "-o", tmp]
+    cmd = [*compiler(), *FLAGS, *map(str, sources()), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -212,7 +218,7 @@ def load() -> int:
             raise BackendUnavailable(f"cannot load the native CPU kernel {path}: {err}") from err
         finally:
             os.close(fd)
-        for name in ("qmoe_native_abi", "qmoe_native_cpu_ok", "qmoe_native_item"):
+        for name in ("qmoe_native_abi", "qmoe_native_cpu_ok", "qmoe_native_item", "qmoe_dense16_item"):
             getattr(lib, name).restype = ctypes.c_int64
         if lib.qmoe_native_abi() != ABI:
             raise BackendUnavailable(f"{path} has ABI {lib.qmoe_native_abi()}, expected {ABI}; delete it")
@@ -223,7 +229,15 @@ def load() -> int:
         raise
     _state["lib"] = lib
     _state["addr"] = ctypes.cast(lib.qmoe_native_item, ctypes.c_void_p).value
+    _state["dense16"] = ctypes.cast(lib.qmoe_dense16_item, ctypes.c_void_p).value
     return _state["addr"]  # type: ignore[return-value]
+
+
+def dense16() -> int:
+    """The address of ``qmoe_dense16_item`` (dense16.c), from the same library as ``load``'s (built and
+    loaded on first call); BackendUnavailable when the library cannot be."""
+    load()
+    return _state["dense16"]  # type: ignore[return-value]
 
 
 def reset() -> None:

@@ -230,7 +230,7 @@ def check_device_memory(model: Any, device: Any) -> None:
 
 
 def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str | None = None,
-         mapped: bool = True) -> Any:
+         mapped: bool = True, half_weights: bool | None = None) -> Any:
     """The compressed model in ``path`` as a transformers model in eval mode (see the module docstring).
 
     ``dtype`` is that of the non-expert weights and activations (default float32: this is what CPUs run
@@ -240,6 +240,10 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
     kernel backend (``cpu``, ``triton``, ``reference``; default triton on CUDA, cpu otherwise; ``triton`` on
     the CPU runs Triton's interpreter when ``TRITON_INTERPRET=1``). ``mapped``: experts used in place from
     the memory-mapped shards and checked on first use (default), or read and checked at load (False).
+    ``half_weights``: on the CPU with float32 activations, keep the non-expert weights that the checkpoint
+    stores in fp16/bf16 in that type and widen them in registers (``qmoe.runtime.half``: the same results,
+    half the memory and bytes per token). Default (None): whenever the checkpoint stores them so and the
+    native kernel is available; False: widen them to float32 at load, as before.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -249,9 +253,11 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
 
     path, cfg, _ = check_dir(path)
     auto = AutoModelForSeq2SeqLM if get_adapter(cfg).is_encoder_decoder else AutoModelForCausalLM
+    half = _half_dtype(path, device, dtype, half_weights)
     token = MAPPED.set(mapped)
     try:
-        model, info = auto.from_pretrained(str(path), dtype=dtype or torch.float32, output_loading_info=True)
+        model, info = auto.from_pretrained(str(path), dtype=half or dtype or torch.float32,
+                                           output_loading_info=True)
     except (OSError, ValueError) as exc:  # transformers' way of saying a file is unreadable
         raise FormatError(f"cannot load {path} ({type(exc).__name__}: {str(exc)[:200]})") from None
     finally:
@@ -262,6 +268,10 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
     from qmoe.runtime.experts import CompressedExperts
     from qmoe.runtime.linear import CompressedLinear
 
+    if half is not None:
+        from qmoe.runtime.half import narrow
+
+        narrow(model, get_adapter(cfg).wide_linears)
     check_device_memory(model, device)
     model.to(device)
     for m in model.modules():
@@ -271,3 +281,33 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
         elif isinstance(m, CompressedLinear):
             m.backend = backend
     return model.eval()
+
+
+def _half_dtype(path: Path, device: str, dtype: Any, half_weights: bool | None) -> Any:
+    """The 16-bit dtype to load the non-expert weights in (``load``'s ``half_weights``), or None: float32 or
+    ``dtype`` everywhere, as transformers loads them."""
+    import torch
+
+    from qmoe.errors import ConfigError
+    from qmoe.runtime.half import HALF, checkpoint_dtype
+
+    if half_weights is False:
+        return None
+    why = None
+    if torch.device(device).type != "cpu":
+        why = f"device {device!r} (16-bit weights widened in registers are a CPU path)"
+    elif dtype not in (None, torch.float32):
+        why = f"dtype {dtype} (the 16-bit weights are for float32 activations)"
+    stored = checkpoint_dtype(path)
+    if why is None and stored not in HALF:
+        why = f"the checkpoint stores its non-expert weights as {stored}"
+    if why is None:
+        from qmoe.kernels.dense16 import available
+
+        if not available() and half_weights is None:
+            why = "the native kernel is unavailable"
+    if why is None:
+        return stored
+    if half_weights:
+        raise ConfigError(f"half_weights=True cannot apply: {why}; load with half_weights=None or False")
+    return None
