@@ -64,6 +64,10 @@ def test_generation_with_cache_matches(qwen3_compressed, tmp_path) -> None:
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(half.generate(ids, **kw), wide.generate(ids, **kw))
+    from qmoe.runtime.generate import describe
+
+    assert describe(half).startswith("bfloat16 weights on float32 activations, experts compressed")
+    assert describe(wide).startswith("float32, experts compressed")
 
 
 def test_float32_checkpoints_and_other_dtypes_load_as_before(qwen3_compressed, tmp_path) -> None:

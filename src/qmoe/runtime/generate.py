@@ -109,4 +109,8 @@ def describe(model: Any) -> str:
         from qmoe.kernels import cpu
 
         kernel = f"cpu ({cpu.kernel()})"
+    from qmoe.runtime.half import HalfLinear
+
+    if any(isinstance(m, HalfLinear) for m in model.modules()):  # qmoe.runtime.half: widened in registers
+        dtype = f"{dtype} weights on float32 activations"
     return f"{dtype}, experts compressed, {kernel} kernel on float32 activations"
