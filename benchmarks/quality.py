@@ -57,6 +57,12 @@ def variants() -> dict[str, dict[str, Any]]:
             "over": {"bits": "2", "grid": "int2"},
             "calibrated": True,
         },
+        # bits priced per row in units of the expert's output error (qmoe.pipeline.rows)
+        "qmoe default, output row prices": {
+            "recipe": "default",
+            "over": {"row_prices": "output"},
+            "calibrated": True,
+        },
     }
     return v
 
@@ -89,6 +95,12 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
         v[f"budget {b:g}"] = {
             "recipe": "default",
             "over": {"target_bits": b, "allocation": "global"},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
+        v[f"budget {b:g} rows"] = {  # the same budget with output row prices (qmoe.pipeline.rows)
+            "recipe": "default",
+            "over": {"target_bits": b, "allocation": "global", "row_prices": "output"},
             "calibrated": True,
             "seeds": sweep_seeds,
         }
@@ -402,8 +414,15 @@ def main() -> None:
             ("qmoe default 2-bit", "RTN 2-bit"),
         ]
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
+        pairs += [(k, "QMoE recipe") for k in runs if k == "qmoe default, output row prices"]
+        pairs += [("qmoe default, output row prices", "qmoe default")]
         pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ")]
-        pairs += [(k, k + " no-drop") for k in runs if k.startswith("budget ") and not k.endswith("no-drop")]
+        pairs += [(k, k.removesuffix(" rows")) for k in runs if k.startswith("budget ") and k.endswith(" rows")]
+        pairs += [
+            (k, k + " no-drop")
+            for k in runs
+            if k.startswith("budget ") and not k.endswith(("no-drop", " rows"))
+        ]
         pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
         for a, b in pairs:
             if a in runs and b in runs:

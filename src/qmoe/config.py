@@ -13,7 +13,7 @@ from typing import Any
 
 from qmoe.errors import ConfigError
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 # Settings that version 1 lacked, with the values version-1 runs used: read old configs as they ran.
 _V1_DEFAULTS = {
     "rate": 0.0,
@@ -30,11 +30,14 @@ _V2_DEFAULTS = {"shared_experts": "keep"}
 _V3_DEFAULTS = {"allocation": "uniform"}
 # Settings that version 4 lacked, with the values version-4 runs used (they never dropped an expert).
 _V4_DEFAULTS = {"drop_experts": False}
+# Settings that version 5 lacked, with the values version-5 runs used.
+_V5_DEFAULTS = {"row_prices": "relative"}
 
 BITS = ("ternary", "2")
 SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
 METHODS = ("gptq", "rtn")
-ALLOCATIONS = ("uniform", "global")  # how target_bits is spent: alike per group, or by one model-wide price
+ALLOCATIONS = ("uniform", "global")
+ROW_PRICES = ("relative", "output")  # a row's bit price: relative to its own size, or in layer-output units  # how target_bits is spent: alike per group, or by one model-wide price
 # Grids each width may use (names from qmoe.grids); the first is the default.
 GRIDS_FOR_BITS = {"ternary": ("ternary", "ternary-opt"), "2": ("int2",)}
 
@@ -66,7 +69,11 @@ class CompressConfig:
       (``qmoe.adapters.drop``).
       ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more weights
       get a nonzero code, each smaller; more bits, less error). ``refit``: re-solve each row's levels for
-      its final codes (``qmoe.gptq.refit``).
+      its final codes (``qmoe.gptq.refit``). ``row_prices``: how a bit's price scales from row to row of a
+      matrix: ``"relative"`` to the row's own mean square (every row treated alike), or ``"output"``: one
+      price per matrix in units of the expert's output error, so rows whose errors reach the output more
+      (a first projection's rows weighted by their measured output sensitivity, the second's rows alike)
+      get more bits (``qmoe.pipeline.rows``).
     - ``no_drop``: lift the router's expert capacity during calibration passes, so no calibration token is
       dropped (QMoE); evaluation runs keep the model's capacity. ``skip_sentinels``: leave span-corruption
       sentinel positions out of the Hessians (QMoE). Both only matter for families that have them (Switch).
@@ -100,6 +107,7 @@ class CompressConfig:
     allocation: str = "uniform"
     drop_experts: bool = True
     refit: bool = False
+    row_prices: str = "relative"
     no_drop: bool = True
     gate_weighted: bool = True
     skip_sentinels: bool = True
@@ -118,6 +126,8 @@ class CompressConfig:
             )
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.row_prices not in ROW_PRICES:
+            raise ConfigError(f"row_prices must be one of {', '.join(ROW_PRICES)}, got {self.row_prices!r}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         allowed = GRIDS_FOR_BITS[self.bits]
@@ -169,14 +179,11 @@ class CompressConfig:
     def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
+        later = (_V2_DEFAULTS, _V3_DEFAULTS, _V4_DEFAULTS, _V5_DEFAULTS)  # what versions 2, 3, 4, 5 added
         if version == 1:
-            d = {**_V1_DEFAULTS, **_V2_DEFAULTS, **_V3_DEFAULTS, **_V4_DEFAULTS, **d}
-        elif version == 2:
-            d = {**_V2_DEFAULTS, **_V3_DEFAULTS, **_V4_DEFAULTS, **d}
-        elif version == 3:
-            d = {**_V3_DEFAULTS, **_V4_DEFAULTS, **d}
-        elif version == 4:
-            d = {**_V4_DEFAULTS, **d}
+            d = {**_V1_DEFAULTS, **{k: v for m in later for k, v in m.items()}, **d}
+        elif version in (2, 3, 4, 5):
+            d = {**{k: v for m in later[version - 2 :] for k, v in m.items()}, **d}
         elif version != CONFIG_VERSION:
             raise ConfigError(
                 f"compress config version {version} is not supported (this qmoe reads "

@@ -29,7 +29,7 @@ from qmoe.errors import ConfigError
 RECIPE_FIELDS = (
     "bits", "method", "grid", "token_cap", "min_tokens", "damp", "block_size", "act_order", "rate",
     "target_bits", "allocation", "refit", "no_drop", "skip_sentinels", "gate_weighted",
-    "level_scale",
+    "level_scale", "row_prices",
 )
 
 _QMOE: dict[str, Any] = {
@@ -49,6 +49,7 @@ _QMOE: dict[str, Any] = {
     "skip_sentinels": True,
     "gate_weighted": False,
     "level_scale": 1.0,
+    "row_prices": "relative",
 }
 
 RECIPES = ("default", "qmoe")

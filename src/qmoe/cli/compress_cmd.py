@@ -84,6 +84,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"output energy (default recipe: {'on' if d.refit else 'off'})",
     )
     p.add_argument(
+        "--row-prices",
+        choices=("relative", "output"),
+        default=None,
+        help="a bit's price from row to row: relative to the row's own size, or one price per matrix in "
+        "units of the expert's output error (first-projection rows weighted by their measured output "
+        f"sensitivity) (default recipe: {d.row_prices})",
+    )
+    p.add_argument(
         "--bits",
         choices=("ternary", "2"),
         default=None,
@@ -240,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         "allocation": args.allocation,
         "drop_experts": False if args.no_drop_experts else None,
         "refit": args.refit,
+        "row_prices": args.row_prices,
         "shared_experts": args.shared_experts,
         "no_drop": False if args.keep_capacity else None,
         "skip_sentinels": False if args.keep_sentinels else None,

@@ -132,14 +132,17 @@ def price_of(rate: Rate, scale: Tensor, bits: Tensor, c: Tensor) -> Tensor:
     )  # inf * 0 (the cheapest level of a dead column) costs nothing
 
 
-def fit_prices(W: Tensor, levels: Tensor, c: Tensor, rate: Rate, offset: int, iterations: int = 8) -> Tensor:
+def fit_prices(
+    W: Tensor, levels: Tensor, c: Tensor, rate: Rate, offset: int, iterations: int = 8, scale: Tensor | None = None
+) -> Tensor:
     """Bit prices ``[B, L]`` consistent with the decisions they cause, on unquantized ``W [B, rows, cols]``.
 
     Starts from nearest rounding's code frequencies and alternates decision and re-estimate (the code
     frequencies of a priced decision are what the codec will see); ``levels [B, rows, L]`` stay as the grid
-    fitted them. Column weights ``c [B, cols]`` as in ``column_weights``.
+    fitted them. Column weights ``c [B, cols]`` as in ``column_weights``; ``scale [B, rows]`` the rows'
+    price scales (default ``row_scale(W)``).
     """
-    scale = row_scale(W)
+    scale = row_scale(W) if scale is None else scale
     L = levels.shape[-1]
     lock = zero_locks(levels, offset)
     bits = bit_costs(rd_codes(W, levels, torch.zeros(1, 1, 1, 1, device=W.device), offset, lock), L, offset)

@@ -226,9 +226,12 @@ def _scaled(levels: Tensor, level_scale: float, grid: Grid) -> Tensor:
     return _stored(levels, grid)
 
 
-def _prices(W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: qrate.Rate) -> Tensor:
-    """Relative bit prices ``[B, L]`` (cheapest level 0) for ``W [B, rows, cols]``, column weights ``d``."""
-    bits = qrate.fit_prices(W, levels, qrate.column_weights(d), rate, grid.code_offset)
+def _prices(
+    W: Tensor, levels: Tensor, d: Tensor, grid: Grid, rate: qrate.Rate, scale: Tensor | None
+) -> Tensor:
+    """Relative bit prices ``[B, L]`` (cheapest level 0) for ``W [B, rows, cols]``, column weights ``d``,
+    row price scales ``scale [B, rows]``."""
+    bits = qrate.fit_prices(W, levels, qrate.column_weights(d), rate, grid.code_offset, scale=scale)
     return bits - bits.amin(-1, keepdim=True)
 
 
@@ -244,9 +247,11 @@ def _gptq_batch(
     rate: qrate.Rate = 0.0,
     refit: bool = False,
     level_scale: float = 1.0,
+    row_scales: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """GPTQ for one batch of experts ``W [B, rows, cols]`` float32, ``H [B, cols, cols]`` on W's device."""
     B, rows, cols = W.shape
+    scale = qrate.row_scale(W) if row_scales is None else row_scales.to(W.device, torch.float32)  # [B, rows]
     hdiag = H.diagonal(dim1=-2, dim2=-1)  # [B, cols]
     fallback = fallback | (H == 0).flatten(1).all(1)
     levels = _scaled(grid.fit(W, hdiag), level_scale, grid)  # [B, rows, L] from the original rows
@@ -259,7 +264,9 @@ def _gptq_batch(
     WT = W.transpose(1, 2).masked_fill(dead[:, :, None], 0.0)  # [B, cols, rows] copy
     priced = qrate.is_priced(rate)
     if priced:  # bit prices consistent with the decisions, on H's diagonal (no feedback yet)
-        rel_bits = _prices(WT.transpose(1, 2), levels, hdiag.masked_fill(dead, 0.0), grid, rate)
+        # (default scales: of the dead-masked rows here, as the prices were always fitted)
+        rel_bits = _prices(WT.transpose(1, 2), levels, hdiag.masked_fill(dead, 0.0), grid, rate,
+                           None if row_scales is None else scale)
 
     if act_order:  # quantize the columns with the largest H_ii first
         perm = torch.argsort(Hw.diagonal(dim1=-2, dim2=-1), dim=1, descending=True, stable=True)  # [B, cols]
@@ -280,7 +287,7 @@ def _gptq_batch(
         d = U.diagonal(dim1=-2, dim2=-1).pow(-2)  # [B, cols] (in the order the columns are quantized)
         c = qrate.column_weights(d)
         inv_c = 1.0 / c.clamp(min=torch.finfo(c.dtype).tiny)
-        pricing = (qrate.per_row(rate, qrate.row_scale(W)), rel_bits, inv_c)
+        pricing = (qrate.per_row(rate, scale), rel_bits, inv_c)
     codes, Q = _gptq_columns(WT, U, grid, levels, block_size, pricing)
     del U, WT
 
@@ -327,6 +334,7 @@ def gptq_quantize(
     rate: qrate.Rate = 0.0,
     refit: bool = False,
     level_scale: float = 1.0,
+    row_scales: Tensor | None = None,
 ) -> QuantizedExperts:
     """GPTQ-quantize every expert of ``W [E, rows, cols]`` against its Hessian ``H [E, cols, cols]``.
 
@@ -340,6 +348,7 @@ def gptq_quantize(
       tensor ``[E]`` gives each expert its own (a model-wide budget prices important experts' bits lower).
     - ``refit``: re-solve each row's levels for its final codes (``qmoe.gptq.refit``).
     - ``level_scale``: multiply the grid's levels by this before quantizing (< 1: more, smaller nonzeros).
+    - ``row_scales [E, rows]``: each row's bit price scale (default: its mean squared weight, ``qrate``).
     - ``expert_batch``: experts per batched Cholesky/GPTQ pass; default sized to ~4 GiB of working
       memory, and on CPU so that a column block stays in cache (batching only pays off on GPUs).
 
@@ -392,6 +401,7 @@ def gptq_quantize(
                 rate[s:e] if isinstance(rate, Tensor) else rate,
                 refit,
                 level_scale,
+                None if row_scales is None else row_scales[s:e],
             )
         )
     Q, codes, levels, objective, fallback = (torch.cat(p) for p in zip(*parts, strict=True))
@@ -409,6 +419,7 @@ def rtn_quantize(
     refit: bool = False,
     damp: float = 0.1,
     level_scale: float = 1.0,
+    row_scales: Tensor | None = None,
 ) -> QuantizedExperts:
     """Round every weight of ``W [E, rows, cols]`` to its row's nearest level (``fallback`` all False).
 
@@ -427,8 +438,9 @@ def rtn_quantize(
     levels = _scaled(g.fit(Wf, hdiag), level_scale, g)
     if qrate.is_priced(rate):
         d = torch.ones(W.shape[0], W.shape[2], device=W.device) if hdiag is None else hdiag
-        rel_bits = _prices(Wf, levels, d, g, rate)
-        price = qrate.price_of(rate, qrate.row_scale(Wf), rel_bits, qrate.column_weights(d))
+        scale = qrate.row_scale(Wf) if row_scales is None else row_scales.to(Wf.device, torch.float32)
+        rel_bits = _prices(Wf, levels, d, g, rate, scale)
+        price = qrate.price_of(rate, scale, rel_bits, qrate.column_weights(d))
         codes = qrate.rd_codes(Wf, levels, price, g.code_offset, qrate.zero_locks(levels, g.code_offset))
     else:
         codes = g.quantize(Wf, levels)

@@ -54,6 +54,7 @@ def quantization_config(
             "rate",
             "target_bits",
             "refit",
+            "row_prices",
             "no_drop",
             "skip_sentinels",
             "gate_weighted",

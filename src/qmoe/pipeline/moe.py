@@ -76,6 +76,10 @@ class MoELayerCalibration:
         # layer output's sum of squares into stats["out_sq"] and its positions into stats["positions"].
         self.stats: dict[str, Any] | None = None
         self.stats_on = False
+        # ``row_prices="output"`` (qmoe.pipeline.rows): in "first" mode also each first-projection row's
+        # output sensitivity [E_r, F*I] (float64), from the same tokens as the Hessian
+        self.row_weighted = False
+        self.row_sens: Tensor | None = None
 
     def install(self, experts_module: torch.nn.Module) -> None:
         experts_module.forward = self._forward  # type: ignore[method-assign]
@@ -93,6 +97,9 @@ class MoELayerCalibration:
             self.hessian = self.shared_hessian = None
             return
         self.hessian = HessianAccumulator(len(self.owned), cols, device=self.w_first.device)
+        if mode == "first":
+            self.row_sens = (torch.zeros(len(self.owned), self.w_first.shape[1], dtype=torch.float64,
+                                         device=self.w_first.device) if self.row_weighted else None)
         if self.shared is not None:
             shared_cols = self.shared[0 if mode == "first" else 1].shape[2]
             self.shared_hessian = HessianAccumulator(1, shared_cols, device=self.w_first.device)
@@ -154,6 +161,14 @@ class MoELayerCalibration:
             if take == 0 or e not in self.owned:
                 continue
             x = r.x[tok[:take]]  # [t, d]: the first tokens in sample order
+            if self.mode == "first" and self.row_sens is not None:
+                from qmoe.pipeline.rows import first_row_sensitivity
+
+                i = e - self.owned.start
+                b = None if self.b_first is None else self.b_first[i]
+                self.row_sens[i] += first_row_sensitivity(
+                    x, gate[:take] if self.gate_weighted else None, self.w_first[i], b, self.w_second[i], self.glu
+                )
             if self.mode == "second":
                 i = e - self.owned.start
                 b = None if self.b_first is None else self.b_first[i]

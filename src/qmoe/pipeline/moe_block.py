@@ -77,8 +77,9 @@ def moe_block(
     quantize_group = _Groups(ctx, bp, owned.start, budget, dropped)
     H1 = _capture(ctx, streams, block, bp, cal, "first", dropped)
     used = [0] * E if H1 is None else comm.gather_experts(H1.counts.cpu(), E).tolist()
-    g1, spent = quantize_group(cal.w_first, H1, "first", spent)
+    g1, spent = quantize_group(cal.w_first, H1, "first", spent, cal.row_sens)
     del H1
+    cal.row_sens = None
     cal.w_first = g1.q.dequantized.to(ctx.device)
     shared.quantize_first()
     kill_hook("during", bp.g)
@@ -136,23 +137,34 @@ class _Groups:
         self.ctx, self.bp, self.budget, self.dropped = ctx, bp, budget, dropped
         self.first_expert = first_expert
 
-    def __call__(self, W: Tensor, acc: Any, kind: str, spent: float) -> tuple[Quantized, float]:
-        """``(the quantized group, bits spent so far including it)``."""
+    def __call__(
+        self, W: Tensor, acc: Any, kind: str, spent: float, sensitivity: Tensor | None = None
+    ) -> tuple[Quantized, float]:
+        """``(the quantized group, bits spent so far including it)``; ``sensitivity [E_r, rows]``: the first
+        projections' row sensitivities (``row_prices="output"``, qmoe.pipeline.rows)."""
         where = f"GPTQ of MoE layer {self.bp.moe_path}"
-        return self.ctx.comm.guard(lambda: self._quantize(W, acc, kind, spent), where)
+        return self.ctx.comm.guard(lambda: self._quantize(W, acc, kind, spent, sensitivity), where)
 
-    def _quantize(self, W: Tensor, acc: Any, kind: str, spent: float) -> tuple[Quantized, float]:
+    def _quantize(
+        self, W: Tensor, acc: Any, kind: str, spent: float, sensitivity: Tensor | None
+    ) -> tuple[Quantized, float]:
         rank = self.ctx.comm.rank
         if os.environ.get(FAIL_ENV) == f"{rank}:{self.bp.moe_path}":
             raise RuntimeError(f"{FAIL_ENV} asked rank {rank} to fail here")
         config, plan, layout = self.ctx.config, self.budget, self.ctx.plan.adapter.experts
         H, counts = (None, None) if acc is None else (acc.H, acc.counts)
+        rows = None
+        if config.row_prices == "output" and H is not None:
+            from qmoe.pipeline.rows import row_scales
+
+            rows = row_scales(W, sensitivity if kind == "first" else None)
         if config.target_bits is None and plan is None:
-            return Quantized(quantize(W, H, counts, config), config.rate, config.level_scale, None), spent
+            q = quantize(W, H, counts, config, row_scales=rows)
+            return Quantized(q, config.rate, config.level_scale, None), spent
         projections = list(layout.first) if kind == "first" else [layout.second]
         size = GroupSize(layout, self.bp.moe_path, projections, config.bits, self.first_expert, self.dropped)
         if plan is None:
-            return quantize_to_size(W, H, counts, config, size, self.ctx.comm), spent
+            return quantize_to_size(W, H, counts, config, size, self.ctx.comm, row_scales=rows), spent
         i = plan.index(self.bp.moe_path, kind)
         weights = torch.tensor(
             plan.groups[i].multipliers[self.first_expert : self.first_expert + W.shape[0]],
@@ -163,9 +175,9 @@ class _Groups:
             if self.first_expert <= e < self.first_expert + W.shape[0]:
                 weights[e - self.first_expert] = MAX_MULTIPLIER
         if plan.fixed_price:  # one model-wide price, no size search
-            q = quantize(W, H, counts, config, rate=expert_rates(plan.price, weights))
+            q = quantize(W, H, counts, config, rate=expert_rates(plan.price, weights), row_scales=rows)
             return Quantized(q, plan.price, config.level_scale, None), spent
-        g = quantize_to_size(W, H, counts, config, size, self.ctx.comm, plan.target(i, spent), weights)
+        g = quantize_to_size(W, H, counts, config, size, self.ctx.comm, plan.target(i, spent), weights, rows)
         return g, spent + g.bits * plan.groups[i].weights
 
 

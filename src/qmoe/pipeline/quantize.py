@@ -37,14 +37,17 @@ def quantize(
     config: CompressConfig,
     rate: float | Tensor | None = None,
     level_scale: float | None = None,
+    row_scales: Tensor | None = None,
 ) -> QuantizedExperts:
     """``W [E, rows, cols]`` quantized on ``config.grid`` by ``config.method`` at ``rate`` (a number, or
-    one per expert ``[E]``) and ``level_scale`` (default: the config's)."""
+    one per expert ``[E]``) and ``level_scale`` (default: the config's); ``row_scales [E, rows]``: the rows'
+    bit price scales (``qmoe.pipeline.rows``; default each row's mean square)."""
     rate = config.rate if rate is None else rate
     scale = config.level_scale if level_scale is None else level_scale
     if config.method == "rtn" or H is None:
         return rtn_quantize(
-            W, grid=config.grid, H=H, rate=rate, refit=config.refit, damp=config.damp, level_scale=scale
+            W, grid=config.grid, H=H, rate=rate, refit=config.refit, damp=config.damp, level_scale=scale,
+            row_scales=row_scales,
         )
     return gptq_quantize(
         W,
@@ -58,6 +61,7 @@ def quantize(
         rate=rate,
         refit=config.refit,
         level_scale=scale,
+        row_scales=row_scales,
     )
 
 
@@ -83,6 +87,7 @@ def _rtn_guess(
     comm: Local,
     target: float,
     weights: Tensor | None = None,
+    row_scales: Tensor | None = None,
 ) -> float:
     """A starting rate for the GPTQ search: where priced round-to-nearest (cheap: no column loop) has the
     target size. GPTQ at the same rate lands close, so the search needs two or three GPTQ runs, not six."""
@@ -90,7 +95,8 @@ def _rtn_guess(
     for _ in range(12):
         mid = float(np.sqrt(lo * hi))
         q = rtn_quantize(
-            W, grid=config.grid, H=H, rate=expert_rates(mid, weights), level_scale=config.level_scale
+            W, grid=config.grid, H=H, rate=expert_rates(mid, weights), level_scale=config.level_scale,
+            row_scales=row_scales,
         )
         if size.bits_per_weight(q, comm) > target:
             lo = mid
@@ -150,6 +156,7 @@ def quantize_to_size(
     comm: Local = LOCAL,
     target: float | None = None,
     rate_weights: Tensor | None = None,
+    row_scales: Tensor | None = None,
 ) -> Quantized:
     """Quantize so that the stored size (bits/weight of the whole group, ``size.bits_per_weight(q, comm)``:
     summed over the ranks, so every rank takes the same steps) is closest to ``target`` (default
@@ -169,7 +176,8 @@ def quantize_to_size(
     best: list[tuple[float, float, float, float, QuantizedExperts]] = []  # (|miss|, rate, scale, bits, q)
 
     def run(rate: float, scale: float) -> float:
-        q = quantize(W, H, counts, config, rate=expert_rates(rate, rate_weights), level_scale=scale)
+        q = quantize(W, H, counts, config, rate=expert_rates(rate, rate_weights), level_scale=scale,
+                     row_scales=row_scales)
         b = size.bits_per_weight(q, comm)  # a collective in a distributed run
         best.append((abs(b - target), rate, scale, b, q))
         best.sort(key=lambda t: t[:3])
@@ -180,7 +188,7 @@ def quantize_to_size(
     g0 = run(0.0, scale0)
     if g0 > tol:  # too big at nearest rounding: price the bits
         gptq = config.method == "gptq" and H is not None
-        start = _rtn_guess(W, H, config, size, comm, target, rate_weights) if gptq else 1.0
+        start = _rtn_guess(W, H, config, size, comm, target, rate_weights, row_scales) if gptq else 1.0
         lo, hi = np.log(_RATE_RANGE[0]), np.log(_RATE_RANGE[1])
         _solve_decreasing(
             lambda x: run(float(np.exp(x)), scale0),
