@@ -98,9 +98,11 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
             "calibrated": True,
             "seeds": sweep_seeds,
         }
-        v[f"budget {b:g} rows"] = {  # the same budget with output row prices (qmoe.pipeline.rows)
+        # the same budget with every row priced relative to its own size (row prices before they were
+        # output-aware under a global budget, qmoe.pipeline.rows)
+        v[f"budget {b:g} relative rows"] = {
             "recipe": "default",
-            "over": {"target_bits": b, "allocation": "global", "row_prices": "output"},
+            "over": {"target_bits": b, "allocation": "global", "row_prices": "relative"},
             "calibrated": True,
             "seeds": sweep_seeds,
         }
@@ -167,7 +169,7 @@ def _same_run(a: Any, b: Any) -> bool:
 
     if a.allocation != "global" and b.allocation != "global":
         a = replace(a, drop_experts=b.drop_experts)
-    return a == b
+    return replace(a, row_prices=a.rows) == replace(b, row_prices=b.rows)  # "auto" as it resolves
 
 
 def dropped(rep: dict) -> dict[str, Any]:
@@ -416,8 +418,12 @@ def main() -> None:
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
         pairs += [(k, "QMoE recipe") for k in runs if k == "qmoe default, output row prices"]
         pairs += [("qmoe default, output row prices", "qmoe default")]
-        pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ")]
-        pairs += [(k, k.removesuffix(" rows")) for k in runs if k.startswith("budget ") and k.endswith(" rows")]
+        pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ") and not k.endswith("rows")]
+        pairs += [
+            (k.removesuffix(" relative rows"), k)
+            for k in runs
+            if k.startswith("budget ") and k.endswith(" relative rows")
+        ]
         pairs += [
             (k, k + " no-drop")
             for k in runs

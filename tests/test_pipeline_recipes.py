@@ -55,9 +55,9 @@ def _capture_hessians(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tenso
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = block_mod.quantize
 
-    def spy(W, H, counts, config, rate=None):  # noqa: ANN001, ANN202
+    def spy(W, H, counts, config, rate=None, **kw):  # noqa: ANN001, ANN202
         seen.append((H.clone(), counts.clone()))
-        return real(W, H, counts, config, rate)
+        return real(W, H, counts, config, rate, **kw)
 
     monkeypatch.setattr(block_mod, "quantize", spy)
     return seen

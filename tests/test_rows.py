@@ -101,5 +101,7 @@ def test_config_reads_older_versions_and_refuses_unknown_modes() -> None:
     old = CompressConfig().to_dict()
     old.pop("row_prices")
     assert CompressConfig.from_dict({**old, "config_version": 5}).row_prices == "relative"
-    with pytest.raises(ConfigError, match="row_prices must be one of relative, output"):
+    with pytest.raises(ConfigError, match="row_prices must be one of auto, relative, output"):
         CompressConfig(row_prices="rows")
+    assert CompressConfig().rows == "relative" and CompressConfig(allocation="global").rows == "output"
+    assert CompressConfig(allocation="global", row_prices="relative").rows == "relative"

@@ -37,7 +37,8 @@ BITS = ("ternary", "2")
 SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
 METHODS = ("gptq", "rtn")
 ALLOCATIONS = ("uniform", "global")
-ROW_PRICES = ("relative", "output")  # a row's bit price: relative to its own size, or in layer-output units  # how target_bits is spent: alike per group, or by one model-wide price
+# a row's bit price: relative to its own size, or in expert-output units; auto: output under a global budget
+ROW_PRICES = ("auto", "relative", "output")  # how target_bits is spent: alike per group, or by one model-wide price
 # Grids each width may use (names from qmoe.grids); the first is the default.
 GRIDS_FOR_BITS = {"ternary": ("ternary", "ternary-opt"), "2": ("int2",)}
 
@@ -73,7 +74,8 @@ class CompressConfig:
       matrix: ``"relative"`` to the row's own mean square (every row treated alike), or ``"output"``: one
       price per matrix in units of the expert's output error, so rows whose errors reach the output more
       (a first projection's rows weighted by their measured output sensitivity, the second's rows alike)
-      get more bits (``qmoe.pipeline.rows``).
+      get more bits (``qmoe.pipeline.rows``); ``"auto"``: output under ``allocation="global"`` (a budget
+      spent at one price per bit in loss units, down to rows), relative otherwise (``rows``).
     - ``no_drop``: lift the router's expert capacity during calibration passes, so no calibration token is
       dropped (QMoE); evaluation runs keep the model's capacity. ``skip_sentinels``: leave span-corruption
       sentinel positions out of the Hessians (QMoE). Both only matter for families that have them (Switch).
@@ -107,7 +109,7 @@ class CompressConfig:
     allocation: str = "uniform"
     drop_experts: bool = True
     refit: bool = False
-    row_prices: str = "relative"
+    row_prices: str = "auto"
     no_drop: bool = True
     gate_weighted: bool = True
     skip_sentinels: bool = True
@@ -169,6 +171,13 @@ class CompressConfig:
                 )
         if self.eval and not self.eval_data:
             raise ConfigError("eval_data is empty; give at least one text source or set eval=False")
+
+    @property
+    def rows(self) -> str:
+        """The row prices in force: ``row_prices`` with ``"auto"`` resolved ("relative" or "output")."""
+        if self.row_prices == "auto":
+            return "output" if self.allocation == "global" else "relative"
+        return self.row_prices
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -85,11 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--row-prices",
-        choices=("relative", "output"),
+        choices=("auto", "relative", "output"),
         default=None,
         help="a bit's price from row to row: relative to the row's own size, or one price per matrix in "
         "units of the expert's output error (first-projection rows weighted by their measured output "
-        f"sensitivity) (default recipe: {d.row_prices})",
+        f"sensitivity); auto: output with --allocation global, else relative (default recipe: {d.row_prices})",
     )
     p.add_argument(
         "--bits",

@@ -115,7 +115,7 @@ def layer_calibration(
         p.n_experts,
         comm,
     )
-    cal.row_weighted = config.row_prices == "output" and config.method == "gptq"
+    cal.row_weighted = config.rows == "output" and config.method == "gptq"
     cal.install(block.get_submodule(f"{bp.stack.moe_layers[bp.i]}.{layout.container}"))
     return cal
 

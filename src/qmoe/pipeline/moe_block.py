@@ -154,7 +154,7 @@ class _Groups:
         config, plan, layout = self.ctx.config, self.budget, self.ctx.plan.adapter.experts
         H, counts = (None, None) if acc is None else (acc.H, acc.counts)
         rows = None
-        if config.row_prices == "output" and H is not None:
+        if config.rows == "output" and H is not None:
             from qmoe.pipeline.rows import row_scales
 
             rows = row_scales(W, sensitivity if kind == "first" else None)
