@@ -231,6 +231,8 @@ def _recipe_line(c: dict[str, Any]) -> str:
             ("act-order", c.get("act_order")),
             ("gate-weighted Hessians", c.get("gate_weighted")),
             ("level refit", c.get("refit")),
+            ("rows priced in output units", c.get("row_prices") == "output"
+             or (c.get("row_prices") == "auto" and c.get("allocation") == "global")),
         )
         if on
     ]
