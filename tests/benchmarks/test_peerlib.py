@@ -267,13 +267,15 @@ def test_issue_targets_pair_qmoe_with_iq1s_and_name_dominating_peers():
         _sampled("llama.cpp", "llama.cpp IQ1_S (imatrix)", 1.5625, [0.08, 0.08], rng),
         _sampled("llama.cpp", "llama.cpp IQ2_XXS (imatrix)", 2.0625, [0.04, 0.04], rng),
     ]
-    iq1, dom, iq2 = issue_targets(rows)
+    iq1, dom, iq2, below = issue_targets(rows)
     assert "budget 1.25" in iq1 and iq1.endswith("-> smaller")
+    # every qmoe point below IQ2_XXS's bits with a smaller paired increase is named (budget 1.25 is worse)
+    assert below.startswith("test: qmoe default 2-bit (1.800 b/w") and "dominates IQ2_XXS (2.062 b/w" in below
     assert dom.endswith("none of 2")
     assert "fewer bits, smaller increase (paired) -> dominates" in iq2
     ratio = float(iq2.split("; ratio ")[1].split("x")[0])
     assert ratio == pytest.approx(0.03 / 0.04, abs=0.03)
     rows.append(_sampled("gptq", "GPTQ 1-bit", 1.2, [0.2, 0.2], rng))  # fewer bits, worse: no domination
     rows.append(_sampled("hqq", "HQQ 1.7-bit", 1.7, [0.01, 0.01], rng))  # dominates the 2-bit point
-    _, dom, _ = issue_targets(rows)
+    _, dom, *_ = issue_targets(rows)
     assert "qmoe default 2-bit by HQQ 1.7-bit" in dom and "significant" in dom and "budget 1.25 by" not in dom
