@@ -590,15 +590,16 @@ def issue_targets(rows: list[dict]) -> list[str]:
                 f"{'dominates' if fewer and better else 'does NOT dominate'}; ratio "
                 f"{c['ratio']:.2f}x (target <= 0.8x{'' if fewer else ', but at more bits'})"
             )
-        if iq2:  # every qmoe point below IQ2_XXS's size (ternary points beyond ternary's entropy included)
+        if iq2:  # every qmoe point below IQ2_XXS's size whose mean increase is below its: the verdict either way
             below = [m for m in mine if m["expert_bits_per_weight"] < iq2["expert_bits_per_weight"]]
             for m in sorted(below, key=lambda r: r["expert_bits_per_weight"]):
                 c = paired(m, iq2)
-                if c["difference"] + c["ci95"] < 0:
+                if c["difference"] < 0:
+                    verdict = "dominates" if c["difference"] + c["ci95"] < 0 else "does NOT dominate (paired)"
                     lines.append(
                         f"{split}: {m['variant']} ({m['expert_bits_per_weight']:.3f} b/w, {m['delta']:+.4f}) "
-                        f"dominates IQ2_XXS ({iq2['expert_bits_per_weight']:.3f} b/w, {iq2['delta']:+.4f}): "
-                        f"{_fmt(c)}"
+                        f"vs IQ2_XXS ({iq2['expert_bits_per_weight']:.3f} b/w, {iq2['delta']:+.4f}): "
+                        f"{_fmt(c)} -> {verdict}"
                     )
     return lines
 
