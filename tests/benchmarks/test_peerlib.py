@@ -269,8 +269,10 @@ def test_issue_targets_pair_qmoe_with_iq1s_and_name_dominating_peers():
     ]
     iq1, dom, iq2, below = issue_targets(rows)
     assert "budget 1.25" in iq1 and iq1.endswith("-> smaller")
-    # every qmoe point below IQ2_XXS's bits with a smaller paired increase is named (budget 1.25 is worse)
-    assert below.startswith("test: qmoe default 2-bit (1.800 b/w") and "dominates IQ2_XXS (2.062 b/w" in below
+    # every qmoe point below IQ2_XXS's bits with a smaller mean increase is named with its verdict (budget
+    # 1.25 is worse: not named)
+    assert below.startswith("test: qmoe default 2-bit (1.800 b/w") and "vs IQ2_XXS (2.062 b/w" in below
+    assert below.endswith("-> dominates")
     assert dom.endswith("none of 2")
     assert "fewer bits, smaller increase (paired) -> dominates" in iq2
     ratio = float(iq2.split("; ratio ")[1].split("x")[0])
@@ -279,3 +281,13 @@ def test_issue_targets_pair_qmoe_with_iq1s_and_name_dominating_peers():
     rows.append(_sampled("hqq", "HQQ 1.7-bit", 1.7, [0.01, 0.01], rng))  # dominates the 2-bit point
     _, dom, *_ = issue_targets(rows)
     assert "qmoe default 2-bit by HQQ 1.7-bit" in dom and "significant" in dom and "budget 1.25 by" not in dom
+    # a point below IQ2_XXS's bits whose mean is smaller but whose paired interval reaches zero: named, and
+    # said not to dominate (a split where it only ties is printed, not left out)
+    iq2_row = next(r for r in rows if r["variant"] == "llama.cpp IQ2_XXS (imatrix)")
+    wobble = 0.3 * (-1.0) ** np.arange(iq2_row["_tok"].size)  # per-sample differences of mean 0, sd 0.3
+    close = {**iq2_row, "tool": "qmoe", "variant": "budget 1.6", "expert_bits_per_weight": 1.6,
+             "_inc": [i - 0.0002 * iq2_row["_tok"] + wobble for i in iq2_row["_inc"]]}  # -0.0002 nats/token
+    close["delta"] = iq2_row["delta"] - 0.0002
+    lines = issue_targets([r for r in rows if r["tool"] != "hqq"] + [close])
+    tie = [ln for ln in lines if ln.startswith("test: budget 1.6 ")]
+    assert len(tie) == 1 and tie[0].endswith("-> does NOT dominate (paired)"), lines
