@@ -40,6 +40,8 @@ def variants() -> dict[str, dict[str, Any]]:
         "RTN ternary": {"recipe": "qmoe", "over": {"method": "rtn"}, "calibrated": False},
         "QMoE recipe": {"recipe": "qmoe", "over": {}, "calibrated": True},
         "qmoe default": {"recipe": "default", "over": {}, "calibrated": True},
+        # the default with every block's norms stored as they were (the default before norm tuning)
+        "qmoe default, untuned": {"recipe": "default", "over": {"tune": "none"}, "calibrated": True},
         # the default's rate as one model-wide price, spread over experts by measured importance
         "qmoe default, global price": {
             "recipe": "default",
@@ -103,6 +105,12 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
         v[f"budget {b:g} relative rows"] = {
             "recipe": "default",
             "over": {"target_bits": b, "allocation": "global", "row_prices": "relative"},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
+        v[f"budget {b:g} untuned"] = {  # the same budget with the norms stored as they were
+            "recipe": "default",
+            "over": {"target_bits": b, "allocation": "global", "tune": "none"},
             "calibrated": True,
             "seeds": sweep_seeds,
         }
@@ -296,7 +304,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
         budget = sorted(
             (v["expert_bits_per_weight"], v["validation"]["delta"], v["validation"]["ci95"])
             for k, v in res.items()
-            if k.startswith("budget ") and not k.endswith("no-drop")
+            if k.startswith("budget ") and not k.endswith(("no-drop", " untuned"))
         )
         if budget:
             x, y, e = zip(*budget, strict=True)
@@ -408,6 +416,8 @@ def main() -> None:
         comparisons = {}
         pairs = [
             ("qmoe default", "QMoE recipe"),
+            ("qmoe default", "qmoe default, untuned"),
+            ("qmoe default, untuned", "QMoE recipe"),
             ("qmoe default, global price", "QMoE recipe"),
             ("qmoe default, global price", "qmoe default"),
             ("QMoE recipe", "RTN ternary"),
@@ -418,7 +428,7 @@ def main() -> None:
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
         pairs += [(k, "QMoE recipe") for k in runs if k == "qmoe default, output row prices"]
         pairs += [("qmoe default, output row prices", "qmoe default")]
-        pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ") and not k.endswith("rows")]
+        pairs += [(k, "target " + k.split()[1]) for k in runs if k.startswith("budget ") and not k.endswith(("rows", " untuned"))]
         pairs += [
             (k.removesuffix(" relative rows"), k)
             for k in runs
@@ -427,9 +437,12 @@ def main() -> None:
         pairs += [
             (k, k + " no-drop")
             for k in runs
-            if k.startswith("budget ") and not k.endswith(("no-drop", " rows"))
+            if k.startswith("budget ") and not k.endswith(("no-drop", " rows", " untuned"))
         ]
         pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
+        pairs += [
+            (k.removesuffix(" untuned"), k) for k in runs if k.startswith("budget ") and k.endswith(" untuned")
+        ]
         for a, b in pairs:
             if a in runs and b in runs:
                 comparisons[f"{a} vs {b}"] = {s: compare(runs[a], runs[b], s) for s in SPLITS}

@@ -91,8 +91,12 @@ def hf_losses(src: Path, out: Path, rep: dict) -> tuple[float, float]:
     ref = loss()
     sd = model.state_dict()
     for f in sorted(out.glob("model-*.safetensors")):
-        for k, enc in load_shard(f).encoded.items():
+        shard = load_shard(f)
+        for k, enc in shard.encoded.items():
             sd[k] = torch.from_numpy(np.asarray(dequantize(enc))).float()
+        for k, t in shard.tensors.items():  # the stored dense tensors: the tuned norms among them
+            if k in sd:
+                sd[k] = t.float()
     model.load_state_dict(sd)
     return ref, loss()
 
@@ -131,12 +135,17 @@ def test_output_directory_contract(switch_dir: Path, gptq_out: tuple[Path, dict]
             assert index["weight_map"][k] == f
             stored[k] = shard.encoded.get(k, shard.tensors.get(k))
     assert set(stored) == set(index["weight_map"])
+    tuned = {k for layer in rep["layers"] if layer["tuned"]["kept"] for k in layer["tuned"]["keys"]}
+    assert tuned and all("layer_norm" in k for k in tuned)  # the sparse blocks' norms, nothing else
     with safe_open(str(switch_dir / "model.safetensors"), "pt") as src:
         assert set(src.keys()) == set(stored)  # every source tensor, none added
         for k in src.keys():
             t = src.get_tensor(k)
             if ".experts.expert_" in k:  # one encoded matrix per expert projection, nn.Linear orientation
                 assert stored[k].shape == tuple(t.shape) and stored[k].kind == "ternary"
+            elif k in tuned:  # refitted by the norm tuning (qmoe.pipeline.tune): source dtype and shape
+                assert stored[k].dtype == t.dtype and stored[k].shape == t.shape
+                assert not torch.equal(stored[k], t)
             else:  # untouched, source dtype
                 assert stored[k].dtype == t.dtype and torch.equal(stored[k], t)
 

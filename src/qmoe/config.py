@@ -13,7 +13,7 @@ from typing import Any
 
 from qmoe.errors import ConfigError
 
-CONFIG_VERSION = 6
+CONFIG_VERSION = 7
 # Settings that version 1 lacked, with the values version-1 runs used: read old configs as they ran.
 _V1_DEFAULTS = {
     "rate": 0.0,
@@ -32,11 +32,14 @@ _V3_DEFAULTS = {"allocation": "uniform"}
 _V4_DEFAULTS = {"drop_experts": False}
 # Settings that version 5 lacked, with the values version-5 runs used.
 _V5_DEFAULTS = {"row_prices": "relative"}
+# Settings that version 6 lacked, with the values version-6 runs used (they tuned nothing).
+_V6_DEFAULTS = {"tune": "none"}
 
 BITS = ("ternary", "2")
 SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
 METHODS = ("gptq", "rtn")
 ALLOCATIONS = ("uniform", "global")
+TUNES = ("none", "norms")  # what each compressed block fits to the original model's hidden states
 # a row's bit price: relative to its own size, or in expert-output units; auto: output under a global budget
 ROW_PRICES = ("auto", "relative", "output")  # how target_bits is spent: alike per group, or by one model-wide price
 # Grids each width may use (names from qmoe.grids); the first is the default.
@@ -88,6 +91,10 @@ class CompressConfig:
     - ``eval``: measure the loss of the reference and the compressed model on ``eval_data`` (first entry is
       the report's ``eval``; the rest go to ``eval_extra``) in the same streaming pass, with ``eval_samples``
       samples each. Evaluation samples never enter a Hessian.
+    - ``tune``: ``"norms"`` fits each compressed MoE block's normalisation weights so that its output on
+      the compressed calibration stream matches the original model's hidden states at that depth
+      (``qmoe.pipeline.tune``; no bits: the norms are stored as before), ``"none"`` keeps them.
+      ``tune_epochs`` passes over the calibration samples at Adam learning rate ``tune_lr``.
     - ``batch_size``: samples per forward pass (it changes float rounding, hence part of the config).
     """
 
@@ -118,6 +125,9 @@ class CompressConfig:
     eval_samples: int = 256
     batch_size: int = 32
     shared_experts: str = "keep"
+    tune: str = "norms"
+    tune_epochs: int = 4
+    tune_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -130,6 +140,10 @@ class CompressConfig:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.row_prices not in ROW_PRICES:
             raise ConfigError(f"row_prices must be one of {', '.join(ROW_PRICES)}, got {self.row_prices!r}")
+        if self.tune not in TUNES:
+            raise ConfigError(f"tune must be one of {', '.join(TUNES)}, got {self.tune!r}")
+        if not (isinstance(self.tune_lr, (int, float)) and 0 < self.tune_lr <= 1):
+            raise ConfigError(f"tune_lr must lie in (0, 1], got {self.tune_lr!r}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         allowed = GRIDS_FOR_BITS[self.bits]
@@ -148,6 +162,7 @@ class CompressConfig:
             ("batch_size", 1),
             ("min_tokens", 0),
             ("seed", 0),
+            ("tune_epochs", 1),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -188,10 +203,10 @@ class CompressConfig:
     def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
-        later = (_V2_DEFAULTS, _V3_DEFAULTS, _V4_DEFAULTS, _V5_DEFAULTS)  # what versions 2, 3, 4, 5 added
+        later = (_V2_DEFAULTS, _V3_DEFAULTS, _V4_DEFAULTS, _V5_DEFAULTS, _V6_DEFAULTS)  # what versions 2-6 added
         if version == 1:
             d = {**_V1_DEFAULTS, **{k: v for m in later for k, v in m.items()}, **d}
-        elif version in (2, 3, 4, 5):
+        elif version in (2, 3, 4, 5, 6):
             d = {**{k: v for m in later[version - 2 :] for k, v in m.items()}, **d}
         elif version != CONFIG_VERSION:
             raise ConfigError(

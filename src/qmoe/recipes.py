@@ -15,6 +15,7 @@ sequence length, seed, evaluation) stays the caller's, so two recipes can be com
   no dropped calibration token  ``no_drop=True`` (router capacity lifted while calibrating)
   sentinels out of Hessians     ``skip_sentinels=True``
   RTN only without tokens       ``min_tokens=1``: only an expert that saw no token is rounded to nearest
+  norms as stored               ``tune="none"``
   ============================  ==============================================================
 """
 
@@ -29,7 +30,7 @@ from qmoe.errors import ConfigError
 RECIPE_FIELDS = (
     "bits", "method", "grid", "token_cap", "min_tokens", "damp", "block_size", "act_order", "rate",
     "target_bits", "allocation", "refit", "no_drop", "skip_sentinels", "gate_weighted",
-    "level_scale", "row_prices",
+    "level_scale", "row_prices", "tune", "tune_epochs", "tune_lr",
 )
 
 _QMOE: dict[str, Any] = {
@@ -50,6 +51,9 @@ _QMOE: dict[str, Any] = {
     "gate_weighted": False,
     "level_scale": 1.0,
     "row_prices": "relative",
+    "tune": "none",
+    "tune_epochs": 4,
+    "tune_lr": 3e-3,
 }
 
 RECIPES = ("default", "qmoe")

@@ -92,6 +92,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"sensitivity); auto: output with --allocation global, else relative (default recipe: {d.row_prices})",
     )
     p.add_argument(
+        "--tune",
+        choices=("none", "norms"),
+        default=None,
+        help="fit each compressed block's norm weights to the original model's hidden states on the "
+        f"calibration text (no bits; they are stored as before), or keep them (default recipe: {d.tune})",
+    )
+    p.add_argument(
+        "--tune-epochs",
+        type=int,
+        default=None,
+        help=f"passes over the calibration samples when tuning norms (default recipe: {d.tune_epochs})",
+    )
+    p.add_argument(
+        "--tune-lr",
+        type=float,
+        default=None,
+        help=f"Adam learning rate of the norm tuning (default recipe: {d.tune_lr})",
+    )
+    p.add_argument(
         "--bits",
         choices=("ternary", "2"),
         default=None,
@@ -249,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
         "drop_experts": False if args.no_drop_experts else None,
         "refit": args.refit,
         "row_prices": args.row_prices,
+        "tune": args.tune,
+        "tune_epochs": args.tune_epochs,
+        "tune_lr": args.tune_lr,
         "shared_experts": args.shared_experts,
         "no_drop": False if args.keep_capacity else None,
         "skip_sentinels": False if args.keep_sentinels else None,

@@ -38,7 +38,7 @@ def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
     float32 weights, and one group's float32 Hessians (the widest: ``[E_r, cols, cols]``)."""
     cfg = p.hf_config.to_dict()
     d = hidden_size(cfg)
-    streams = run_streams(config.eval_data if config.eval else None)
+    streams = run_streams(config.eval_data if config.eval else None, config.tune != "none")
     rows = sum(config.calib_samples if s.data == "calib" else config.eval_samples for s in streams)
     routed = p.n_experts * len(p.adapter.experts.projections)  # bp.matrices: routed first, shared after
     per_expert = max(  # weights of one expert, largest layer

@@ -6,7 +6,8 @@ In order (QMoE, Frantar & Alistarh 2023, section 4; GPTQ's true-sequential order
 2. capture ``H_first`` from each expert's routed calibration tokens (token cap per expert), quantize the
    fused first projections; capture ``H_second`` from ``act(x W_first_q^T)``, quantize the second
    projection (round-to-nearest skips both captures);
-3. the calibration stream and the compressed evaluation streams go through the *quantized* block (with
+3. the block's norms are tuned toward the original model's hidden states (``qmoe.pipeline.tune``);
+   the calibration stream and the compressed evaluation streams go through the *quantized* block (with
    the budget's dropped experts masked in the router);
 4. the quantized experts are encoded; rank 0 writes the block's shard and returns its report row.
 
@@ -36,6 +37,7 @@ from qmoe.pipeline.preflight import BlockPlan
 from qmoe.pipeline.quantize import Quantized, expert_rates, quantize, quantize_to_size
 from qmoe.pipeline.state import kill_hook
 from qmoe.pipeline.streams import Streams
+from qmoe.pipeline.tune import tune_block
 
 FAIL_ENV = "QMOE_TEST_FAIL"  # "R:LAYER": rank R raises in the GPTQ of MoE layer LAYER (distributed tests)
 
@@ -89,15 +91,24 @@ def moe_block(
     del H2
     cal.w_second = g2.q.dequantized.to(ctx.device)
     shared_encoded = shared.finish()
+    gptq, tuning = ctx.config.method == "gptq", ctx.config.tune != "none"
+    if not gptq and tuning:  # RTN counts routing before the norms change it, as GPTQ's capture pass does
+        cal.start("run", count_tokens=True)
+        streams.propagate(block, bp, streams.calib, write=False, what="routing", dropped=dropped)
+    tuned = ctx.comm.guard(
+        lambda: tune_block(ctx, streams, block, bp, cal, raw, dropped), f"norm tuning of MoE layer {bp.moe_path}"
+    )
     cal.start("run")
-    gptq = ctx.config.method == "gptq"
     for s in streams.all:
         if not s.reference:
-            cal.count_tokens = not gptq and s is streams.calib  # RTN counts routing here: it ignores W
+            # RTN without tuning counts routing here: it ignores W
+            cal.count_tokens = not gptq and not tuning and s is streams.calib
             streams.propagate(block, bp, s, write=True, what="quantized", dropped=dropped)
     row = _encode_and_write(ctx, bp, raw, cal, (g1, g2), used, dropped, shared, shared_encoded)
     if row is not None:
         row["seconds"] = time.perf_counter() - t0
+        if tuned is not None:
+            row["tuned"] = tuned.to_dict()
     return BlockResult(row, spent)
 
 

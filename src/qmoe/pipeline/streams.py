@@ -2,6 +2,8 @@
 
 - ``calib``: the calibration samples, through the *compressed* blocks (block i+1 is calibrated on what the
   compressed block i produces: QMoE's sequential order);
+- ``ref:calib`` (when the run tunes norms, ``qmoe.pipeline.tune``): the same samples through the original
+  blocks, the tuning's target;
 - ``ref:<set>`` / ``q:<set>``: each evaluation set through the original and through the compressed blocks
   (they never enter a Hessian; their final losses give the report's ``eval``).
 
@@ -51,9 +53,12 @@ def capacity_lifted(block: torch.nn.Module, attribute: str | None) -> Iterator[N
             setattr(m, attribute, v)
 
 
-def run_streams(eval_data: tuple[str, ...] | None) -> list[Stream]:
-    """The calibration stream, then a reference and a compressed stream per evaluation set."""
+def run_streams(eval_data: tuple[str, ...] | None, tune: bool = False) -> list[Stream]:
+    """The calibration stream (and its reference when tuning), then a reference and a compressed stream per
+    evaluation set."""
     streams = [Stream("calib", "calib", False)]
+    if tune:
+        streams.append(Stream("ref:calib", "calib", True))
     for s in eval_data or ():
         streams += [Stream(f"ref:{s}", s, True), Stream(f"q:{s}", s, False)]
     return streams
@@ -62,7 +67,7 @@ def run_streams(eval_data: tuple[str, ...] | None) -> list[Stream]:
 class Streams:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        self.all = run_streams(ctx.config.eval_data if ctx.config.eval else None)
+        self.all = run_streams(ctx.config.eval_data if ctx.config.eval else None, ctx.config.tune != "none")
         self.buffers: dict[str, ActivationBuffer] = {}  # "<stack>/<stream>" -> [N, S, d]
         self.stack_state: dict[str, dict[str, Any]] = {}  # per stack: the adapter's prepared inputs
         self.norm_weights = final_norms(ctx.plan)  # [d] each: the next stack's memory and the head need them
@@ -131,16 +136,25 @@ class Streams:
         split = write and bp.moe_path is None
         todo = [b for _, b in comm.mine(all_batches)] if split else all_batches
         batches = self.ctx.progress.bar(todo, desc=f"  {what} {stream.name}", unit="batch", detail=True)
-        lift = stream.data == "calib" and config.no_drop
-        attribute = self.ctx.plan.adapter.capacity_attribute if lift else None
 
         def run() -> None:
-            with capacity_lifted(block, attribute), self._dropping(block, bp, stream, dropped):
+            with self.running(block, bp, stream, dropped):
                 self._run_batches(block, bp, stream, batches, write, cal)
 
         comm.guard(run, f"the {what} pass of {stream.name} through {bp.stack.name} block {bp.i}")
         if split:
             comm.share_rows(buf.data, all_batches)
+
+    @contextlib.contextmanager
+    def running(
+        self, block: torch.nn.Module, bp: BlockPlan, stream: Stream, dropped: frozenset[int] = frozenset()
+    ) -> Iterator[None]:
+        """The block as ``stream`` runs through it: the routers' capacity lifted for calibration samples when
+        the recipe says so, the ``dropped`` experts masked for the compressed streams."""
+        lift = stream.data == "calib" and self.ctx.config.no_drop
+        attribute = self.ctx.plan.adapter.capacity_attribute if lift else None
+        with capacity_lifted(block, attribute), self._dropping(block, bp, stream, dropped):
+            yield
 
     def _dropping(
         self, block: torch.nn.Module, bp: BlockPlan, stream: Stream, dropped: frozenset[int]
