@@ -314,7 +314,7 @@ def interval(reference: np.ndarray, per_seed: list[np.ndarray]) -> dict[str, Any
 def qmoe_rows(args: argparse.Namespace, ev: Evaluator) -> list[dict]:
     specs = {k: v for k, v in quality.variants().items() if k in args.qmoe_variants}
     sweep = quality.sweep_variants(args.qmoe_targets, len(args.seeds), args.qmoe_budgets)
-    specs.update({k: v for k, v in sweep.items() if not k.endswith("no-drop")})
+    specs.update({k: v for k, v in sweep.items() if not k.endswith(("no-drop", " untuned"))})
     qargs = argparse.Namespace(
         work=args.qmoe_work,
         calib_data=args.calib_data,
