@@ -40,6 +40,8 @@ def test_config_tune_settings() -> None:
         CompressConfig(tune="all")
     with pytest.raises(ConfigError, match="tune_epochs must be an integer >= 1"):
         CompressConfig(tune_epochs=0)
+    with pytest.raises(ConfigError, match="tune_samples must be an integer >= 1"):
+        CompressConfig(tune_samples=0)
     with pytest.raises(ConfigError, match="tune_lr must lie in"):
         CompressConfig(tune_lr=0.0)
 
@@ -66,7 +68,7 @@ def test_reported_error_is_the_checkpoint_against_the_original(tmp_path: Path, t
     from qmoe.pipeline.preflight import plan
     from qmoe.pipeline.samples import load_samples
 
-    cfg = CompressConfig(calib_samples=24, seq_len=32, eval=False, tune_epochs=3, tune_lr=1e-2)
+    cfg = CompressConfig(calib_samples=24, seq_len=32, eval=False, tune_epochs=3, tune_lr=1e-2, tune_samples=16)
     out = tmp_path / "out"
     rep = compress(tiny_qwen3_moe_dir, out, cfg, device="cpu", progress=False)
     layers = rep["layers"]
@@ -79,7 +81,7 @@ def test_reported_error_is_the_checkpoint_against_the_original(tmp_path: Path, t
     from qmoe import __version__
 
     ids = torch.from_numpy(load_samples(plan(tiny_qwen3_moe_dir, tmp_path / "p", cfg, __version__), cfg)["calib"][
-        "input_ids"])
+        "input_ids"])[:16]  # the samples the tuning fitted and measured on
     original = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32).eval()
     compressed = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32).eval()
     compressed.load_state_dict(_stored_state(out))

@@ -94,7 +94,8 @@ class CompressConfig:
     - ``tune``: ``"norms"`` fits each compressed MoE block's normalisation weights so that its output on
       the compressed calibration stream matches the original model's hidden states at that depth
       (``qmoe.pipeline.tune``; no bits: the norms are stored as before), ``"none"`` keeps them.
-      ``tune_epochs`` passes over the calibration samples at Adam learning rate ``tune_lr``.
+      ``tune_epochs`` passes over the first ``tune_samples`` calibration samples at Adam learning rate
+      ``tune_lr`` (a few thousand scales need no more data; the cap bounds the stage's cost).
     - ``batch_size``: samples per forward pass (it changes float rounding, hence part of the config).
     """
 
@@ -128,6 +129,7 @@ class CompressConfig:
     tune: str = "norms"
     tune_epochs: int = 4
     tune_lr: float = 3e-3
+    tune_samples: int = 512
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -163,6 +165,7 @@ class CompressConfig:
             ("min_tokens", 0),
             ("seed", 0),
             ("tune_epochs", 1),
+            ("tune_samples", 1),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

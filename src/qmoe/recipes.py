@@ -30,7 +30,7 @@ from qmoe.errors import ConfigError
 RECIPE_FIELDS = (
     "bits", "method", "grid", "token_cap", "min_tokens", "damp", "block_size", "act_order", "rate",
     "target_bits", "allocation", "refit", "no_drop", "skip_sentinels", "gate_weighted",
-    "level_scale", "row_prices", "tune", "tune_epochs", "tune_lr",
+    "level_scale", "row_prices", "tune", "tune_epochs", "tune_lr", "tune_samples",
 )
 
 _QMOE: dict[str, Any] = {
@@ -54,6 +54,7 @@ _QMOE: dict[str, Any] = {
     "tune": "none",
     "tune_epochs": 4,
     "tune_lr": 3e-3,
+    "tune_samples": 512,
 }
 
 RECIPES = ("default", "qmoe")

@@ -105,6 +105,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"passes over the calibration samples when tuning norms (default recipe: {d.tune_epochs})",
     )
     p.add_argument(
+        "--tune-samples",
+        type=int,
+        default=None,
+        help=f"calibration samples the norm tuning fits on, the first ones (default recipe: {d.tune_samples})",
+    )
+    p.add_argument(
         "--tune-lr",
         type=float,
         default=None,
@@ -271,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         "tune": args.tune,
         "tune_epochs": args.tune_epochs,
         "tune_lr": args.tune_lr,
+        "tune_samples": args.tune_samples,
         "shared_experts": args.shared_experts,
         "no_drop": False if args.keep_capacity else None,
         "skip_sentinels": False if args.keep_sentinels else None,

@@ -17,7 +17,7 @@ Why norms, and why that target:
   -0.0207, tuning the norms end to end on the logits -0.0215; ``docs/results.md``, "Norm tuning").
 
 The fit: Adam on the mean squared error of the block's output ``[N, S, d]``, ``tune_epochs`` passes over the
-calibration samples in a seeded order, batches of :data:`BATCH` samples, learning rate ``tune_lr`` decaying
+first ``tune_samples`` calibration samples in a seeded order, batches of :data:`BATCH` samples, learning rate ``tune_lr`` decaying
 to 0 on a cosine. The tuned values are rounded to the checkpoint's dtype before the last check, and kept
 only if the block's error over the whole calibration stream went down (else the block keeps its weights).
 A distributed run gathers the layer's experts on every rank and tunes the same way everywhere, so its
@@ -157,7 +157,7 @@ def tune_block(
     x_buf = streams.buffers[f"{bp.stack.name}/{streams.calib.name}"]
     t_buf = streams.buffers[f"{bp.stack.name}/{TARGET}"]
     mem = streams.buffers.get(f"{bp.stack.memory}/{streams.calib.name}") if bp.stack.memory else None
-    n = x_buf.data.shape[0]
+    n = min(x_buf.data.shape[0], config.tune_samples)  # the first samples (seeded draws already)
     with torch.inference_mode(False), torch.enable_grad(), _whole_layer(ctx, cal), _trainable(
         block, set(names)
     ) as params, streams.running(block, bp, streams.calib, dropped):
@@ -178,7 +178,7 @@ def tune_block(
                 for i0 in range(0, n, BATCH):
                     y, t = forward(torch.arange(i0, min(n, i0 + BATCH)))
                     total += float((y.float() - t.float()).pow(2).sum())
-            return total / (n * x_buf.data.shape[1] * x_buf.data.shape[2])
+            return total / (n * x_buf.data.shape[1] * x_buf.data.shape[2])  # mean over [n, S, d]
 
         before = error()
         start = {k: v.detach().clone() for k, v in params.items()}
