@@ -71,6 +71,9 @@ def test_reported_error_is_the_checkpoint_against_the_original(tmp_path: Path, t
     cfg = CompressConfig(calib_samples=24, seq_len=32, eval=False, tune_epochs=3, tune_lr=1e-2, tune_samples=16)
     out = tmp_path / "out"
     rep = compress(tiny_qwen3_moe_dir, out, cfg, device="cpu", progress=False)
+    from qmoe.pipeline.report import summary
+
+    assert "tuned norms" in summary(rep, table=False)
     layers = rep["layers"]
     assert len(layers) == 2 and all(layer["tuned"]["params"] == 32 + 32 + 8 + 8 for layer in layers)
     assert any(layer["tuned"]["kept"] for layer in layers)
@@ -122,6 +125,9 @@ def test_untuned_run_stores_the_norms_as_they_were(tmp_path: Path, tiny_qwen3_mo
     cfg = CompressConfig(calib_samples=8, seq_len=16, eval=False, tune="none")
     rep = compress(tiny_qwen3_moe_dir, tmp_path / "out", cfg, device="cpu", progress=False)
     assert all("tuned" not in layer for layer in rep["layers"])
+    from qmoe.pipeline.report import summary
+
+    assert "tuned norms" not in summary(rep, table=False)
     source = load_file(str(tiny_qwen3_moe_dir / "model.safetensors"))
     for f in sorted((tmp_path / "out").glob("model-*.safetensors")):
         for k, t in load_shard(f).tensors.items():
