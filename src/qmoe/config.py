@@ -206,7 +206,8 @@ class CompressConfig:
     def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
         d = dict(d)
         version = d.pop("config_version", CONFIG_VERSION)
-        later = (_V2_DEFAULTS, _V3_DEFAULTS, _V4_DEFAULTS, _V5_DEFAULTS, _V6_DEFAULTS)  # what versions 2-6 added
+        # what versions 2-6 added
+        later = (_V2_DEFAULTS, _V3_DEFAULTS, _V4_DEFAULTS, _V5_DEFAULTS, _V6_DEFAULTS)
         if version == 1:
             d = {**_V1_DEFAULTS, **{k: v for m in later for k, v in m.items()}, **d}
         elif version in (2, 3, 4, 5, 6):

@@ -96,7 +96,8 @@ def moe_block(
         cal.start("run", count_tokens=True)
         streams.propagate(block, bp, streams.calib, write=False, what="routing", dropped=dropped)
     tuned = ctx.comm.guard(
-        lambda: tune_block(ctx, streams, block, bp, cal, raw, dropped), f"norm tuning of MoE layer {bp.moe_path}"
+        lambda: tune_block(ctx, streams, block, bp, cal, raw, dropped),
+        f"norm tuning of MoE layer {bp.moe_path}",
     )
     cal.start("run")
     for s in streams.all:

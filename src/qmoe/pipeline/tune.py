@@ -17,7 +17,8 @@ Why norms, and why that target:
   -0.0207, tuning the norms end to end on the logits -0.0215; ``docs/results.md``, "Norm tuning").
 
 The fit: Adam on the mean squared error of the block's output ``[N, S, d]``, ``tune_epochs`` passes over the
-first ``tune_samples`` calibration samples in a seeded order, batches of :data:`BATCH` samples, learning rate ``tune_lr`` decaying
+first ``tune_samples`` calibration samples in a seeded order, batches of :data:`BATCH` samples, learning rate
+``tune_lr`` decaying
 to 0 on a cosine. The tuned values are rounded to the checkpoint's dtype before the last check, and kept
 only if the block's error over the whole calibration stream went down (else the block keeps its weights).
 A distributed run gathers the layer's experts on every rank and tunes the same way everywhere, so its
@@ -162,7 +163,9 @@ def tune_block(
         block, set(names)
     ) as params, streams.running(block, bp, streams.calib, dropped):
         state = _normal(streams.stack_state[bp.stack.name])
-        norm_w = None if mem is None else streams.norm_weights[bp.stack.memory].detach().clone().to(ctx.device)
+        norm_w = None
+        if mem is not None:  # the final norm the decoder's memory goes through: [d]
+            norm_w = streams.norm_weights[bp.stack.memory].detach().clone().to(ctx.device)
 
         def forward(idx: Tensor) -> tuple[Tensor, Tensor]:
             h = to_device(x_buf.data[idx], ctx.device).clone()  # [B, S, d]
