@@ -52,22 +52,20 @@ def encoded_pool(n: int, zeros: float, d_model: int = D_MODEL, d_ff: int = D_FF,
 
 
 def write_encoded_shard(path: Path, matrices: list[tuple[str, np.ndarray, str, str]]) -> int:
-    """Stream a qmoe shard (format version 3) of encoded matrices ``(name, padded blob as uint8, kind, crc32
+    """Stream a qmoe shard (format version 4) of encoded matrices ``(name, padded blob as uint8, kind, crc32
     hex)``: the shard ``qmoe.codec.save_shard`` writes for them, up to the order of the blobs. Returns its
     bytes. Atomic: temporary name, then rename."""
-    from qmoe.codec.container import BLOB, HEADER_KEY, SEP, SHARD_FORMAT, SHARD_VERSION
+    from qmoe.codec.container import HEADER_KEY, PACKED, SHARD_FORMAT, pack_index
 
-    qheader = {"format": SHARD_FORMAT, "format_version": SHARD_VERSION,
-               "encoded": {n: kind for n, _, kind, _ in sorted(matrices, key=lambda m: m[0])},
-               "checksums": {f"{n}{SEP}{BLOB}": crc for n, _, _, crc in sorted(matrices, key=lambda m: m[0])}}
-    header: dict[str, Any] = {"__metadata__": {HEADER_KEY: json.dumps(qheader, sort_keys=True,
-                                                                      separators=(",", ":"))}}
-    at = 0
-    for name, blob, _, _ in matrices:
-        assert blob.size % 8 == 0, "blobs are padded to whole 8-byte words"
-        header[f"{name}{SEP}{BLOB}"] = {"dtype": "U64", "shape": [blob.size // 8],
-                                        "data_offsets": [at, at + blob.size]}
-        at += blob.size
+    assert all(blob.size % 8 == 0 for _, blob, _, _ in matrices), "blobs are padded to whole 8-byte words"
+    index = pack_index([m[0] for m in matrices], [m[2] for m in matrices], [m[1].size // 8 for m in matrices],
+                       [int(m[3], 16) for m in matrices])
+    qheader = {"format": SHARD_FORMAT, "format_version": 4, "checksums": {}, "matrices": index}
+    at = sum(blob.size for _, blob, _, _ in matrices)
+    header: dict[str, Any] = {
+        "__metadata__": {HEADER_KEY: json.dumps(qheader, sort_keys=True, separators=(",", ":"))},
+        PACKED: {"dtype": "U64", "shape": [at // 8], "data_offsets": [0, at]},
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
     tmp = path.with_name(path.name + ".tmp")

@@ -40,6 +40,8 @@ def variants() -> dict[str, dict[str, Any]]:
         "RTN ternary": {"recipe": "qmoe", "over": {"method": "rtn"}, "calibrated": False},
         "QMoE recipe": {"recipe": "qmoe", "over": {}, "calibrated": True},
         "qmoe default": {"recipe": "default", "over": {}, "calibrated": True},
+        # the default at its price before shard version 4 (rate 0.05; 0.1 since, docs/recipes.md)
+        "qmoe default, rate 0.05": {"recipe": "default", "over": {"rate": 0.05}, "calibrated": True},
         # the default with every block's norms stored as they were (the default before norm tuning)
         "qmoe default, untuned": {"recipe": "default", "over": {"tune": "none"}, "calibrated": True},
         # the default's rate as one model-wide price, spread over experts by measured importance
@@ -417,6 +419,8 @@ def main() -> None:
         pairs = [
             ("qmoe default", "QMoE recipe"),
             ("qmoe default", "qmoe default, untuned"),
+            ("qmoe default", "qmoe default, rate 0.05"),
+            ("qmoe default, rate 0.05", "QMoE recipe"),
             ("qmoe default, untuned", "QMoE recipe"),
             ("qmoe default, global price", "QMoE recipe"),
             ("qmoe default, global price", "qmoe default"),

@@ -71,12 +71,17 @@ def test_group_size_matches_the_written_shard(tmp_path: Path) -> None:
     q1 = rtn_quantize(W, grid="ternary", rate=0.0)
     q2 = rtn_quantize(W[:, :, :24].transpose(1, 2).contiguous(), grid="ternary", rate=0.0)
     path = "model.layers.0.mlp"
-    size = GroupSize(layout, path, list(layout.first), "ternary")
+    size1 = GroupSize(layout, path, list(layout.first), "ternary")
+    size2 = GroupSize(layout, path, [layout.second], "ternary")
     encoded, _ = encode_experts(layout, path, q1, q2, "ternary")
-    first = {k: v for k, v in encoded.items() if not k.endswith("down_proj.weight")}
-    shard = output.write_shard(tmp_path, 1, 2, {}, first)
-    stored = 8 * (sum(e.nbytes for e in first.values()) + header_share(tmp_path / shard, sorted(first)))
-    assert size.bits_per_weight(q1) == pytest.approx(stored / q1.codes.numel(), rel=0.01)
+    shard = output.write_shard(tmp_path, 1, 2, {}, encoded)  # a layer's shard: both groups
+    stored = 8 * (sum(e.nbytes for e in encoded.values()) + header_share(tmp_path / shard, sorted(encoded)))
+    estimate = size1.bits_per_weight(q1) * q1.codes.numel() + size2.bits_per_weight(q2) * q2.codes.numel()
+    assert estimate == pytest.approx(stored, rel=0.01)
+    # each group on its own: its arrays plus its share of the shard's header
+    first = sorted(k for k in encoded if not k.endswith("down_proj.weight"))
+    stored1 = 8 * (sum(encoded[k].nbytes for k in first) + header_share(tmp_path / shard, first))
+    assert size1.bits_per_weight(q1) == pytest.approx(stored1 / q1.codes.numel(), rel=0.02)
 
 
 class _Threads(Local):

@@ -111,7 +111,7 @@ class CompressConfig:
     damp: float = 0.1
     block_size: int = 128
     act_order: bool = True
-    rate: float = 0.05
+    rate: float = 0.1
     level_scale: float = 1.0
     target_bits: float | None = None
     allocation: str = "uniform"

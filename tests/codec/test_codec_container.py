@@ -170,14 +170,99 @@ def test_version_1_shards_still_load(tmp_path: Path) -> None:
     assert shard.tensors.keys() == tensors.keys()
 
 
-def test_one_tensor_per_encoded_matrix(tmp_path: Path) -> None:
+def test_one_packed_tensor_per_shard(tmp_path: Path) -> None:
+    """Version 4: every matrix's padded blob back to back in one uint64 tensor, in the index's order."""
     from safetensors import safe_open
+
+    from qmoe.codec.container import header_share, matrix_header_bytes, padded_blob
 
     tensors, encoded, _ = _content()
     codec.save_shard(tmp_path / "s", tensors, encoded)
     with safe_open(str(tmp_path / "s"), "pt") as f:
         keys = set(f.keys())
-    assert keys == set(tensors) | {f"{n}#qmoe" for n in encoded}
+        packed = f.get_tensor("#qmoe").numpy()
+    assert keys == set(tensors) | {"#qmoe"}
+    want = np.concatenate([padded_blob(encoded[n]) for n in sorted(encoded)])
+    assert packed.dtype == np.uint64 and np.array_equal(packed, want)
+    # What a layer's matrices add to the file besides their blobs (96 of them, each its own codes): the
+    # estimate the size search uses and the measurement agree, and both are far below version 3's.
+    rng = np.random.default_rng(1)
+    layer = {f"model.layers.0.mlp.experts.{e}.{p}_proj.weight":
+             codec.encode_ternary(rng.choice([-1, 0, 1], size=(8, 40), p=[0.1, 0.8, 0.1]).astype(np.int8),
+                                  -np.ones(8), np.ones(8))
+             for e in range(32) for p in ("gate", "up", "down")}
+    for version in (3, 4):
+        codec.save_shard(tmp_path / f"l{version}", {}, layer, version=version)
+    measured = header_share(tmp_path / "l4", sorted(layer))
+    estimate = sum(matrix_header_bytes(n, e) for n, e in layer.items())
+    assert abs(measured - estimate) <= 4 * len(layer), (measured, estimate)
+    assert measured < header_share(tmp_path / "l3", sorted(layer)) / 8  # version 3: ~220 bytes a matrix
+    assert codec.load_shard(tmp_path / "l4").encoded.keys() == layer.keys()
+
+
+def test_version_3_shards_still_load(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors, encoded, raw = _content()
+    codec.save_shard(tmp_path / "v3", tensors, encoded, version=3)
+    with safe_open(str(tmp_path / "v3"), "pt") as f:
+        assert set(f.keys()) == set(tensors) | {f"{n}#qmoe" for n in encoded}
+    shard = codec.load_shard(tmp_path / "v3")
+    assert np.array_equal(codec.decode(shard.encoded["experts.0.wi"])[0], raw["ternary"])
+    assert np.array_equal(codec.decode(shard.encoded["experts.0.wo"])[0], raw["int2"])
+    assert shard.tensors.keys() == tensors.keys()
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_checksum_names_the_matrix(tmp_path: Path, version: int) -> None:
+    """A flipped bit inside one matrix's blob: the error names that matrix, in the file reader and the
+    mapped one alike."""
+    from qmoe.codec.mapped import open_shard
+
+    path = tmp_path / "s"
+    tensors, encoded, _ = _content()
+    codec.save_shard(path, tensors, encoded, version=version)
+    part = open_shard(path).encoded["experts.0.wo"].parts["qmoe"]
+    data = bytearray(path.read_bytes())
+    data[part.begin + 41] ^= 0x10  # past the 40-byte header of the int2 matrix
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="experts.0.wo.*crc32"):
+        codec.load_shard(path)
+    with pytest.raises(FormatError, match="experts.0.wo.*crc32"):
+        open_shard(path).encoded["experts.0.wo"].get()
+    open_shard(path).encoded["experts.0.wi"].get()  # the other matrix is fine
+
+
+def test_corrupt_matrix_index(tmp_path: Path) -> None:
+    """An index that disagrees with the packed tensor, or does not decode, is refused in one line."""
+    import base64
+    import zlib
+
+    path = tmp_path / "s"
+    codec.save_shard(path, *_content()[:2])
+
+    def edit_index(change) -> None:
+        def edit(h: dict) -> None:
+            q = json.loads(h["__metadata__"]["qmoe"])
+            index = json.loads(zlib.decompress(base64.b64decode(q["matrices"])))
+            change(index)
+            q["matrices"] = base64.b64encode(zlib.compress(json.dumps(index).encode())).decode()
+            h["__metadata__"]["qmoe"] = json.dumps(q)
+        return edit
+
+    for change, message in [(lambda i: i["words"].__setitem__(0, i["words"][0] + 1), "covers"),
+                            (lambda i: i["kinds"].__setitem__(0, "int3"), "index is corrupt"),
+                            (lambda i: i["names"].__setitem__(1, i["names"][0]), "index is corrupt"),
+                            (lambda i: i["crc32"].pop(), "index is corrupt")]:
+        codec.save_shard(path, *_content()[:2])
+        _rewrite_header(path, edit_index(change))
+        with pytest.raises(FormatError, match=message) as err:
+            codec.load_shard(path)
+        assert "\n" not in str(err.value)
+
+
+def test_blob_layout(tmp_path: Path) -> None:
+    tensors, encoded, _ = _content()
     for enc in encoded.values():  # the blob is exactly the six arrays, nothing else
         assert codec.EncodedMatrix.from_blob(enc.to_blob()).to_blob().tobytes() == enc.to_blob().tobytes()
         assert enc.to_blob().nbytes == enc.nbytes

@@ -186,8 +186,8 @@ class EncodedMatrix:
         """Rebuild from ``to_blob`` bytes; FormatError if the sizes its header implies do not add up.
 
         ``copy=False``: the arrays are views of ``blob`` (a memory-mapped file stays mapped, not read), so
-        ``blob`` must outlive the matrix. ``padded``: up to 7 zero bytes may follow the blob (shard version
-        3 pads each blob to whole 8-byte words).
+        ``blob`` must outlive the matrix. ``padded``: up to 7 zero bytes may follow the blob (shard versions
+        3 and 4 pad each blob to whole 8-byte words).
         """
         b = np.asarray(blob) if not copy else np.ascontiguousarray(np.asarray(blob))
         if b.dtype != np.uint8 or b.ndim != 1 or b.size < format2.HEADER2_BYTES:

@@ -13,8 +13,8 @@ larger than memory costs milliseconds per file. Its encoded matrices are ``Mappe
 - ``check_tensor(name)`` / ``check_all()`` verify ordinary tensors / everything by reading the file (``pread``
   in chunks, not through the mapping, so a check adds nothing to the resident set).
 
-Blobs in shard version 3 are 8-byte aligned in the file (``qmoe.codec.container``); an unaligned blob (a
-version-2 shard) is copied into process memory on first use instead, so the kernels never read an
+Blobs in shard versions 3 and 4 are 8-byte aligned in the file (``qmoe.codec.container``); an unaligned
+blob (a version-2 shard) is copied into process memory on first use instead, so the kernels never read an
 unaligned word. Version-1 shards (six tensors per matrix) map the same way, each part checked by its crc.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from qmoe.codec.container import ARRAY_NAMES, BLOB, SEP, _header
+from qmoe.codec.container import ARRAY_NAMES, BLOB, PACKED, SEP, _check_tensor_list, _header, matrix_index
 from qmoe.codec.format import EncodedMatrix
 from qmoe.errors import FormatError
 
@@ -59,7 +59,8 @@ class MappedMatrix:
     path: str
     name: str
     kind: str
-    parts: dict[str, Entry]  # blob suffix -> entry: {"qmoe": ...} (v2, v3) or the six arrays (v1)
+    parts: dict[str, Entry]  # blob suffix -> entry: {"qmoe": ...} (v2-v4; v4: a slice of the packed tensor)
+    #                          or the six arrays (v1)
     checksums: dict[str, str]  # blob suffix -> crc32 hex as recorded in the shard
     version: int
     _map: Any = field(default=None, repr=False)  # the shard's mmap
@@ -202,23 +203,31 @@ def open_shard(path: str | os.PathLike) -> MappedShard:
     entries, meta = read_entries(path)
     header = _header(path, meta)
     checksums = header["checksums"]
-    if set(checksums) != set(entries):
-        odd = sorted(set(checksums) ^ set(entries))[:5]
-        raise FormatError(f"{path}: tensors and checksum list disagree (e.g. {odd}); the file is corrupt")
+    _check_tensor_list(path, checksums, list(entries))
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # read_entries saw a non-empty file
     version = header["format_version"]
-    suffixes = (BLOB,) if version >= 2 else ARRAY_NAMES
     encoded = {}
-    for name, kind in header["encoded"].items():
-        parts = {}
-        for s in suffixes:
-            e = entries.pop(f"{name}{SEP}{s}", None)
-            if e is None:
-                raise FormatError(f"{path}: encoded matrix {name!r} lacks its {s!r} tensor")
-            parts[s] = e
-        crcs = {s: checksums[f"{name}{SEP}{s}"] for s in parts}
-        encoded[name] = MappedMatrix(path, name, kind, parts, crcs, version, mm)
+    if version >= 4:  # slices of the one packed tensor, as the matrix index lays them out
+        packed = entries.pop(PACKED, None)
+        if packed is not None and (packed.dtype != "U64" or len(packed.shape) != 1):
+            raise FormatError(f"{path}: the {PACKED!r} tensor is not a 1-D uint64 tensor; the file is "
+                              "corrupt")
+        for e in matrix_index(path, header, None if packed is None else packed.shape[0]):
+            begin = packed.begin + 8 * e.word
+            part = Entry("U64", (e.words,), begin, begin + 8 * e.words)
+            encoded[e.name] = MappedMatrix(path, e.name, e.kind, {BLOB: part}, {BLOB: e.crc}, version, mm)
+    else:
+        suffixes = (BLOB,) if version >= 2 else ARRAY_NAMES
+        for name, kind in header["encoded"].items():
+            parts = {}
+            for s in suffixes:
+                e = entries.pop(f"{name}{SEP}{s}", None)
+                if e is None:
+                    raise FormatError(f"{path}: encoded matrix {name!r} lacks its {s!r} tensor")
+                parts[s] = e
+            crcs = {s: checksums[f"{name}{SEP}{s}"] for s in parts}
+            encoded[name] = MappedMatrix(path, name, kind, parts, crcs, version, mm)
     stray = [n for n in entries if SEP in n]
     if stray:
         raise FormatError(f"{path}: tensors {stray[:5]} look like parts of an unlisted encoded matrix")

@@ -78,7 +78,7 @@ def expert_bits(
 ) -> np.ndarray:
     """``[E_r]`` int64 stored bits of each expert of ``q`` in this group (arrays and header estimate; 0 for
     a ``dropped`` one). The header estimate's offset width comes from the whole group (summed by ``comm``)."""
-    from qmoe.codec.container import matrix_header_bytes
+    from qmoe.codec.container import SHARD_FIXED_BYTES, matrix_header_bytes
 
     rows = q.codes.shape[1] // len(projections)
     encoded: list[list[tuple[str, Any]]] = []
@@ -90,10 +90,15 @@ def expert_bits(
                 enc = _encode(q.codes[e, sl].cpu().numpy(), q.levels[e, sl].cpu().numpy(), bits)
                 mats.append((layout.expert_key(moe_path, first_expert + e, proj), enc))
         encoded.append(mats)
-    (arrays,) = comm.sum_ints([sum(enc.nbytes for mats in encoded for _, enc in mats)])
+    arrays, n_mats = comm.sum_ints([sum(enc.nbytes for mats in encoded for _, enc in mats),
+                                    sum(len(mats) for mats in encoded)])
     digits = len(str(2 * arrays))  # data offsets in the shard run up to about the layer's size
+    # The shard's fixed index cost, shared out by matrix count (as header_share measures it): the layer's
+    # shard holds every projection, this group len(projections) of them.
+    fixed = SHARD_FIXED_BYTES * len(projections) / (len(layout.first) + 1) / max(n_mats, 1)
     return np.array(
-        [8 * sum(enc.nbytes + matrix_header_bytes(k, enc, digits) for k, enc in mats) for mats in encoded],
+        [8 * sum(enc.nbytes + matrix_header_bytes(k, enc, digits) + fixed for k, enc in mats)
+         for mats in encoded],
         dtype=np.int64,
     )
 

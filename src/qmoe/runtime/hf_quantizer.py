@@ -61,9 +61,9 @@ class QMoEHfQuantizer(HfQuantizer):
             raise ConfigError("a qmoe model loads from a compressed checkpoint directory, not a state dict")
         path, cfg, files = check_dir(Path(checkpoint_files[0]).parent)
         convert(model, path, cfg, files)
-        # Each encoded matrix (``<key>#qmoe``; ``<key>#stream``, ... in version-1 shards) is in the shards
-        # next to the ordinary tensors; convert() has consumed them: transformers should neither load nor
-        # report them.
+        # The encoded matrices (one packed ``#qmoe`` tensor per shard; ``<key>#qmoe`` or ``<key>#stream``, ...
+        # in older shards) are in the shards next to the ordinary tensors; convert() has consumed them:
+        # transformers should neither load nor report them.
         pattern = rf"{SEP}({'|'.join((BLOB, *ARRAY_NAMES))})$"
         ignored = set(model._keys_to_ignore_on_load_unexpected or ())
         model._keys_to_ignore_on_load_unexpected = ignored | {pattern}
