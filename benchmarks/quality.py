@@ -61,6 +61,11 @@ def variants() -> dict[str, dict[str, Any]]:
             "over": {"bits": "2", "grid": "int2"},
             "calibrated": True,
         },
+        "qmoe default 2-bit, rate 0.05": {  # the 2-bit point as measured against IQ2_XXS (docs/peers.md)
+            "recipe": "default",
+            "over": {"bits": "2", "grid": "int2", "rate": 0.05},
+            "calibrated": True,
+        },
         # bits priced per row in units of the expert's output error (qmoe.pipeline.rows)
         "qmoe default, output row prices": {
             "recipe": "default",
@@ -428,6 +433,7 @@ def main() -> None:
             ("qmoe default", "RTN ternary"),
             ("GPTQ 2-bit", "RTN 2-bit"),
             ("qmoe default 2-bit", "RTN 2-bit"),
+            ("qmoe default 2-bit", "qmoe default 2-bit, rate 0.05"),
         ]
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
         pairs += [(k, "QMoE recipe") for k in runs if k == "qmoe default, output row prices"]
