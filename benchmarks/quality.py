@@ -42,6 +42,8 @@ def variants() -> dict[str, dict[str, Any]]:
         "qmoe default": {"recipe": "default", "over": {}, "calibrated": True},
         # the default at its price before shard version 4 (rate 0.05; 0.1 since, docs/recipes.md)
         "qmoe default, rate 0.05": {"recipe": "default", "over": {"rate": 0.05}, "calibrated": True},
+        # the default with each block's attention weights tuned with its norms (--tune attention)
+        "qmoe default, tuned attention": {"recipe": "default", "over": {"tune": "attention"}, "calibrated": True},
         # the default with every block's norms stored as they were (the default before norm tuning)
         "qmoe default, untuned": {"recipe": "default", "over": {"tune": "none"}, "calibrated": True},
         # the default's rate as one model-wide price, spread over experts by measured importance
@@ -118,6 +120,12 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
         v[f"budget {b:g} untuned"] = {  # the same budget with the norms stored as they were
             "recipe": "default",
             "over": {"target_bits": b, "allocation": "global", "tune": "none"},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
+        v[f"budget {b:g} tuned attention"] = {  # the same budget, attention tuned with the norms
+            "recipe": "default",
+            "over": {"target_bits": b, "allocation": "global", "tune": "attention"},
             "calibrated": True,
             "seeds": sweep_seeds,
         }
@@ -425,6 +433,8 @@ def main() -> None:
             ("qmoe default", "QMoE recipe"),
             ("qmoe default", "qmoe default, untuned"),
             ("qmoe default", "qmoe default, rate 0.05"),
+            ("qmoe default, tuned attention", "qmoe default"),
+            ("qmoe default, tuned attention", "QMoE recipe"),
             ("qmoe default, rate 0.05", "QMoE recipe"),
             ("qmoe default, untuned", "QMoE recipe"),
             ("qmoe default, global price", "QMoE recipe"),
@@ -450,6 +460,7 @@ def main() -> None:
             if k.startswith("budget ") and not k.endswith(("no-drop", " rows", " untuned"))
         ]
         pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
+        pairs += [(k, k.removesuffix(" tuned attention")) for k in runs if k.endswith(" tuned attention")]
         pairs += [
             (k.removesuffix(" untuned"), k) for k in runs if k.startswith("budget ") and k.endswith(" untuned")
         ]

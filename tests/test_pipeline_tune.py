@@ -31,11 +31,45 @@ def test_norm_parameters_of_a_qwen3_and_a_switch_block() -> None:
     assert norm_parameters(block) == ["layer.0.layer_norm.weight", "layer.1.layer_norm.weight"]
 
 
+def test_attention_parameters_of_qwen3_switch_and_deepseek_blocks() -> None:
+    """``tune="attention"`` adds every attention weight (MLA's low-rank projections included, the experts
+    and the router never), each once."""
+    from transformers import DeepseekV3Config, Qwen3MoeConfig, SwitchTransformersConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersBlock
+
+    from qmoe.pipeline.tune import tuned_parameters
+
+    q = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, num_experts=4, num_experts_per_tok=2, num_hidden_layers=1)
+    names = tuned_parameters(Qwen3MoeDecoderLayer(q, 0), "attention")
+    assert sorted(names) == sorted(
+        ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+         "self_attn.k_norm.weight"] + [f"self_attn.{m}_proj.weight" for m in "qkvo"])
+    s = SwitchTransformersConfig(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_experts=4)
+    block = SwitchTransformersBlock(s, has_relative_attention_bias=True, is_sparse=True)
+    names = tuned_parameters(block, "attention")
+    assert sorted(names) == sorted(
+        ["layer.0.layer_norm.weight", "layer.1.layer_norm.weight"]
+        + [f"layer.0.SelfAttention.{m}.weight" for m in "qkvo"]
+        + ["layer.0.SelfAttention.relative_attention_bias.weight"])
+    d = DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4,
+                         num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                         topk_group=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                         v_head_dim=4, first_k_dense_replace=0, num_hidden_layers=1)
+    names = tuned_parameters(DeepseekV3DecoderLayer(d, 0), "attention")
+    assert len(names) == len(set(names)) and not any("mlp" in n for n in names)
+    assert {"self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_b_proj.weight",
+            "self_attn.o_proj.weight", "self_attn.q_a_layernorm.weight"} <= set(names)
+    assert tuned_parameters(DeepseekV3DecoderLayer(d, 0), "norms") == [n for n in names if "norm" in n]
+
+
 def test_config_tune_settings() -> None:
     assert CompressConfig().tune == "norms"
     old = {k: v for k, v in CompressConfig().to_dict().items() if not k.startswith("tune")}
     assert CompressConfig.from_dict({**old, "config_version": 6}).tune == "none"  # they ran without it
-    with pytest.raises(ConfigError, match="tune must be one of none, norms"):
+    with pytest.raises(ConfigError, match="tune must be one of none, norms, attention"):
         CompressConfig(tune="all")
     with pytest.raises(ConfigError, match="tune_epochs must be an integer >= 1"):
         CompressConfig(tune_epochs=0)
@@ -56,8 +90,9 @@ def _stored_state(out: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(dec, dtype=torch.float32).state_dict()
 
 
+@pytest.mark.parametrize("tune", ["norms", "attention"])
 def test_reported_error_is_the_checkpoint_against_the_original(
-    tmp_path: Path, tiny_qwen3_moe_dir: Path
+    tmp_path: Path, tiny_qwen3_moe_dir: Path, tune: str
 ) -> None:
     """Per MoE layer, the reported error after tuning is the mean squared distance, on the calibration
     samples, between the written checkpoint's hidden state after that layer and the original model's,
@@ -70,15 +105,19 @@ def test_reported_error_is_the_checkpoint_against_the_original(
     from qmoe.pipeline.samples import load_samples
 
     cfg = CompressConfig(
-        calib_samples=24, seq_len=32, eval=False, tune_epochs=3, tune_lr=1e-2, tune_samples=16
+        calib_samples=24, seq_len=32, eval=False, tune=tune, tune_epochs=3, tune_lr=1e-2, tune_samples=16
     )
     out = tmp_path / "out"
     rep = compress(tiny_qwen3_moe_dir, out, cfg, device="cpu", progress=False)
     from qmoe.pipeline.report import summary
 
-    assert "tuned norms" in summary(rep, table=False)
+    assert ("tuned norms and attention" in summary(rep, table=False)) == (tune == "attention")
     layers = rep["layers"]
-    assert len(layers) == 2 and all(layer["tuned"]["params"] == 32 + 32 + 8 + 8 for layer in layers)
+    norms = 32 + 32 + 8 + 8  # input and post-attention norms [hidden], q and k norms [head_dim]
+    source = load_file(str(tiny_qwen3_moe_dir / "model.safetensors"))
+    attention = sum(source[f"model.layers.0.self_attn.{m}_proj.weight"].numel() for m in "qkvo")
+    want = norms + (attention if tune == "attention" else 0)
+    assert len(layers) == 2 and all(layer["tuned"]["params"] == want for layer in layers)
     assert any(layer["tuned"]["kept"] for layer in layers)  # fails if tuning never lowers a block's error
 
     from qmoe import __version__
@@ -106,7 +145,6 @@ def test_reported_error_is_the_checkpoint_against_the_original(
 
     from qmoe.codec import load_shard
 
-    source = load_file(str(tiny_qwen3_moe_dir / "model.safetensors"))
     stored = {}
     for f in sorted(out.glob("model-*.safetensors")):
         stored.update(load_shard(f).tensors)

@@ -39,7 +39,7 @@ BITS = ("ternary", "2")
 SHARED = ("keep", *BITS)  # what to do with shared experts: keep them as stored, or quantize at these widths
 METHODS = ("gptq", "rtn")
 ALLOCATIONS = ("uniform", "global")
-TUNES = ("none", "norms")  # what each compressed block fits to the original model's hidden states
+TUNES = ("none", "norms", "attention")  # what each compressed block fits to the original hidden states
 # a row's bit price: relative to its own size, or in expert-output units; auto: output under a global budget
 ROW_PRICES = ("auto", "relative", "output")  # how target_bits is spent: alike per group, or by one model-wide price
 # Grids each width may use (names from qmoe.grids); the first is the default.
@@ -93,7 +93,9 @@ class CompressConfig:
       samples each. Evaluation samples never enter a Hessian.
     - ``tune``: ``"norms"`` fits each compressed MoE block's normalisation weights so that its output on
       the compressed calibration stream matches the original model's hidden states at that depth
-      (``qmoe.pipeline.tune``; no bits: the norms are stored as before), ``"none"`` keeps them.
+      (``qmoe.pipeline.tune``; no bits: the norms are stored as before), ``"attention"`` the norms and
+      every weight of the block's attention (stored as before, in the checkpoint's dtype), ``"none"`` keeps
+      them.
       ``tune_epochs`` passes over the first ``tune_samples`` calibration samples at Adam learning rate
       ``tune_lr`` (a few thousand scales need no more data; the cap bounds the stage's cost).
     - ``batch_size``: samples per forward pass (it changes float rounding, hence part of the config).

@@ -14,7 +14,7 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qmoe.config import CompressConfig
+    from qmoe.config import TUNES, CompressConfig
     from qmoe.recipes import RECIPES
 
     d = CompressConfig()
@@ -93,10 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tune",
-        choices=("none", "norms"),
+        choices=TUNES,
         default=None,
-        help="fit each compressed block's norm weights to the original model's hidden states on the "
-        f"calibration text (no bits; they are stored as before), or keep them (default recipe: {d.tune})",
+        help="fit each compressed block's norm weights (attention: and its attention weights) to the "
+        "original model's hidden states on the calibration text (no bits; stored as before), or keep them "
+        f"(default recipe: {d.tune})",
     )
     p.add_argument(
         "--tune-epochs",

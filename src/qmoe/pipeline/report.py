@@ -233,7 +233,8 @@ def _recipe_line(c: dict[str, Any]) -> str:
             ("level refit", c.get("refit")),
             ("rows priced in output units", c.get("row_prices") == "output"
              or (c.get("row_prices") == "auto" and c.get("allocation") == "global")),
-            ("tuned norms", c.get("tune", "none") != "none"),
+            ("tuned norms", c.get("tune", "none") == "norms"),
+            ("tuned norms and attention", c.get("tune", "none") == "attention"),
         )
         if on
     ]

@@ -42,6 +42,9 @@ from qmoe.pipeline.moe import MoELayerCalibration
 from qmoe.pipeline.preflight import BlockPlan
 from qmoe.pipeline.streams import Streams
 
+# ``tune="attention"``: the attention's matrices move at this fraction of ``tune_lr`` (3e-3 -> 2e-4, the
+# end-to-end probe's rate for them); per-channel norms take the full rate.
+MATRIX_LR = 1 / 15
 BATCH = 16  # samples per Adam step (the end-to-end probe's; larger batches take fewer steps per epoch)
 TARGET = "ref:calib"  # the stream that holds the original model's hidden states on the calibration samples
 
@@ -69,6 +72,27 @@ def norm_parameters(block: torch.nn.Module) -> list[str]:
         for p_name, p in mod.named_parameters(recurse=False):
             if p.dim() == 1:
                 names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def attention_parameters(block: torch.nn.Module) -> list[str]:
+    """Names (in ``block``) of every parameter inside its attention modules (any class whose name says
+    Attention: self- and cross-attention, MLA's low-rank projections), in module order, each once."""
+    names: list[str] = []
+    for mod_name, mod in block.named_modules():
+        if "attention" in type(mod).__name__.lower():
+            for p_name, _ in mod.named_parameters(prefix=mod_name):
+                if p_name not in names:
+                    names.append(p_name)
+    return names
+
+
+def tuned_parameters(block: torch.nn.Module, tune: str) -> list[str]:
+    """What ``tune`` fits in ``block``: ``"norms"`` its norm weights, ``"attention"`` those and every
+    attention parameter."""
+    names = norm_parameters(block)
+    if tune == "attention":
+        names += [n for n in attention_parameters(block) if n not in names]
     return names
 
 
@@ -148,7 +172,7 @@ def tune_block(
     config = ctx.config
     if config.tune == "none":
         return None
-    names = norm_parameters(block)
+    names = tuned_parameters(block, config.tune)
     if not names:
         return None
     p = ctx.plan
@@ -185,7 +209,12 @@ def tune_block(
 
         before = error()
         start = {k: v.detach().clone() for k, v in params.items()}
-        opt = torch.optim.Adam(list(params.values()), lr=config.tune_lr)
+        norms = set(norm_parameters(block))
+        groups = [
+            {"params": [v for k, v in params.items() if k in norms], "base": config.tune_lr},
+            {"params": [v for k, v in params.items() if k not in norms], "base": config.tune_lr * MATRIX_LR},
+        ]
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=config.tune_lr)
         steps_per_epoch = max(1, n // BATCH)
         total_steps = config.tune_epochs * steps_per_epoch
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + bp.g)
@@ -199,7 +228,7 @@ def tune_block(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for group in opt.param_groups:  # cosine decay to 0 over the whole fit
-                    group["lr"] = config.tune_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                    group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
                 opt.step()
                 step += 1
         with torch.no_grad():
