@@ -43,7 +43,11 @@ def variants() -> dict[str, dict[str, Any]]:
         # the default at its price before shard version 4 (rate 0.05; 0.1 since, docs/recipes.md)
         "qmoe default, rate 0.05": {"recipe": "default", "over": {"rate": 0.05}, "calibrated": True},
         # the default with each block's attention weights tuned with its norms (--tune attention)
-        "qmoe default, tuned attention": {"recipe": "default", "over": {"tune": "attention"}, "calibrated": True},
+        "qmoe default, tuned attention": {
+            "recipe": "default",
+            "over": {"tune": "attention"},
+            "calibrated": True,
+        },
         # the default with every block's norms stored as they were (the default before norm tuning)
         "qmoe default, untuned": {"recipe": "default", "over": {"tune": "none"}, "calibrated": True},
         # the default's rate as one model-wide price, spread over experts by measured importance

@@ -54,10 +54,11 @@ def test_attention_parameters_of_qwen3_switch_and_deepseek_blocks() -> None:
         ["layer.0.layer_norm.weight", "layer.1.layer_norm.weight"]
         + [f"layer.0.SelfAttention.{m}.weight" for m in "qkvo"]
         + ["layer.0.SelfAttention.relative_attention_bias.weight"])
-    d = DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4,
-                         num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                         topk_group=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
-                         v_head_dim=4, first_k_dense_replace=0, num_hidden_layers=1)
+    d = DeepseekV3Config(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                         num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=8,
+                         qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, first_k_dense_replace=0,
+                         num_hidden_layers=1)
     names = tuned_parameters(DeepseekV3DecoderLayer(d, 0), "attention")
     assert len(names) == len(set(names)) and not any("mlp" in n for n in names)
     assert {"self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_b_proj.weight",
