@@ -140,9 +140,18 @@ def test_reported_error_is_the_checkpoint_against_the_original(
         return got
 
     for i, (a, b) in enumerate(zip(layer_outputs(compressed), layer_outputs(original), strict=True)):
+        tuned = layers[i]["tuned"]
         mse = float((a.double() - b.double()).pow(2).mean())
-        assert mse == pytest.approx(layers[i]["tuned"]["mse_after" if layers[i]["tuned"]["kept"] else
-                                                        "mse_before"], rel=1e-3)
+        assert mse == pytest.approx(tuned["mse_after" if tuned["kept"] else "mse_before"], rel=1e-3)
+        if tune == "norms":  # 448 numbers: kept on the samples they were fitted to
+            assert "held_out" not in tuned and tuned["kept"] == (tuned["mse_after"] < tuned["mse_before"])
+            continue
+        # attention: the last 16 // 8 = 2 samples were never fitted; they alone decide, and their reported
+        # error is the checkpoint's own there
+        assert tuned["held_out"] == 2 and tuned["kept"] == (tuned["held_out_after"] < tuned["held_out_before"])
+        held = float((a[14:].double() - b[14:].double()).pow(2).mean())
+        assert held == pytest.approx(tuned["held_out_after" if tuned["kept"] else "held_out_before"], rel=1e-3)
+        assert (tuned["epoch"] > 0) == tuned["kept"]
 
     from qmoe.codec import load_shard
 
