@@ -294,5 +294,5 @@ def tune_block(
             raw[raw_key[k]] = v.to(raw[raw_key[k]].dtype).cpu()
             own[k].copy_(v.to(own[k].dtype))
     keys, count = tuple(raw_key[k] for k in final), sum(v.numel() for v in final.values())
-    epoch = best_epoch if held else None
+    epoch = (best_epoch if kept else 0) if held else None
     return TuneResult(count, before, after, kept, keys, held, held_before, held_after, epoch)
