@@ -136,14 +136,15 @@ def test_output_directory_contract(switch_dir: Path, gptq_out: tuple[Path, dict]
             stored[k] = shard.encoded.get(k, shard.tensors.get(k))
     assert set(stored) == set(index["weight_map"])
     tuned = {k for layer in rep["layers"] if layer["tuned"]["kept"] for k in layer["tuned"]["keys"]}
-    assert tuned and all("layer_norm" in k for k in tuned)  # the sparse blocks' norms, nothing else
+    # the sparse blocks' norms and attention weights (the default's --tune attention), nothing else
+    assert tuned and all(".block.1." in k and ("layer_norm" in k or "Attention." in k) for k in tuned)
     with safe_open(str(switch_dir / "model.safetensors"), "pt") as src:
         assert set(src.keys()) == set(stored)  # every source tensor, none added
         for k in src.keys():
             t = src.get_tensor(k)
             if ".experts.expert_" in k:  # one encoded matrix per expert projection, nn.Linear orientation
                 assert stored[k].shape == tuple(t.shape) and stored[k].kind == "ternary"
-            elif k in tuned:  # refitted by the norm tuning (qmoe.pipeline.tune): source dtype and shape
+            elif k in tuned:  # refitted by the tuning stage (qmoe.pipeline.tune): source dtype and shape
                 assert stored[k].dtype == t.dtype and stored[k].shape == t.shape
                 assert not torch.equal(stored[k], t)
             else:  # untouched, source dtype

@@ -67,7 +67,7 @@ def test_attention_parameters_of_qwen3_switch_and_deepseek_blocks() -> None:
 
 
 def test_config_tune_settings() -> None:
-    assert CompressConfig().tune == "norms"
+    assert CompressConfig().tune == "attention"
     old = {k: v for k, v in CompressConfig().to_dict().items() if not k.startswith("tune")}
     assert CompressConfig.from_dict({**old, "config_version": 6}).tune == "none"  # they ran without it
     with pytest.raises(ConfigError, match="tune must be one of none, norms, attention"):

@@ -91,13 +91,13 @@ class CompressConfig:
     - ``eval``: measure the loss of the reference and the compressed model on ``eval_data`` (first entry is
       the report's ``eval``; the rest go to ``eval_extra``) in the same streaming pass, with ``eval_samples``
       samples each. Evaluation samples never enter a Hessian.
-    - ``tune``: ``"norms"`` fits each compressed MoE block's normalisation weights so that its output on
-      the compressed calibration stream matches the original model's hidden states at that depth
-      (``qmoe.pipeline.tune``; no bits: the norms are stored as before), ``"attention"`` the norms and
-      every weight of the block's attention (stored as before, in the checkpoint's dtype), ``"none"`` keeps
-      them.
+    - ``tune``: ``"attention"`` (the default) fits each compressed MoE block's normalisation and attention
+      weights so that its output on the compressed calibration stream matches the original model's hidden
+      states at that depth (``qmoe.pipeline.tune``; no bits: they are stored as before, in the checkpoint's
+      dtype), judged on held-out calibration samples; ``"norms"`` the normalisation weights alone;
+      ``"none"`` keeps them.
       ``tune_epochs`` passes over the first ``tune_samples`` calibration samples at Adam learning rate
-      ``tune_lr`` (a few thousand scales need no more data; the cap bounds the stage's cost).
+      ``tune_lr`` (the cap bounds the stage's cost).
     - ``batch_size``: samples per forward pass (it changes float rounding, hence part of the config).
     """
 
@@ -128,7 +128,7 @@ class CompressConfig:
     eval_samples: int = 256
     batch_size: int = 32
     shared_experts: str = "keep"
-    tune: str = "norms"
+    tune: str = "attention"
     tune_epochs: int = 4
     tune_lr: float = 3e-3
     tune_samples: int = 512
