@@ -15,7 +15,7 @@ sequence length, seed, evaluation) stays the caller's, so two recipes can be com
   no dropped calibration token  ``no_drop=True`` (router capacity lifted while calibrating)
   sentinels out of Hessians     ``skip_sentinels=True``
   RTN only without tokens       ``min_tokens=1``: only an expert that saw no token is rounded to nearest
-  norms as stored               ``tune="none"``
+  norms, attention as stored    ``tune="none"``
   ============================  ==============================================================
 """
 

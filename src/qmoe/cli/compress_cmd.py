@@ -95,21 +95,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tune",
         choices=TUNES,
         default=None,
-        help="fit each compressed block's norm weights (attention: and its attention weights) to the "
-        "original model's hidden states on the calibration text (no bits; stored as before), or keep them "
-        f"(default recipe: {d.tune})",
+        help="fit each compressed block's norm and attention weights (norms: the norm weights alone) to the "
+        "original model's hidden states on the calibration text, the attention judged on held-out samples "
+        f"(no bits; stored as before), or keep them (default recipe: {d.tune})",
     )
     p.add_argument(
         "--tune-epochs",
         type=int,
         default=None,
-        help=f"passes over the calibration samples when tuning norms (default recipe: {d.tune_epochs})",
+        help=f"passes over the calibration samples when tuning (default recipe: {d.tune_epochs})",
     )
     p.add_argument(
         "--tune-samples",
         type=int,
         default=None,
-        help=f"calibration samples the norm tuning fits on, the first ones (default recipe: {d.tune_samples})",
+        help=f"calibration samples the tuning uses, the first ones (default recipe: {d.tune_samples})",
     )
     p.add_argument(
         "--tune-lr",

@@ -1,15 +1,19 @@
-"""The tuning stage of an MoE block: its normalisation weights fitted so that the compressed block, on the
-compressed calibration stream, reproduces the *original model's* hidden states at that depth.
+"""The tuning stage of an MoE block: its normalisation weights (``tune="norms"``), or those and its attention
+weights (``tune="attention"``, the default recipe's), fitted so that the compressed block, on the compressed
+calibration stream, reproduces the *original model's* hidden states at that depth.
 
-Why norms, and why that target:
+Why these weights, and why that target:
 
 - GPTQ minimises each expert matrix's own output error; what the model loses is the drift of the residual
   stream that every block's experts add to. The block's RMSNorm/LayerNorm weights (``d`` numbers each: the
   input norm, the norm in front of the router and the experts, per-head q/k norms) scale what the
   attention, the router and every expert see, so they can undo the systematic part of that drift: ternary
-  rows with shrunk or grown output energy, routing gates that moved. They cost no bits (they are stored as
-  they were, in the checkpoint's dtype), and a few thousand per-channel scales cannot memorise calibration
-  text the way fitting whole weight matrices could.
+  rows with shrunk or grown output energy, routing gates that moved. The attention is the rest of the
+  block that is stored uncompressed: fitting it too lets the block re-mix what the compressed experts
+  left (measured on tiny-qwen3-moe: 0.62x the default's test loss increase with norms alone, 3 seeds;
+  ``docs/results.md``, "The default tunes the attention"). Neither costs bits: they are stored as they
+  were, in the checkpoint's dtype. A few thousand per-channel scales cannot memorise calibration text; whole
+  attention matrices could, hence their held-out check (:data:`HOLDOUT`).
 - The target is the original model's hidden state after this block (the ``ref:calib`` stream, run through
   the original blocks), not the original block applied to the compressed input: so each block also
   corrects what the blocks before it left (measured on tiny-qwen3-moe, default recipe, seed 0, validation:
