@@ -42,12 +42,15 @@ def variants() -> dict[str, dict[str, Any]]:
         "qmoe default": {"recipe": "default", "over": {}, "calibrated": True},
         # the default at its price before shard version 4 (rate 0.05; 0.1 since, docs/recipes.md)
         "qmoe default, rate 0.05": {"recipe": "default", "over": {"rate": 0.05}, "calibrated": True},
-        # the default with each block's attention weights tuned with its norms (--tune attention)
+        # the default with each block's attention weights tuned with its norms (--tune attention): the
+        # default since 2026-12-07, kept under this name because the runs before it carry it
         "qmoe default, tuned attention": {
             "recipe": "default",
             "over": {"tune": "attention"},
             "calibrated": True,
         },
+        # the default with only the norms tuned (--tune norms: the default before 2026-12-07)
+        "qmoe default, tuned norms": {"recipe": "default", "over": {"tune": "norms"}, "calibrated": True},
         # the default with every block's norms stored as they were (the default before norm tuning)
         "qmoe default, untuned": {"recipe": "default", "over": {"tune": "none"}, "calibrated": True},
         # the default's rate as one model-wide price, spread over experts by measured importance
@@ -130,6 +133,12 @@ def sweep_variants(sweep: list[float], sweep_seeds: int, budget: list[float]) ->
         v[f"budget {b:g} tuned attention"] = {  # the same budget, attention tuned with the norms
             "recipe": "default",
             "over": {"target_bits": b, "allocation": "global", "tune": "attention"},
+            "calibrated": True,
+            "seeds": sweep_seeds,
+        }
+        v[f"budget {b:g} tuned norms"] = {  # the same budget, the norms alone tuned (the default before)
+            "recipe": "default",
+            "over": {"target_bits": b, "allocation": "global", "tune": "norms"},
             "calibrated": True,
             "seeds": sweep_seeds,
         }
@@ -323,7 +332,8 @@ def figure(results: dict[str, Any], path: Path) -> None:
         budget = sorted(
             (v["expert_bits_per_weight"], v["validation"]["delta"], v["validation"]["ci95"])
             for k, v in res.items()
-            if k.startswith("budget ") and not k.endswith(("no-drop", " untuned"))
+            if k.startswith("budget ")
+            and not k.endswith(("no-drop", " untuned", " tuned norms", " tuned attention"))
         )
         if budget:
             x, y, e = zip(*budget, strict=True)
@@ -439,6 +449,9 @@ def main() -> None:
             ("qmoe default", "qmoe default, rate 0.05"),
             ("qmoe default, tuned attention", "qmoe default"),
             ("qmoe default, tuned attention", "QMoE recipe"),
+            ("qmoe default, tuned attention", "qmoe default, rate 0.05"),
+            ("qmoe default", "qmoe default, tuned norms"),
+            ("qmoe default, tuned norms", "QMoE recipe"),
             ("qmoe default, rate 0.05", "QMoE recipe"),
             ("qmoe default, untuned", "QMoE recipe"),
             ("qmoe default, global price", "QMoE recipe"),
@@ -465,6 +478,7 @@ def main() -> None:
         ]
         pairs += [(k, "qmoe default") for k in runs if k in ABLATIONS]
         pairs += [(k, k.removesuffix(" tuned attention")) for k in runs if k.endswith(" tuned attention")]
+        pairs += [(k.removesuffix(" tuned norms"), k) for k in runs if k.endswith(" tuned norms")]
         pairs += [
             (k.removesuffix(" untuned"), k) for k in runs if k.startswith("budget ") and k.endswith(" untuned")
         ]
