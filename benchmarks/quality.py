@@ -72,7 +72,12 @@ def variants() -> dict[str, dict[str, Any]]:
         },
         "qmoe default 2-bit, rate 0.05": {  # the 2-bit point as measured against IQ2_XXS (docs/peers.md)
             "recipe": "default",
-            "over": {"bits": "2", "grid": "int2", "rate": 0.05},
+            "over": {"bits": "2", "grid": "int2", "rate": 0.05, "tune": "norms"},
+            "calibrated": True,
+        },
+        "qmoe default 2-bit, tuned attention": {  # the 2-bit default since 2026-12-07
+            "recipe": "default",
+            "over": {"bits": "2", "grid": "int2", "tune": "attention"},
             "calibrated": True,
         },
         # bits priced per row in units of the expert's output error (qmoe.pipeline.rows)
@@ -461,6 +466,8 @@ def main() -> None:
             ("GPTQ 2-bit", "RTN 2-bit"),
             ("qmoe default 2-bit", "RTN 2-bit"),
             ("qmoe default 2-bit", "qmoe default 2-bit, rate 0.05"),
+            ("qmoe default 2-bit, tuned attention", "qmoe default 2-bit, rate 0.05"),
+            ("qmoe default 2-bit, tuned attention", "qmoe default 2-bit"),
         ]
         pairs += [(k, "QMoE recipe") for k in runs if k.startswith(("target ", "budget "))]
         pairs += [(k, "QMoE recipe") for k in runs if k == "qmoe default, output row prices"]
