@@ -35,7 +35,11 @@ def _moe_blocks(p: Plan) -> list[dict[str, Any]]:
 
 def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
     """Bytes a rank holds at the peak of an MoE block: activations (before spilling to disk), its experts'
-    float32 weights, and one group's float32 Hessians (the widest: ``[E_r, cols, cols]``)."""
+    float32 weights, one group's float32 Hessians (the widest: ``[E_r, cols, cols]``), and the tuning
+    stage's own: every rank gathers the whole layer's experts in float32, and ``tune="attention"`` holds the
+    block's matrices six times in float32 (weights, gradients, two Adam moments, the untuned copy and the
+    best epoch's; every 2-D non-expert tensor of the block counts, an upper bound: kept shared experts and
+    the router are not tuned)."""
     cfg = p.hf_config.to_dict()
     d = hidden_size(cfg)
     streams = run_streams(config.eval_data if config.eval else None, config.tune != "none")
@@ -51,10 +55,19 @@ def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
     )
     experts_per_rank = math.ceil(p.n_experts / world)
     cols = [shape[1] for bp in p.blocks for _, shape in bp.matrices]
+    tuning = 0
+    if config.tune != "none":
+        block_matrices = max(
+            (sum(math.prod(p.reader.shape(k)) for k in bp.tensor_keys if len(p.reader.shape(k)) == 2)
+             for bp in p.blocks if bp.moe_path is not None),
+            default=0,
+        )
+        tuning = 4 * per_expert * p.n_experts + (24 * block_matrices if config.tune == "attention" else 0)
     return {
         "activations": 4 * d * config.seq_len * rows * len(p.stacks),
         "expert_weights": 4 * per_expert * experts_per_rank,
         "hessians": 4 * experts_per_rank * max(cols, default=0) ** 2 if config.method == "gptq" else 0,
+        "tuning": tuning,
     }
 
 
@@ -123,6 +136,7 @@ def format_plan(d: dict[str, Any]) -> str:
     lines.append(
         "memory    per rank: activations " + _gib(mem["activations"]) + " (spilled to disk beyond "
         "--buffer-gb), expert weights " + _gib(mem["expert_weights"]) + ", Hessians " + _gib(mem["hessians"])
+        + ", tuning " + _gib(mem["tuning"])
     )
     disk = d["disk_bytes"]
     lines.append(
