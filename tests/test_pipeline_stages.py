@@ -192,13 +192,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     from safetensors import safe_open
 
     with safe_open(str(tiny_qwen3_moe_dir / "model.safetensors"), "pt") as f:
-        attention = sum(f.get_slice(f"model.layers.0.self_attn.{m}_proj.weight").get_shape()[0]
-                        * f.get_slice(f"model.layers.0.self_attn.{m}_proj.weight").get_shape()[1] for m in "qkvo")
+        shapes = [f.get_slice(f"model.layers.0.self_attn.{m}_proj.weight").get_shape() for m in "qkvo"]
+    attention = sum(a * b for a, b in shapes)
     experts = 4 * 3 * 24 * 32
     assert one["tuning"] == two["tuning"] == 4 * experts + 24 * (attention + 4 * 32)  # + the router [4, 32]
     norms = dry_run(tiny_qwen3_moe_dir, out, CompressConfig(tune="norms"), ranks=2)["memory_bytes_per_rank"]
     assert norms["tuning"] == 4 * experts
-    assert dry_run(tiny_qwen3_moe_dir, out, CompressConfig(tune="none"))["memory_bytes_per_rank"]["tuning"] == 0
+    untuned = dry_run(tiny_qwen3_moe_dir, out, CompressConfig(tune="none"))["memory_bytes_per_rank"]
+    assert untuned["tuning"] == 0
     assert "tuning " in text
     json.dumps(plan)  # the report records it as JSON
 
