@@ -80,6 +80,28 @@ def test_config_tune_settings() -> None:
         CompressConfig(tune_lr=0.0)
 
 
+def test_the_fit_never_draws_a_held_out_sample() -> None:
+    """``_fit`` steps only on samples ``[0, fit)``: each epoch draws ``fit // BATCH`` batches of distinct
+    samples from there, so the held-out samples ``[fit, n)`` that decide what is kept stay unseen."""
+    from types import SimpleNamespace
+
+    from qmoe.pipeline.tune import BATCH, _fit
+
+    w = torch.nn.Parameter(torch.ones(3))
+    seen: list[list[int]] = []
+
+    def forward(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(idx.tolist())
+        return w.expand(len(idx), 3), torch.zeros(len(idx), 3)
+
+    config = SimpleNamespace(tune_lr=1e-2, tune_epochs=3, seed=0)
+    fit = 2 * BATCH + 5  # 37 of, say, 42 samples fitted
+    assert list(_fit({"w": w}, {"w"}, forward, fit, config, g=0)) == [1, 2, 3]
+    assert len(seen) == 3 * 2 and all(len(b) == BATCH and len(set(b)) == BATCH for b in seen)
+    assert max(max(b) for b in seen) < fit
+    assert float(w.detach().abs().max()) < 1  # it did step toward the zero target
+
+
 def _stored_state(out: Path) -> dict[str, torch.Tensor]:
     """The compressed checkpoint as a transformers state dict: decoded experts, stored tensors (float32)."""
     from transformers import AutoModelForCausalLM
@@ -124,7 +146,7 @@ def test_reported_error_is_the_checkpoint_against_the_original(
     from qmoe import __version__
 
     samples = load_samples(plan(tiny_qwen3_moe_dir, tmp_path / "p", cfg, __version__), cfg)
-    ids = torch.from_numpy(samples["calib"]["input_ids"])[:16]  # the samples the tuning fitted and measured on
+    ids = torch.from_numpy(samples["calib"]["input_ids"])[:16]  # the samples the tuning fitted, measured on
     original = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32).eval()
     compressed = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32).eval()
     compressed.load_state_dict(_stored_state(out))
@@ -148,9 +170,10 @@ def test_reported_error_is_the_checkpoint_against_the_original(
             continue
         # attention: the last 16 // 8 = 2 samples were never fitted; they alone decide, and their reported
         # error is the checkpoint's own there
-        assert tuned["held_out"] == 2 and tuned["kept"] == (tuned["held_out_after"] < tuned["held_out_before"])
+        before, after = tuned["held_out_before"], tuned["held_out_after"]
+        assert tuned["held_out"] == 2 and tuned["kept"] == (after < before)
         held = float((a[14:].double() - b[14:].double()).pow(2).mean())
-        assert held == pytest.approx(tuned["held_out_after" if tuned["kept"] else "held_out_before"], rel=1e-3)
+        assert held == pytest.approx(after if tuned["kept"] else before, rel=1e-3)
         assert (tuned["epoch"] > 0) == tuned["kept"]
 
     from qmoe.codec import load_shard
