@@ -249,9 +249,9 @@ def tune_block(
     raw: dict[str, Tensor],
     dropped: frozenset[int],
 ) -> TuneResult | None:
-    """Fit the norms of the compressed ``block`` (its experts already quantized in ``cal``) to the target
-    stream; write the kept values into ``raw`` (in its dtype: what the shard stores) and into the block.
-    None when the run does not tune or the block has no norms."""
+    """Fit the ``tune`` parameters of the compressed ``block`` (its experts already quantized in ``cal``) to
+    the target stream; write the kept values into ``raw`` (in its dtype: what the shard stores) and into the
+    block. None when the run does not tune or the block has nothing to tune."""
     config = ctx.config
     if config.tune == "none":
         return None
