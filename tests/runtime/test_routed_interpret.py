@@ -51,6 +51,9 @@ def _random_call(rng: np.random.Generator, tokens: int, top_k: int):
     return x, token, torch.from_numpy(experts.reshape(-1)).long(), weight
 
 
+# 105 s under Triton's CPU interpreter on 2 cores (the fast tier's longest test by 3x): the slow tier, which
+# .ci/run also runs.
+@pytest.mark.slow
 def test_routed_path_matches_the_host_path_and_prepares_each_layer_once(monkeypatch):
     prepared = []
     real = tk.prepare
