@@ -57,11 +57,8 @@ def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
     cols = [shape[1] for bp in p.blocks for _, shape in bp.matrices]
     tuning = 0
     if config.tune != "none":
-        block_matrices = max(
-            (sum(math.prod(p.reader.shape(k)) for k in bp.tensor_keys if len(p.reader.shape(k)) == 2)
-             for bp in p.blocks if bp.moe_path is not None),
-            default=0,
-        )
+        shapes = [[p.reader.shape(k) for k in bp.tensor_keys] for bp in p.blocks if bp.moe_path is not None]
+        block_matrices = max((sum(math.prod(s) for s in block if len(s) == 2) for block in shapes), default=0)
         tuning = 4 * per_expert * p.n_experts + (24 * block_matrices if config.tune == "attention" else 0)
     return {
         "activations": 4 * d * config.seq_len * rows * len(p.stacks),
