@@ -190,6 +190,7 @@ def _global_budget(bits: float):
                           allocation="global")
 
 
+@pytest.mark.slow  # two compressions with a size search: ~30 s quiet, ~50 s loaded
 def test_budget_drops_experts_end_to_end(tmp_path: Path, tokenizer_dir: Path, monkeypatch) -> None:
     """Dropped experts store nothing and are recorded; the pipeline's compressed stream ran with them
     masked exactly as ``qmoe.load`` runs them; ``qmoe verify`` accepts the checkpoint; decompress says why

@@ -62,15 +62,19 @@ def test_cli_errors(tmp_path, tiny_switch_dir, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
     assert "not valid JSON" in _error(["eval", str(tiny_switch_dir), "--data", str(bad)], capsys)
-    # Not a file: taken as a Hugging Face dataset name, which this offline machine cannot fetch.
-    err = _error(["eval", str(tiny_switch_dir), "--data", "someone/some-dataset"], capsys)
-    assert "someone/some-dataset" in err and ("hub" in err or "datasets" in err)
     assert "--samples must be at least 1" in _error(["eval", str(tiny_switch_dir), "--samples", "0"], capsys)
     # --debug shows the traceback instead.
     from qmoe.errors import SourceError
 
     with pytest.raises(SourceError):
         main(["eval", "tiny-swtch", "--debug"])
+
+
+@pytest.mark.slow  # the datasets library retries the unreachable hub for ~20 s before it gives up
+def test_cli_error_unreachable_dataset(tiny_switch_dir, capsys) -> None:
+    # Not a file: taken as a Hugging Face dataset name, which an offline machine cannot fetch.
+    err = _error(["eval", str(tiny_switch_dir), "--data", "someone/some-dataset"], capsys)
+    assert "someone/some-dataset" in err and ("hub" in err or "datasets" in err)
 
 
 def test_cli_error_model_without_tokenizer(tmp_path, tiny_switch_dir, capsys) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 CHECK = "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; assert 'qmoe' in M, sorted(M)"
 
 
@@ -16,6 +18,7 @@ ORDERS = (
 )
 
 
+@pytest.mark.slow  # three fresh interpreters importing transformers: ~17 s
 def test_registration_any_import_order() -> None:
     # Fresh interpreters, side by side; any warning (such as a failed registration) is an error.
     procs = [subprocess.Popen([sys.executable, "-W", "error", "-c", f"{order}; {CHECK}"],
