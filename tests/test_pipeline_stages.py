@@ -204,6 +204,42 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     json.dumps(plan)  # the report records it as JSON
 
 
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(
+    tmp_path: Path, tiny_qwen3_moe_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank must hold its experts' float32 weights with their Hessians (the quantization) and the whole
+    layer in float32 (the tuning stage): where the device cannot, the run stops at once with one line, not
+    with an out-of-memory error hours in, and writes nothing."""
+    import qmoe.pipeline.run as run
+    from qmoe import __version__
+    from qmoe.cli import main
+    from qmoe.errors import ConfigError
+    from qmoe.pipeline.dryrun import check_memory
+    from qmoe.pipeline.preflight import plan
+
+    # tiny-qwen3-moe: 4 experts of 3 matrices 24x32 (gate, up) and 32x24 (down), widest input 32 columns
+    weights = 4 * (4 * 3 * 24 * 32)  # the layer's experts in float32
+    hessians = 4 * 4 * 32 * 32  # one [32, 32] float32 Hessian per expert
+    out = tmp_path / "out"
+    p = plan(tiny_qwen3_moe_dir, out, CompressConfig(), __version__)
+    check_memory(p, CompressConfig(), 1, weights + hessians, "it")  # exactly enough
+    short = r"with their Hessians: 52\.0 KiB on 1 rank\(s\), but it has 52\.0 KiB; run more ranks"
+    with pytest.raises(ConfigError, match=short):
+        check_memory(p, CompressConfig(), 1, weights + hessians - 1, "it")
+    # on two ranks each holds half the experts, but the tuning stage still gathers all of them
+    half = (weights + hessians) // 2
+    with pytest.raises(ConfigError, match="gathers a whole MoE layer's experts .* pass --tune none"):
+        check_memory(p, CompressConfig(), 2, half, "it")
+    check_memory(p, CompressConfig(tune="none"), 2, half, "it")
+    check_memory(p, CompressConfig(), 2, weights, "it")
+
+    monkeypatch.setattr(run, "device_capacity", lambda dev: (weights + hessians - 1, "the test's device"))
+    assert main(["compress", str(tiny_qwen3_moe_dir), "--out", str(out), "--calib-samples", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the test's device has" in err[0] and "--nproc-per-node" in err[0], err
+    assert not out.exists()
+
+
 def test_dry_run_refuses_zero_ranks(
     tmp_path: Path, tiny_qwen3_moe_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -49,7 +49,8 @@ def test_row_scales() -> None:
     s_bar = row_scale(W).mean(1)  # [3]
     second = row_scales(W, None)  # one price per matrix: the mean row scale
     assert torch.allclose(second, s_bar[:, None].expand(3, 4))
-    sens = torch.tensor([[1.0, 4.0, 16.0, 64.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 2.0]], dtype=torch.float64)
+    sens = torch.tensor([[1.0, 4.0, 16.0, 64.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 2.0]],
+                        dtype=torch.float64)
     first = row_scales(W, sens)
     # expert 0: prices inversely proportional to sensitivity, geometric mean s_bar
     assert torch.allclose(first[0] * torch.tensor([1.0, 4.0, 16.0, 64.0]), first[0, 0].expand(4))

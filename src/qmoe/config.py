@@ -41,7 +41,8 @@ METHODS = ("gptq", "rtn")
 ALLOCATIONS = ("uniform", "global")
 TUNES = ("none", "norms", "attention")  # what each compressed block fits to the original hidden states
 # a row's bit price: relative to its own size, or in expert-output units; auto: output under a global budget
-ROW_PRICES = ("auto", "relative", "output")  # how target_bits is spent: alike per group, or by one model-wide price
+ROW_PRICES = ("auto", "relative", "output")
+# how target_bits is spent: alike per group, or by one model-wide price
 # Grids each width may use (names from qmoe.grids); the first is the default.
 GRIDS_FOR_BITS = {"ternary": ("ternary", "ternary-opt"), "2": ("int2",)}
 

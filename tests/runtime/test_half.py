@@ -23,7 +23,8 @@ def _sixteen_bit_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
         got = load_shard(shard)
         tensors, encoded = got.tensors, got.encoded
         if tensors:
-            save_shard(shard, {k: v.to(dtype) for k, v in tensors.items()}, encoded, metadata={"format": "pt"})
+            half = {k: v.to(dtype) for k, v in tensors.items()}
+            save_shard(shard, half, encoded, metadata={"format": "pt"})
     return dst
 
 

@@ -89,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a bit's price from row to row: relative to the row's own size, or one price per matrix in "
         "units of the expert's output error (first-projection rows weighted by their measured output "
-        f"sensitivity); auto: output with --allocation global, else relative (default recipe: {d.row_prices})",
+        "sensitivity); auto: output with --allocation global, else relative "
+        f"(default recipe: {d.row_prices})",
     )
     p.add_argument(
         "--tune",

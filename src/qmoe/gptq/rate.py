@@ -133,7 +133,8 @@ def price_of(rate: Rate, scale: Tensor, bits: Tensor, c: Tensor) -> Tensor:
 
 
 def fit_prices(
-    W: Tensor, levels: Tensor, c: Tensor, rate: Rate, offset: int, iterations: int = 8, scale: Tensor | None = None
+    W: Tensor, levels: Tensor, c: Tensor, rate: Rate, offset: int, iterations: int = 8,
+    scale: Tensor | None = None,
 ) -> Tensor:
     """Bit prices ``[B, L]`` consistent with the decisions they cause, on unquantized ``W [B, rows, cols]``.
 

@@ -1,7 +1,8 @@
 """The plan of a run as data: what every block will do, which ranks hold which experts, and the memory and
 disk it will need, from the preflight alone (config and shard headers; no weight is read).
 
-``qmoe compress ... --dry-run`` prints it and writes nothing; every report records it (``plan``).
+``qmoe compress ... --dry-run`` prints it and writes nothing; every report records it (``plan``); a run
+checks it against its device before its first block (``check_memory``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 from typing import Any
 
 from qmoe.config import CompressConfig
+from qmoe.errors import ConfigError
 from qmoe.pipeline.preflight import Plan, disk_estimate, hidden_size
 from qmoe.pipeline.streams import run_streams
 
@@ -33,6 +35,19 @@ def _moe_blocks(p: Plan) -> list[dict[str, Any]]:
     return out
 
 
+def _per_expert(p: Plan) -> int:
+    """Weights of one routed expert, in the largest MoE layer."""
+    routed = p.n_experts * len(p.adapter.experts.projections)  # bp.matrices: routed first, shared after
+    return max(
+        (
+            sum(math.prod(shape) for _, shape in bp.matrices[:routed]) // p.n_experts
+            for bp in p.blocks
+            if bp.moe_path is not None
+        ),
+        default=0,
+    )
+
+
 def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
     """Bytes a rank holds at the peak of an MoE block: activations (before spilling to disk), its experts'
     float32 weights, one group's float32 Hessians (the widest: ``[E_r, cols, cols]``), and the tuning
@@ -44,15 +59,7 @@ def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
     d = hidden_size(cfg)
     streams = run_streams(config.eval_data if config.eval else None, config.tune != "none")
     rows = sum(config.calib_samples if s.data == "calib" else config.eval_samples for s in streams)
-    routed = p.n_experts * len(p.adapter.experts.projections)  # bp.matrices: routed first, shared after
-    per_expert = max(  # weights of one expert, largest layer
-        (
-            sum(math.prod(shape) for _, shape in bp.matrices[:routed]) // p.n_experts
-            for bp in p.blocks
-            if bp.moe_path is not None
-        ),
-        default=0,
-    )
+    per_expert = _per_expert(p)
     experts_per_rank = math.ceil(p.n_experts / world)
     cols = [shape[1] for bp in p.blocks for _, shape in bp.matrices]
     tuning = 0
@@ -66,6 +73,42 @@ def _memory(p: Plan, config: CompressConfig, world: int) -> dict[str, int]:
         "hessians": 4 * experts_per_rank * max(cols, default=0) ** 2 if config.method == "gptq" else 0,
         "tuning": tuning,
     }
+
+
+def device_capacity(device: Any) -> tuple[int, str]:
+    """(bytes, name) of the memory a rank's tensors live in: the GPU's total memory, or the machine's RAM
+    plus swap for a CPU run (what the kernel could ever hand out, not what is free now)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory), f"cuda:{index}"
+    import psutil
+
+    return int(psutil.virtual_memory().total + psutil.swap_memory().total), "this machine (RAM and swap)"
+
+
+def check_memory(p: Plan, config: CompressConfig, world: int, capacity: int, where: str) -> None:
+    """Refuse, before any block runs, a run whose rank cannot hold what a stage must hold at once: its share
+    of a layer's experts in float32 with their Hessians (the quantization), or the whole layer's experts in
+    float32 (the tuning stage gathers them on every rank). Both are lower bounds of what the stage
+    allocates, so a run refused here would have failed hours later with an out-of-memory error."""
+    mem = _memory(p, config, world)
+    need = mem["expert_weights"] + mem["hessians"]
+    if need > capacity:
+        raise ConfigError(
+            f"each rank must hold its share of an MoE layer's experts in float32 with their Hessians: "
+            f"{_gib(need)} on {world} rank(s), but {where} has {_gib(capacity)}; run more ranks (torchrun "
+            f"--nproc-per-node N: each holds 1/N of the experts) or use a device with more memory"
+        )
+    gathered = 4 * _per_expert(p) * p.n_experts
+    if config.tune != "none" and gathered > capacity:
+        raise ConfigError(
+            f"the tuning stage (--tune {config.tune}) gathers a whole MoE layer's experts in float32 on "
+            f"every rank: {_gib(gathered)}, but {where} has {_gib(capacity)}; pass --tune none (the norms "
+            f"and attention stay as the source stores them) or use a device with more memory"
+        )
 
 
 def describe(p: Plan, config: CompressConfig, world: int = 1) -> dict[str, Any]:
@@ -108,7 +151,9 @@ def describe(p: Plan, config: CompressConfig, world: int = 1) -> dict[str, Any]:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**28:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def format_plan(d: dict[str, Any]) -> str:

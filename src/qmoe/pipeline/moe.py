@@ -166,9 +166,9 @@ class MoELayerCalibration:
 
                 i = e - self.owned.start
                 b = None if self.b_first is None else self.b_first[i]
-                self.row_sens[i] += first_row_sensitivity(
-                    x, gate[:take] if self.gate_weighted else None, self.w_first[i], b, self.w_second[i], self.glu
-                )
+                weights = gate[:take] if self.gate_weighted else None
+                self.row_sens[i] += first_row_sensitivity(x, weights, self.w_first[i], b, self.w_second[i],
+                                                          self.glu)
             if self.mode == "second":
                 i = e - self.owned.start
                 b = None if self.b_first is None else self.b_first[i]

@@ -36,7 +36,7 @@ from qmoe.pipeline.buffers import MemoryBudget
 from qmoe.pipeline.comm import Local
 from qmoe.pipeline.context import RunContext
 from qmoe.pipeline.dist import from_environment, local_device, settle_threads
-from qmoe.pipeline.dryrun import describe
+from qmoe.pipeline.dryrun import check_memory, describe, device_capacity
 from qmoe.pipeline.finish import RunFacts, finish
 from qmoe.pipeline.moe_block import FAIL_ENV, dense_block, moe_block
 from qmoe.pipeline.preflight import Plan, plan
@@ -124,6 +124,7 @@ def _compress(
     resumed_from, prior_seconds = (p.state.done, p.state.seconds) if p.state else (None, 0.0)
     # the plan as the report records it: where this attempt resumed is already resumed_from_block
     plan_data = {k: v for k, v in describe(p, config, comm.world).items() if k != "resume"}
+    check_memory(p, config, comm.world, *device_capacity(dev))  # before anything is written
     ctx, state, execution = _start(p, config, dev, comm, buffer_gb, progress)
     streams = Streams(ctx)
     streams.restore(state.buffers, p.out / PARTIAL_DIR)
