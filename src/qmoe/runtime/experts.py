@@ -197,18 +197,16 @@ class CompressedExperts(nn.Module):
         per-expert torch ops (slices, GLU, gate, scatter) done once for all. A decode step on Qwen3-30B-A3B's
         shapes spent ~1.7 ms per layer in them (docs/runtime.md, issue 26). Tested against a dense float64
         reference (tests/runtime/test_experts_single.py)."""
-        from qmoe.kernels import matmul_experts
-
         first, second = self.layout.first, self.layout.second
         n = len(groups)
         tok = torch.cat([t for _, t, _ in groups])  # [n]: one token per active expert, ascending expert
         w = torch.cat([g for _, _, g in groups])  # [n]
         xs = x[tok]  # [n, d]
-        h = matmul_experts([self.matrix(p, e) for e, _, _ in groups for p in first],
-                           [xs[i:i + 1] for i in range(n) for _ in first], backend)  # n * k of [1, I]
+        h = _one_token([self.matrix(p, e) for e, _, _ in groups for p in first],
+                       [xs[i:i + 1] for i in range(n) for _ in first], backend)  # n * k of [1, I]
         # [n*k, I] in (expert, projection) order -> [n, k*I]: row i is torch.cat(h_i, dim=1), as above
         hidden = self.glu(torch.cat(h).view(n, -1))  # [n, I]
-        y = matmul_experts([self.matrix(second, e) for e, _, _ in groups], list(hidden.split(1)), backend)
+        y = _one_token([self.matrix(second, e) for e, _, _ in groups], list(hidden.split(1)), backend)
         # index_add_ adds the rows in index order, i.e. expert by expert ascending, as the general path does
         out.index_add_(0, tok, (torch.cat(y) * w[:, None]).to(out.dtype))  # [T, d]
         return out
@@ -225,3 +223,30 @@ class CompressedExperts(nn.Module):
         n = self.nbytes
         return (f"experts={self.num_experts}, {shapes}, act={self.activation}, encoded={n / 2**20:.2f} MiB "
                 f"({8 * n / max(weights, 1):.3f} bits/weight)")
+
+
+def _one_token(encs: list[EncodedMatrix], xs: list[Tensor], backend: str) -> list[Tensor]:
+    """``[xs[i] @ W_i^T]`` for ``xs[i] [1, cols]``: on the CPU backend, the matrices that have column lists
+    (``qmoe.kernels.lists``: built on first use within its memory budget) in one call of that kernel, the
+    rest in one call of the stream kernel; elsewhere all through ``matmul_experts``."""
+    from qmoe.kernels import matmul_experts
+
+    cache = None
+    if backend == "cpu":
+        from qmoe.kernels import lists
+
+        cache = lists.cache()
+    if cache is None:
+        return matmul_experts(encs, xs, backend)
+    got = [cache.get(enc) for enc in encs]
+    fast = [i for i, g in enumerate(got) if g is not None]
+    out: list[Tensor | None] = [None] * len(encs)
+    if fast:
+        for i, y in zip(fast, lists.matvec([got[i] for i in fast], [xs[i] for i in fast]), strict=True):
+            out[i] = y
+    rest = [i for i, g in enumerate(got) if g is None]
+    if rest:
+        for i, y in zip(rest, matmul_experts([encs[i] for i in rest], [xs[i] for i in rest], backend),
+                        strict=True):
+            out[i] = y
+    return out  # type: ignore[return-value]

@@ -1,0 +1,243 @@
+"""Ternary experts as column lists, for decoding one token at a time on the CPU.
+
+At batch 1 the coded-stream kernel (``qmoe.kernels.cpu``) decodes every row of every routed expert inside the
+product, a serial chain of table lookups (~6 G weights/s on two cores, docs/kernels.md), and a decoding model
+runs the same experts token after token. This module decodes a ternary matrix once, on its first use, into
+the columns of each row that hold +1 and -1 (byte gaps, ~0.85 bits/weight at 90% zeros; ``cpu_lists.c``
+documents the layout), and computes ``y[r] = hi[r] sum(x[P_r]) + lo[r] sum(x[N_r])`` with AVX2 gathers.
+``benchmarks/sparse_probe.py`` measured the product 4-4.5x faster per thread than the stream kernel on the
+real-shaped model's expert shapes.
+
+- ``build(enc)`` -> ``Lists`` (native); ``build_reference(enc)``: the same bytes in plain Python, and
+  ``columns(lists)`` reads them back, both for the tests.
+- ``matvec(lists, xs)``: one parallel call for several (matrix, token) pairs; ``[1, rows]`` each.
+- ``cache()``: the process's ``ListCache``, which builds a matrix's lists on first use while the bytes it
+  holds stay under its budget (``QMOE_EXPERT_LISTS``: MiB, ``0`` or ``off`` to disable; default a quarter
+  of the machine's RAM) and otherwise leaves the matrix to the stream kernel, so a model larger than memory
+  never fills RAM with lists. Lists are freed with their matrix. None without the native library.
+
+Only ternary matrices (the default recipe's); int2 stays on the stream kernel, whose background-level trick
+already skips its commonest code.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qmoe.codec import EncodedMatrix
+
+ROWS_PER_ITEM = 128  # rows per work item: ~26 KB of gaps for a 2048-wide row block at 90% zeros
+_driver = None
+
+
+@dataclass(eq=False)
+class Lists:
+    """One matrix's lists: ``start [2 rows + 1] int64``, ``gaps [start[-1]] uint8``, ``coef [rows, 2]
+    float32`` (hi, lo), and the kernel's ``meta [5] int64`` (their addresses, rows, cols)."""
+
+    start: np.ndarray
+    gaps: np.ndarray
+    coef: np.ndarray
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        self.meta = np.array([self.start.ctypes.data, self.gaps.ctypes.data, self.coef.ctypes.data,
+                              self.rows, self.cols], dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.start.nbytes + self.gaps.nbytes + self.coef.nbytes
+
+
+def _coef(enc: EncodedMatrix) -> np.ndarray:
+    lv = enc.levels.astype(np.float32)  # [rows, 2]: lo (code -1), hi (code +1)
+    return np.ascontiguousarray(lv[:, ::-1])
+
+
+def build(enc: EncodedMatrix) -> Lists:
+    """``enc``'s lists, decoded once with the parallel decoder (FormatError for a corrupt stream, as the
+    codec says it)."""
+    from qmoe.codec.decode import decode_dense
+    from qmoe.kernels import _native
+
+    if enc.kind != "ternary":
+        raise ValueError(f"column lists hold ternary matrices, not {enc.kind}")
+    codes = np.ascontiguousarray(decode_dense(enc))  # [rows, cols] int8
+    rows, cols = enc.shape
+    _, lib = _native.lists()
+    start = np.empty(2 * rows + 1, dtype=np.int64)
+    total = lib.qmoe_lists_size(codes.ctypes.data, rows, cols, start.ctypes.data)
+    gaps = np.empty(total, dtype=np.uint8)
+    lib.qmoe_lists_fill(codes.ctypes.data, rows, cols, start.ctypes.data, gaps.ctypes.data)
+    return Lists(start, gaps, _coef(enc), rows, cols)
+
+
+def build_reference(enc: EncodedMatrix) -> Lists:
+    """``build`` in plain Python from the bit-by-bit decoder: the format's definition."""
+    from qmoe.codec.decode import decode_reference
+
+    codes = decode_reference(enc)
+    rows, cols = enc.shape
+    start, gaps = [0], []
+    for r in range(rows):
+        for sign in (1, -1):
+            g, prev = [], -1
+            for c in np.flatnonzero(codes[r] == sign).tolist():
+                gap = c - prev
+                while gap > 255:  # escape: 255 columns further, no value
+                    g.append(0)
+                    gap -= 255
+                g.append(gap)
+                prev = c
+            g += [0] * (-len(g) % 8)
+            gaps += g
+            start.append(len(gaps))
+    return Lists(np.array(start, np.int64), np.array(gaps, np.uint8), _coef(enc), rows, cols)
+
+
+def columns(lists: Lists, r: int, sign: int) -> list[int]:
+    """The columns of row ``r`` holding ``sign`` (+1 or -1), read back from the gaps."""
+    k = 2 * r + (0 if sign == 1 else 1)
+    out, c = [], -1
+    for g in lists.gaps[lists.start[k]: lists.start[k + 1]].tolist():
+        c += g if g else 255
+        if g:
+            out.append(c)
+    return out
+
+
+def _compiled():  # the numba driver, compiled on first use (cached on disk by numba)
+    global _driver
+    if _driver is None:
+        from numba import njit, prange
+
+        from qmoe.kernels._cpu_numba import _call_native
+
+        @njit(cache=True, parallel=True, nogil=True)
+        def drive(fn, calls, rpi):  # pragma: no cover - compiled
+            # calls [n, 4] int64: meta address, x address, y address, rows
+            n = calls.shape[0]
+            first = np.empty(n + 1, dtype=np.int64)
+            first[0] = 0
+            for c in range(n):
+                first[c + 1] = first[c] + (calls[c, 3] + rpi - 1) // rpi
+            for i in prange(first[n]):
+                c = np.searchsorted(first, i, side="right") - 1
+                r0 = (i - first[c]) * rpi
+                r1 = min(r0 + rpi, calls[c, 3])
+                _call_native(fn, calls[c, 0], calls[c, 1], calls[c, 2], np.int64(1), np.int64(0), r0, r1)
+
+        _driver = drive
+    return _driver
+
+
+def matvec(lists: Sequence[Lists], xs: Sequence[Tensor]) -> list[Tensor]:
+    """``[x_i @ W_i^T]`` for one token per matrix: ``xs[i]`` is ``[1, cols_i]`` (or ``[cols_i]``) float32;
+    each result ``[1, rows_i]`` float32 (views of one buffer), in one parallel call."""
+    import numba
+
+    from qmoe.kernels import _native
+
+    if len(lists) != len(xs):
+        raise ValueError(f"got {len(lists)} matrices but {len(xs)} inputs")
+    fn, _ = _native.lists()
+    xin = [x.detach().reshape(-1).float().contiguous() for x in xs]  # kept alive for the call
+    for i, (m, x) in enumerate(zip(lists, xin, strict=True)):
+        if x.numel() != m.cols:
+            raise ValueError(f"xs[{i}] has {x.numel()} values; the matrix has {m.cols} columns")
+    offsets = np.cumsum([0] + [m.rows for m in lists])
+    y = torch.empty(int(offsets[-1]), dtype=torch.float32)
+    base = y.data_ptr()
+    calls = np.array([[m.meta.ctypes.data, x.data_ptr(), base + 4 * int(o), m.rows]
+                      for m, x, o in zip(lists, xin, offsets[:-1], strict=True)], dtype=np.int64)
+    with numba.parallel_chunksize(1):  # dynamic: a core taken by another process does not hold the call up
+        _compiled()(fn, calls, ROWS_PER_ITEM)
+    return [y[o: o + m.rows].view(1, m.rows) for m, o in zip(lists, offsets[:-1].tolist(), strict=True)]
+
+
+class ListCache:
+    """Lists of the matrices used so far, built on first use while they hold less than ``budget`` bytes
+    (the last one built may pass it by its own size); a matrix met after that gets none, for good, and
+    keeps the stream kernel. An entry lives as long as its matrix."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._lists: weakref.WeakKeyDictionary[EncodedMatrix, Lists] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, enc: EncodedMatrix) -> Lists | None:
+        got = self._lists.get(enc)
+        if got is not None or enc.kind != "ternary" or self.used >= self.budget:
+            return got
+        lists = build(enc)
+        with self._lock:
+            self._lists[enc] = lists
+            self.used += lists.nbytes
+        weakref.finalize(enc, self._release, lists.nbytes)
+        return lists
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+
+_cache: dict[str, ListCache | None] = {}
+
+
+def budget_bytes() -> int:
+    """``QMOE_EXPERT_LISTS`` in bytes (MiB in the variable; ``0``/``off``: none); default a quarter of the
+    machine's RAM. ConfigError for anything else."""
+    from qmoe.errors import ConfigError
+
+    raw = os.environ.get("QMOE_EXPERT_LISTS", "").strip().lower()
+    if raw in ("", "auto"):
+        import psutil
+
+        return psutil.virtual_memory().total // 4
+    if raw == "off":
+        return 0
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = -1.0
+    if mib < 0:
+        raise ConfigError(f"QMOE_EXPERT_LISTS={raw!r}: give a size in MiB, 0 or off (default: a quarter of "
+                          "the machine's RAM)")
+    return int(mib * 2**20)
+
+
+def cache() -> ListCache | None:
+    """The process's cache (its budget read once, on first use); None when the budget is 0 or the native
+    library cannot be loaded here (the stream kernel then does every product)."""
+    if "cache" not in _cache:
+        from qmoe.errors import BackendUnavailable
+        from qmoe.kernels import _native
+        from qmoe.kernels.cpu import kernel
+
+        budget = budget_bytes()
+        ok = budget > 0 and kernel() != "numba"
+        if ok:
+            try:
+                _native.lists()
+            except BackendUnavailable:
+                ok = False
+        _cache["cache"] = ListCache(budget) if ok else None
+    return _cache["cache"]
+
+
+def reset() -> None:
+    """Forget the process's cache (tests; a changed ``QMOE_EXPERT_LISTS``)."""
+    _cache.clear()

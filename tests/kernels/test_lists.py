@@ -1,0 +1,176 @@
+"""Column lists (qmoe.kernels.lists, cpu_lists.c): the native builder writes the bytes of the plain-Python
+definition, the lists read back to the decoded codes, the product matches the float64 product with the
+reference-decoded matrix, the cache keeps to its budget, and the decode fast path uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qmoe import codec  # noqa: E402
+from qmoe.codec.decode import decode_reference, dequantize  # noqa: E402
+from qmoe.errors import BackendUnavailable, ConfigError, FormatError  # noqa: E402
+from qmoe.kernels import _native, lists  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _native_or_skip():
+    try:
+        _native.lists()
+    except BackendUnavailable as err:
+        pytest.skip(f"no native kernel here: {err}")
+
+
+def _ternary(rng, rows, cols, p_zero):
+    codes = rng.choice([-1, 0, 1], size=(rows, cols), p=[(1 - p_zero) / 2, p_zero, (1 - p_zero) / 2])
+    codes = codes.astype(np.int8)
+    lo = (-rng.random(rows) - 0.1).astype(np.float16)
+    hi = (rng.random(rows) + 0.1).astype(np.float16)
+    return codes, codec.encode_ternary(codes, lo, hi)
+
+
+CASES = [  # rows, cols, P(zero): widths not multiples of 8; gaps past 255 and 510 (escapes); dense rows
+    (5, 1000, 0.999),
+    (9, 2053, 0.995),
+    (16, 37, 0.3),
+    (33, 300, 0.9),
+]
+
+
+@pytest.mark.parametrize(("rows", "cols", "p_zero"), CASES)
+def test_native_lists_are_the_definition_and_read_back_to_the_codes(rows, cols, p_zero):
+    rng = np.random.default_rng(rows * cols)
+    codes, enc = _ternary(rng, rows, cols, p_zero)
+    codes[0] = 0  # an empty row
+    codes[1, :] = 1  # a full row: every gap 1
+    codes[2, :] = 0
+    marks = [c for c in (0, 256, 511) if c < cols - 1] + [cols - 1]  # gaps of 256 and 255 where wide enough
+    codes[2, marks] = [(-1) ** (i + 1) for i in range(len(marks))]  # first and last column too
+    lo, hi = enc.levels[:, 0].astype(np.float16), enc.levels[:, 1].astype(np.float16)
+    enc = codec.encode_ternary(codes, lo, hi)
+    got, want = lists.build(enc), lists.build_reference(enc)
+    assert np.array_equal(got.start, want.start)
+    assert np.array_equal(got.gaps, want.gaps)
+    assert np.array_equal(got.coef, want.coef)
+    assert (np.diff(got.start) % 8 == 0).all()  # every list padded to whole 8-byte steps
+    decoded = decode_reference(enc)
+    for r in range(rows):
+        for sign in (1, -1):
+            assert lists.columns(got, r, sign) == np.flatnonzero(decoded[r] == sign).tolist()
+
+
+def test_product_matches_the_float64_reference_in_one_call():
+    rng = np.random.default_rng(3)
+    encs = [_ternary(rng, rows, cols, p)[1] for rows, cols, p in CASES + [(300, 2048, 0.9), (7, 9, 0.0)]]
+    xs = [torch.randn(1, enc.shape[1]) for enc in encs]
+    ys = lists.matvec([lists.build(enc) for enc in encs], xs)
+    for enc, x, y in zip(encs, xs, ys, strict=True):
+        w = dequantize(enc, backend="reference").astype(np.float64)
+        xd = x[0].double().numpy()
+        want = w @ xd
+        scale = np.abs(w) @ np.abs(xd)  # the error budget of a float32 sum, as the other CPU kernels
+        assert y.shape == (1, enc.shape[0])
+        assert (np.abs(y[0].numpy() - want) <= 1e-5 * np.maximum(1.0, scale)).all()
+
+
+def test_wrong_inputs_are_refused():
+    rng = np.random.default_rng(4)
+    _, enc = _ternary(rng, 8, 16, 0.5)
+    m = lists.build(enc)
+    with pytest.raises(ValueError, match="xs\\[0\\] has 15 values; the matrix has 16 columns"):
+        lists.matvec([m], [torch.zeros(1, 15)])
+    with pytest.raises(ValueError, match="got 1 matrices but 2 inputs"):
+        lists.matvec([m], [torch.zeros(1, 16)] * 2)
+    int2 = codec.encode_int2(rng.integers(0, 4, size=(4, 16)).astype(np.uint8),
+                             np.sort(rng.standard_normal((4, 4)), axis=1).astype(np.float16))
+    with pytest.raises(ValueError, match="ternary matrices, not int2"):
+        lists.build(int2)
+    assert lists.ListCache(1 << 30).get(int2) is None  # int2 keeps the stream kernel
+
+
+def test_corrupt_streams_fail_like_the_codec():
+    """Flipped stream bits: building the lists rejects exactly what the codec rejects, with its message;
+    what the codec accepts becomes the lists of what it decodes."""
+    rng = np.random.default_rng(5)
+    _, enc = _ternary(rng, 40, 150, 0.885)
+    rejected = 0
+    for _ in range(40):
+        arrays = enc.to_arrays()
+        stream = arrays["stream"].copy()
+        bit = int(rng.integers(enc.total_bits))
+        stream[bit >> 5] ^= np.uint32(1 << (bit & 31))
+        arrays["stream"] = stream
+        bad = codec.EncodedMatrix.from_arrays(arrays, verify=False)
+        try:
+            want = lists.build_reference(bad)
+        except FormatError as err:
+            rejected += 1
+            with pytest.raises(FormatError) as got:
+                lists.build(bad)
+            assert str(got.value) == str(err)
+            continue
+        assert np.array_equal(lists.build(bad).gaps, want.gaps)
+    assert rejected > 5
+
+
+def test_the_cache_keeps_to_its_budget_and_frees_with_the_matrix():
+    rng = np.random.default_rng(6)
+    encs = [_ternary(rng, 64, 512, 0.9)[1] for _ in range(6)]
+    one = lists.build(encs[0]).nbytes
+    cache = lists.ListCache(2 * one)  # room for two (the second reaches the budget, no more are built)
+    got = [cache.get(enc) for enc in encs]
+    assert [g is not None for g in got] == [True, True, False, False, False, False]
+    assert cache.get(encs[0]) is got[0]  # built once
+    assert cache.used <= 2 * one + max(g.nbytes for g in got if g is not None)
+    used = cache.used
+    del got, encs[0]
+    import gc
+
+    gc.collect()
+    assert cache.used < used and len(cache) == 1
+
+
+@pytest.mark.parametrize(("raw", "want"), [("0", 0), ("off", 0), ("1.5", 3 << 19), ("64", 64 << 20)])
+def test_budget_from_the_environment(monkeypatch, raw, want):
+    monkeypatch.setenv("QMOE_EXPERT_LISTS", raw)
+    assert lists.budget_bytes() == want
+
+
+def test_a_bad_budget_is_one_line(monkeypatch):
+    monkeypatch.setenv("QMOE_EXPERT_LISTS", "lots")
+    with pytest.raises(ConfigError, match="QMOE_EXPERT_LISTS='lots': give a size in MiB, 0 or off"):
+        lists.budget_bytes()
+
+
+def test_decode_fast_path_uses_the_lists_and_matches_the_stream_kernel(monkeypatch):
+    """A layer at batch 1 through the lists (budget for all), through the stream kernel (budget 0), and
+    through a budget that fits only some matrices (both kernels in one step): equal within float32
+    summation order, and the lists were used."""
+    from qmoe.adapters.base import Routing
+    from qmoe.adapters.qwen3_moe import Qwen3MoeAdapter
+    from qmoe.runtime.experts import CompressedExperts
+
+    rng = np.random.default_rng(7)
+    E, D, INTER = 6, 40, 24
+    shapes = {"gate_proj": (INTER, D), "up_proj": (INTER, D), "down_proj": (D, INTER)}
+    layer = CompressedExperts(Qwen3MoeAdapter.experts, lambda a, k: Routing(*a), E,
+                              Qwen3MoeAdapter().expert_glu({"hidden_act": "silu"}), shapes)
+    for e in range(E):
+        for p, (rows, cols) in shapes.items():
+            layer.set_expert(e, p, _ternary(rng, rows, cols, 0.6)[1])
+    layer.backend = "cpu"
+    x = torch.randn(1, D)
+    token, expert, weight = torch.zeros(3, dtype=torch.long), torch.tensor([4, 0, 2]), torch.rand(3)
+    outs, used = {}, {}
+    for name, budget in (("stream", "0"), ("lists", "64"), ("mixed", str(2 * 200 / 2**20))):
+        monkeypatch.setenv("QMOE_EXPERT_LISTS", budget)
+        lists.reset()
+        outs[name] = layer(x, token, expert, weight)
+        used[name] = 0 if lists.cache() is None else len(lists.cache())
+    lists.reset()
+    assert used["stream"] == 0 and used["lists"] == 9 and 0 < used["mixed"] < 9
+    scale = outs["stream"].abs().max()
+    for name in ("lists", "mixed"):
+        assert (outs[name] - outs["stream"]).abs().max() <= 1e-5 * scale
