@@ -61,28 +61,34 @@ def test_native_lists_are_the_definition_and_read_back_to_the_codes(rows, cols, 
             assert lists.columns(got, r, sign) == np.flatnonzero(decoded[r] == sign).tolist()
 
 
-def test_product_matches_the_float64_reference_in_one_call():
+@pytest.mark.parametrize(("rows", "cols", "p_zero"), CASES + [(300, 2048, 0.9), (7, 9, 0.0)])
+def test_product_matches_the_float64_reference_in_one_call(rows, cols, p_zero):
+    """Three matrices of one shape in one call, taking rows 2, 0 and 2 of x."""
     rng = np.random.default_rng(3)
-    encs = [_ternary(rng, rows, cols, p)[1] for rows, cols, p in CASES + [(300, 2048, 0.9), (7, 9, 0.0)]]
-    xs = [torch.randn(1, enc.shape[1]) for enc in encs]
-    ys = lists.matvec([lists.build(enc) for enc in encs], xs)
-    for enc, x, y in zip(encs, xs, ys, strict=True):
+    encs = [_ternary(rng, rows, cols, p_zero)[1] for _ in range(3)]
+    x = torch.randn(3, cols)
+    which = [2, 0, 2]
+    y = lists.matvec([lists.build(enc) for enc in encs], x, which)
+    assert y.shape == (3, rows)
+    for i, enc in enumerate(encs):
         w = dequantize(enc, backend="reference").astype(np.float64)
-        xd = x[0].double().numpy()
-        want = w @ xd
+        xd = x[which[i]].double().numpy()
         scale = np.abs(w) @ np.abs(xd)  # the error budget of a float32 sum, as the other CPU kernels
-        assert y.shape == (1, enc.shape[0])
-        assert (np.abs(y[0].numpy() - want) <= 1e-5 * np.maximum(1.0, scale)).all()
+        assert (np.abs(y[i].numpy() - w @ xd) <= 1e-5 * np.maximum(1.0, scale)).all()
 
 
 def test_wrong_inputs_are_refused():
     rng = np.random.default_rng(4)
     _, enc = _ternary(rng, 8, 16, 0.5)
     m = lists.build(enc)
-    with pytest.raises(ValueError, match="xs\\[0\\] has 15 values; the matrix has 16 columns"):
-        lists.matvec([m], [torch.zeros(1, 15)])
+    with pytest.raises(ValueError, match="x must be \\[m, 16\\]"):
+        lists.matvec([m], torch.zeros(1, 15))
+    with pytest.raises(ValueError, match="every index of which below m"):
+        lists.matvec([m], torch.zeros(1, 16), [1])
     with pytest.raises(ValueError, match="got 1 matrices but 2 inputs"):
-        lists.matvec([m], [torch.zeros(1, 16)] * 2)
+        lists.matvec([m], torch.zeros(2, 16), [0, 1])
+    with pytest.raises(ValueError, match="the same shape"):
+        lists.matvec([m, lists.build(_ternary(rng, 9, 16, 0.5)[1])], torch.zeros(2, 16))
     int2 = codec.encode_int2(rng.integers(0, 4, size=(4, 16)).astype(np.uint8),
                              np.sort(rng.standard_normal((4, 4)), axis=1).astype(np.float16))
     with pytest.raises(ValueError, match="ternary matrices, not int2"):

@@ -10,7 +10,7 @@ real-shaped model's expert shapes.
 
 - ``build(enc)`` -> ``Lists`` (native); ``build_reference(enc)``: the same bytes in plain Python, and
   ``columns(lists)`` reads them back, both for the tests.
-- ``matvec(lists, xs)``: one parallel call for several (matrix, token) pairs; ``[1, rows]`` each.
+- ``matvec(lists, x, which)``: one parallel call for several (matrix, token) pairs.
 - ``cache()``: the process's ``ListCache``, which builds a matrix's lists on first use while the bytes it
   holds stay under its budget (``QMOE_EXPERT_LISTS``: MiB, ``0`` or ``off`` to disable; default a quarter
   of the machine's RAM) and otherwise leaves the matrix to the stream kernel, so a model larger than memory
@@ -140,28 +140,39 @@ def _compiled():  # the numba driver, compiled on first use (cached on disk by n
     return _driver
 
 
-def matvec(lists: Sequence[Lists], xs: Sequence[Tensor]) -> list[Tensor]:
-    """``[x_i @ W_i^T]`` for one token per matrix: ``xs[i]`` is ``[1, cols_i]`` (or ``[cols_i]``) float32;
-    each result ``[1, rows_i]`` float32 (views of one buffer), in one parallel call."""
+def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None,
+           out: Tensor | None = None) -> Tensor:
+    """``out[i] = x[which[i]] @ W_i^T`` for one token per matrix, in one parallel call: ``x [m, cols]``
+    float32 (every matrix has ``cols`` columns and the same ``rows``), ``which`` the row of ``x`` each matrix
+    takes (default ``0, 1, ...``); ``out [len(lists), rows]`` float32, allocated when not given."""
     import numba
 
     from qmoe.kernels import _native
 
-    if len(lists) != len(xs):
-        raise ValueError(f"got {len(lists)} matrices but {len(xs)} inputs")
+    which = list(range(len(lists))) if which is None else list(which)
+    if len(lists) != len(which):
+        raise ValueError(f"got {len(lists)} matrices but {len(which)} inputs")
+    if not lists:
+        return torch.empty(0, 0) if out is None else out
+    rows, cols = lists[0].rows, lists[0].cols
+    if any((m.rows, m.cols) != (rows, cols) for m in lists):
+        raise ValueError("every matrix of one call must have the same shape")
+    if x.dim() != 2 or x.shape[1] != cols or not 0 <= min(which) <= max(which) < x.shape[0]:
+        raise ValueError(f"x must be [m, {cols}] with every index of which below m; got {tuple(x.shape)}")
     fn, _ = _native.lists()
-    xin = [x.detach().reshape(-1).float().contiguous() for x in xs]  # kept alive for the call
-    for i, (m, x) in enumerate(zip(lists, xin, strict=True)):
-        if x.numel() != m.cols:
-            raise ValueError(f"xs[{i}] has {x.numel()} values; the matrix has {m.cols} columns")
-    offsets = np.cumsum([0] + [m.rows for m in lists])
-    y = torch.empty(int(offsets[-1]), dtype=torch.float32)
-    base = y.data_ptr()
-    calls = np.array([[m.meta.ctypes.data, x.data_ptr(), base + 4 * int(o), m.rows]
-                      for m, x, o in zip(lists, xin, offsets[:-1], strict=True)], dtype=np.int64)
+    xc = x.detach().float().contiguous()  # kept alive for the call
+    if out is None:
+        out = torch.empty(len(lists), rows, dtype=torch.float32)
+    if out.shape != (len(lists), rows) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{len(lists)}, {rows}]")
+    calls = np.empty((len(lists), 4), dtype=np.int64)
+    calls[:, 0] = [m.meta.ctypes.data for m in lists]
+    calls[:, 1] = xc.data_ptr() + 4 * cols * np.asarray(which, dtype=np.int64)
+    calls[:, 2] = out.data_ptr() + 4 * rows * np.arange(len(lists), dtype=np.int64)
+    calls[:, 3] = rows
     with numba.parallel_chunksize(1):  # dynamic: a core taken by another process does not hold the call up
         _compiled()(fn, calls, ROWS_PER_ITEM)
-    return [y[o: o + m.rows].view(1, m.rows) for m, o in zip(lists, offsets[:-1].tolist(), strict=True)]
+    return out
 
 
 class ListCache:

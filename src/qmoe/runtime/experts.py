@@ -202,13 +202,12 @@ class CompressedExperts(nn.Module):
         tok = torch.cat([t for _, t, _ in groups])  # [n]: one token per active expert, ascending expert
         w = torch.cat([g for _, _, g in groups])  # [n]
         xs = x[tok]  # [n, d]
-        h = _one_token([self.matrix(p, e) for e, _, _ in groups for p in first],
-                       [xs[i:i + 1] for i in range(n) for _ in first], backend)  # n * k of [1, I]
-        # [n*k, I] in (expert, projection) order -> [n, k*I]: row i is torch.cat(h_i, dim=1), as above
-        hidden = self.glu(torch.cat(h).view(n, -1))  # [n, I]
-        y = _one_token([self.matrix(second, e) for e, _, _ in groups], list(hidden.split(1)), backend)
+        h = _one_token([self.matrix(p, e) for e, _, _ in groups for p in first], xs,
+                       [i for i in range(n) for _ in first], backend)  # [n*k, I], (expert, projection) order
+        hidden = self.glu(h.view(n, -1))  # [n, k*I] -> [n, I]: row i is torch.cat(h_i, dim=1), as above
+        y = _one_token([self.matrix(second, e) for e, _, _ in groups], hidden, list(range(n)), backend)
         # index_add_ adds the rows in index order, i.e. expert by expert ascending, as the general path does
-        out.index_add_(0, tok, (torch.cat(y) * w[:, None]).to(out.dtype))  # [T, d]
+        out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # [T, d]
         return out
 
     def _bias(self, proj: str, e: int | Tensor) -> Tensor | float:
@@ -225,10 +224,11 @@ class CompressedExperts(nn.Module):
                 f"({8 * n / max(weights, 1):.3f} bits/weight)")
 
 
-def _one_token(encs: list[EncodedMatrix], xs: list[Tensor], backend: str) -> list[Tensor]:
-    """``[xs[i] @ W_i^T]`` for ``xs[i] [1, cols]``: on the CPU backend, the matrices that have column lists
-    (``qmoe.kernels.lists``: built on first use within its memory budget) in one call of that kernel, the
-    rest in one call of the stream kernel; elsewhere all through ``matmul_experts``."""
+def _one_token(encs: list[EncodedMatrix], x: Tensor, which: list[int], backend: str) -> Tensor:
+    """``out[i] = x[which[i]] @ W_i^T`` for matrices of one shape and ``x [m, cols]``: ``[len(encs), rows]``.
+    On the CPU backend the matrices that have column lists (``qmoe.kernels.lists``: built on first use
+    within its memory budget) go through that kernel in one call and the rest through the stream kernel in
+    one call; elsewhere all through ``matmul_experts``."""
     from qmoe.kernels import matmul_experts
 
     cache = None
@@ -237,16 +237,15 @@ def _one_token(encs: list[EncodedMatrix], xs: list[Tensor], backend: str) -> lis
 
         cache = lists.cache()
     if cache is None:
-        return matmul_experts(encs, xs, backend)
+        return torch.cat(matmul_experts(encs, [x[i:i + 1] for i in which], backend))
     got = [cache.get(enc) for enc in encs]
-    fast = [i for i, g in enumerate(got) if g is not None]
-    out: list[Tensor | None] = [None] * len(encs)
-    if fast:
-        for i, y in zip(fast, lists.matvec([got[i] for i in fast], [xs[i] for i in fast]), strict=True):
-            out[i] = y
     rest = [i for i, g in enumerate(got) if g is None]
-    if rest:
-        for i, y in zip(rest, matmul_experts([encs[i] for i in rest], [xs[i] for i in rest], backend),
-                        strict=True):
-            out[i] = y
-    return out  # type: ignore[return-value]
+    if not rest:
+        return lists.matvec(got, x, which)  # type: ignore[arg-type]
+    out = torch.empty(len(encs), encs[0].shape[0], dtype=torch.float32)
+    fast = [i for i, g in enumerate(got) if g is not None]
+    if fast:
+        out[fast] = lists.matvec([got[i] for i in fast], x, [which[i] for i in fast])
+    out[rest] = torch.cat(matmul_experts([encs[i] for i in rest], [x[which[i]:which[i] + 1] for i in rest],
+                                         backend))
+    return out
