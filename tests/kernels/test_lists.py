@@ -77,6 +77,32 @@ def test_product_matches_the_float64_reference_in_one_call(rows, cols, p_zero):
         assert (np.abs(y[i].numpy() - w @ xd) <= 1e-5 * np.maximum(1.0, scale)).all()
 
 
+def test_portable_path(monkeypatch, tmp_path):
+    """The library compiled with -DQMOE_SCALAR_ONLY (the path of machines without AVX2, and of non-x86
+    ones): the same lists, and products within the same budget."""
+    import os
+
+    monkeypatch.setenv("QMOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{os.environ.get('CC', 'cc')} -DQMOE_SCALAR_ONLY")
+    _native.reset()
+    try:
+        rng = np.random.default_rng(8)
+        for rows, cols, p_zero in CASES:
+            encs = [_ternary(rng, rows, cols, p_zero)[1] for _ in range(2)]
+            built = [lists.build(enc) for enc in encs]
+            for enc, m in zip(encs, built, strict=True):
+                assert np.array_equal(m.gaps, lists.build_reference(enc).gaps)
+            x = torch.randn(2, cols)
+            y = lists.matvec(built, x)
+            for i, enc in enumerate(encs):
+                w = dequantize(enc, backend="reference").astype(np.float64)
+                xd = x[i].double().numpy()
+                assert (np.abs(y[i].numpy() - w @ xd) <= 1e-5 * np.maximum(1.0, np.abs(w) @ np.abs(xd))).all()
+    finally:
+        monkeypatch.undo()
+        _native.reset()
+
+
 def test_wrong_inputs_are_refused():
     rng = np.random.default_rng(4)
     _, enc = _ternary(rng, 8, 16, 0.5)

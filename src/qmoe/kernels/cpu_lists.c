@@ -21,18 +21,69 @@
      x   -> float32 [cols]
      y   -> float32 [rows]; rows r0 .. r1-1 are written
 */
+#include <stddef.h>
 #include <stdint.h>
 
 /* The lists from codes [rows, cols] int8 in {-1, 0, 1}: qmoe_lists_size fills start and returns its last
-   entry (the bytes of gaps); qmoe_lists_fill then writes gaps. */
-static int64_t list_bytes(const int8_t *row, int64_t cols, int8_t sign) {
-    int64_t n = 0, prev = -1;
-    for (int64_t c = 0; c < cols; c++)
-        if (row[c] == sign) {
-            n += 1 + (c - prev - 1) / 255; /* the escapes of a gap > 255, then the gap itself */
-            prev = c;
+   entry (the bytes of gaps); qmoe_lists_fill then writes gaps. Both walk a row's nonzero codes once, 32 codes
+   per AVX2 compare where available (at 90% zeros most of a row is skipped that way), and hand each nonzero
+   to `put`, which counts (g == NULL) or writes the bytes of its list. */
+typedef struct {
+    int64_t n[2], prev[2]; /* per list (0: +1, 1: -1): bytes so far, last column */
+    uint8_t *g[2];         /* where each list's bytes go; NULL: count only */
+} row_lists;
+
+static inline void put(row_lists *L, int k, int64_t c) {
+    int64_t gap = c - L->prev[k];
+    if (L->g[k]) {
+        for (; gap > 255; gap -= 255)
+            L->g[k][L->n[k]++] = 0; /* escape: 255 columns further, no value */
+        L->g[k][L->n[k]++] = (uint8_t)gap;
+    } else {
+        L->n[k] += 1 + (gap - 1) / 255;
+    }
+    L->prev[k] = c;
+}
+
+static void walk_scalar(const int8_t *row, int64_t c0, int64_t cols, row_lists *L) {
+    for (int64_t c = c0; c < cols; c++)
+        if (row[c])
+            put(L, row[c] < 0, c);
+}
+
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(QMOE_SCALAR_ONLY)
+#include <immintrin.h>
+__attribute__((target("avx2,bmi"))) static void walk_avx2(const int8_t *row, int64_t cols, row_lists *L) {
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(row + c));
+        uint32_t nz = ~(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256()));
+        while (nz) {
+            int b = __builtin_ctz(nz);
+            put(L, row[c + b] < 0, c + b);
+            nz &= nz - 1;
         }
-    return (n + 7) / 8 * 8;
+    }
+    walk_scalar(row, c, cols, L);
+}
+static int walk_ok(void) {
+    static int ok = -1; /* a benign race: every thread computes the same value */
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi");
+    }
+    return ok;
+}
+#endif
+
+static void walk(const int8_t *row, int64_t cols, row_lists *L) {
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(QMOE_SCALAR_ONLY)
+    if (walk_ok()) {
+        walk_avx2(row, cols, L);
+        return;
+    }
+#endif
+    walk_scalar(row, 0, cols, L);
 }
 
 int64_t qmoe_lists_size(int64_t codes, int64_t rows, int64_t cols, int64_t start) {
@@ -40,8 +91,10 @@ int64_t qmoe_lists_size(int64_t codes, int64_t rows, int64_t cols, int64_t start
     int64_t *s = (int64_t *)(intptr_t)start;
     s[0] = 0;
     for (int64_t r = 0; r < rows; r++) {
-        s[2 * r + 1] = s[2 * r] + list_bytes(W + r * cols, cols, 1);
-        s[2 * r + 2] = s[2 * r + 1] + list_bytes(W + r * cols, cols, -1);
+        row_lists L = {{0, 0}, {-1, -1}, {NULL, NULL}};
+        walk(W + r * cols, cols, &L);
+        s[2 * r + 1] = s[2 * r] + (L.n[0] + 7) / 8 * 8; /* each list padded to whole 8-byte steps */
+        s[2 * r + 2] = s[2 * r + 1] + (L.n[1] + 7) / 8 * 8;
     }
     return s[2 * rows];
 }
@@ -50,22 +103,13 @@ int64_t qmoe_lists_fill(int64_t codes, int64_t rows, int64_t cols, int64_t start
     const int8_t *W = (const int8_t *)(intptr_t)codes;
     const int64_t *s = (const int64_t *)(intptr_t)start;
     uint8_t *G = (uint8_t *)(intptr_t)gaps;
-    for (int64_t r = 0; r < rows; r++)
-        for (int k = 0; k < 2; k++) {
-            const int8_t sign = k == 0 ? 1 : -1, *row = W + r * cols;
-            uint8_t *g = G + s[2 * r + k];
-            int64_t n = 0, prev = -1, end = s[2 * r + k + 1] - s[2 * r + k];
-            for (int64_t c = 0; c < cols; c++)
-                if (row[c] == sign) {
-                    int64_t gap = c - prev;
-                    for (; gap > 255; gap -= 255)
-                        g[n++] = 0;
-                    g[n++] = (uint8_t)gap;
-                    prev = c;
-                }
-            while (n < end)
-                g[n++] = 0;
-        }
+    for (int64_t r = 0; r < rows; r++) {
+        row_lists L = {{0, 0}, {-1, -1}, {G + s[2 * r], G + s[2 * r + 1]}};
+        walk(W + r * cols, cols, &L);
+        for (int k = 0; k < 2; k++)
+            for (int64_t end = s[2 * r + k + 1] - s[2 * r + k]; L.n[k] < end;)
+                L.g[k][L.n[k]++] = 0; /* padding: escapes, which add nothing */
+    }
     return 0;
 }
 
