@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_vs_llamacpp.py [--layers 6] [--reps 5] [--threads 2] [--json FILE]
         [--llama F16 IQ1_S TQ1_0 IQ2_XXS] [--qmoe ternary 2] [--dense bf16] [--calib-samples 64]
-        [--build-nice 19] [--prepare-only] [--profile]
+        [--build-nice 19] [--prepare-only] [--profile] [--qmoe-stream] [--qmoe-fp32] [--qmoe-bf16]
 
 The model: ``benchmarks/realshape.py``, Qwen3-30B-A3B's layer shapes (hidden 2048, 32/4 heads of 128, 128
 experts of 768, top-8) with ``--layers`` layers, random bf16 weights and tiny-qwen3-moe's 8,192-token
@@ -30,7 +30,10 @@ fresh process, tools interleaved (every repetition runs every tool once, in a ro
 - qmoe and dense transformers: the same in a worker (``--worker``): load, one warm-up (a P-token prompt and
   2 tokens), then P prompt tokens in one forward after a P-token context, and G greedy single-token forwards
   after a P-token prompt (a plain loop over ``model(...)`` with transformers' DynamicCache; only the last
-  position's logits computed, as llama.cpp does);
+  position's logits computed, as llama.cpp does), twice: the first pass is the process's first generation,
+  which meets most experts for the first time (qmoe decodes each ternary expert into column lists then,
+  ``qmoe.kernels.lists``), the second, over the same tokens, the steady state that a longer generation
+  reaches and that llama-bench measures after its warm-up: the table's generation column;
 - peak RSS: the process's ``ru_maxrss`` from ``os.wait4`` (load and warm-up included; the mapped weight
   pages a process touched count, as they do for llama.cpp's mmap).
 
@@ -290,6 +293,8 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if kind == "qmoe-stream":  # every expert product from the coded stream: no column lists
+        os.environ["QMOE_EXPERT_LISTS"] = "0"
     if kind.startswith("qmoe"):
         import qmoe
 
@@ -331,8 +336,12 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
         t = time.perf_counter()
         forward(prompt, cache)
         pp_s = time.perf_counter() - t
+        # The first G tokens meet most experts for the first time (qmoe builds their column lists then,
+        # qmoe.kernels.lists); the same G tokens again are the steady state a longer generation reaches.
+        first_s = steps(args.gen, *context())
         tg_s = steps(args.gen, *context())
-        out = {"pp": args.prompt / pp_s, "tg": args.gen / tg_s, "load_s": load_s, "warm_s": warm_s}
+        out = {"pp": args.prompt / pp_s, "tg": args.gen / tg_s, "tg_first": args.gen / first_s,
+               "load_s": load_s, "warm_s": warm_s}
         if args.profile:
             out["profile"] = profile(model, context, steps, args.gen)
     print(json.dumps(out))
@@ -397,8 +406,8 @@ def profile(model, context, steps, n: int) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     out = {}
-    for k in ("pp", "tg", "rss"):
-        v = [r[k] for r in runs]
+    for k in ("pp", "tg", "tg_first", "rss"):
+        v = [r.get(k, r["tg"] if k == "tg_first" else None) for r in runs]  # llama-bench: warmed up
         out[k] = {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v}
     return out
 
@@ -411,13 +420,14 @@ def table(res: dict, meta: dict) -> str:
         f"{meta['load_after']} after",
         "",
         f"| tool | variant | expert bits/w | generation tok/s (tg{meta['gen']} @ d{meta['prompt']}) | "
-        f"prompt tok/s (pp{meta['prompt']} @ d{meta['prompt']}) | peak RSS MiB | tg vs IQ1_S | pp vs IQ1_S |",
-        "|---|---|---|---|---|---|---|---|",
+        f"first generation of the process, tok/s | prompt tok/s (pp{meta['prompt']} @ d{meta['prompt']}) | "
+        "peak RSS MiB | tg vs IQ1_S | pp vs IQ1_S |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         tool, variant = name.split(" ", 1)
         cells = []
-        for k in ("tg", "pp"):
+        for k in ("tg", "tg_first", "pp"):
             s = r["stats"][k]
             cells.append(f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}]")
         rss = r["stats"]["rss"]["median"] / 2**20
@@ -426,7 +436,8 @@ def table(res: dict, meta: dict) -> str:
         ]
         bits = f"{r['bits']:.3f}" if r.get("bits") else ""
         lines.append(
-            f"| {tool} | {variant} | {bits} | {cells[0]} | {cells[1]} | {rss:.0f} | {rel[0]} | {rel[1]} |"
+            f"| {tool} | {variant} | {bits} | {cells[0]} | {cells[1]} | {cells[2]} | {rss:.0f} | {rel[0]} | "
+            f"{rel[1]} |"
         )
     return "\n".join(lines)
 
@@ -470,6 +481,10 @@ def main() -> None:
         "activations in bf16 (qmoe.load(dtype=torch.bfloat16))"
     )
     ap.add_argument(
+        "--qmoe-stream", action="store_true", help="also qmoe ternary with every expert product from the "
+        "coded stream (QMOE_EXPERT_LISTS=0, the runtime before column lists)",
+    )
+    ap.add_argument(
         "--qmoe-fp32", action="store_true", help="also qmoe ternary with its non-expert weights widened to "
         "float32 at load (qmoe.load(half_weights=False), the default before qmoe.runtime.half)"
     )
@@ -499,6 +514,9 @@ def main() -> None:
             "qmoe-bf16",
             variants["qmoe default ternary"][1],
         )
+    if args.qmoe_stream and "ternary" in args.qmoe:
+        ternary = variants["qmoe default ternary"][1]
+        variants["qmoe default ternary, no column lists"] = ("qmoe-stream", ternary)
     if args.qmoe_fp32 and "ternary" in args.qmoe:
         variants["qmoe default ternary, float32 non-expert weights"] = (
             "qmoe-fp32",

@@ -80,9 +80,6 @@ def main() -> None:
     import numba
     import torch
 
-    from qmoe import codec, kernels
-    from qmoe.codec.decode import dequantize
-
     numba.set_num_threads(1)
     torch.set_num_threads(1)
     lib = _build()
@@ -92,44 +89,53 @@ def main() -> None:
     for shape in args.shapes:
         rows, cols = map(int, shape.split("x"))
         for p0 in args.p_zero:
-            codes = rng.choice([-1, 0, 1], size=(rows, cols), p=[(1 - p0) / 2, p0, (1 - p0) / 2]).astype(np.int8)
-            lo = (-rng.random(rows) - 0.1).astype(np.float16)
-            hi = (rng.random(rows) + 0.1).astype(np.float16)
-            enc = codec.encode_ternary(codes, lo, hi)
-            w = dequantize(enc, backend="reference").astype(np.float64)  # [rows, cols]
-            assert np.array_equal(np.sign(w).astype(np.int8), codes)  # the lists below are the stream's own
-            start, idx, start8, gap8 = _lists(codes)
-            x = np.zeros(cols + 1, np.float32)  # x[cols] = 0: the padding column
-            x[:cols] = rng.standard_normal(cols)
-            lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
-            xt = torch.from_numpy(x[:cols].copy())[None]
-            y16, y8 = np.empty(rows, np.float32), np.empty(rows, np.float32)
-            runs = {
-                "qmoe": lambda: kernels.matmul(enc, xt),
-                "idx16": lambda: lib.probe_idx16(ctypes.c_int64(rows), _ptr(start), _ptr(idx), _ptr(lo32),
-                                                 _ptr(hi32), _ptr(x), _ptr(y16)),
-                "gap8": lambda: lib.probe_gap8(ctypes.c_int64(rows), _ptr(start8), _ptr(gap8), _ptr(lo32),
-                                               _ptr(hi32), _ptr(x), _ptr(y8)),
-            }
-            for f in runs.values():
-                f()
-            want = w @ x[:cols].astype(np.float64)
-            tol = 1e-5 * max(1.0, float((np.abs(w) @ np.abs(x[:cols].astype(np.float64))).max()))
-            for name, got in (("qmoe", runs["qmoe"]().numpy()[0]), ("idx16", y16), ("gap8", y8)):
-                err = float(np.abs(got - want).max())
-                assert err <= tol, f"{name} differs from the float64 reference by {err:.3g} (> {tol:.3g})"
-            times: dict[str, list[float]] = {k: [] for k in runs}
-            for _ in range(args.reps):
-                for k, f in runs.items():
-                    t = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            size = {"qmoe": 8 * enc.nbytes / codes.size, "idx16": 16 * len(idx) / codes.size,
-                    "gap8": 8 * len(gap8) / codes.size}
-            for k in runs:
-                print(f"{shape:>10} {p0:5.3f} | {k:>5} {size[k]:7.3f} {med[k] * 1e6:9.1f} "
-                      f"{codes.size / med[k] / 1e9:6.2f} {med['qmoe'] / med[k]:7.2f}x")
+            _measure(lib, rng, rows, cols, p0, args.reps)
+
+
+def _measure(lib: ctypes.CDLL, rng: np.random.Generator, rows: int, cols: int, p0: float, reps: int) -> None:
+    import torch
+
+    from qmoe import codec, kernels
+    from qmoe.codec.decode import dequantize
+
+    p = [(1 - p0) / 2, p0, (1 - p0) / 2]
+    codes = rng.choice([-1, 0, 1], size=(rows, cols), p=p).astype(np.int8)
+    lo = (-rng.random(rows) - 0.1).astype(np.float16)
+    hi = (rng.random(rows) + 0.1).astype(np.float16)
+    enc = codec.encode_ternary(codes, lo, hi)
+    w = dequantize(enc, backend="reference").astype(np.float64)  # [rows, cols]
+    assert np.array_equal(np.sign(w).astype(np.int8), codes)  # the lists below are the stream's own
+    start, idx, start8, gap8 = _lists(codes)
+    x = np.zeros(cols + 1, np.float32)  # x[cols] = 0: the padding column
+    x[:cols] = rng.standard_normal(cols)
+    lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+    xt = torch.from_numpy(x[:cols].copy())[None]
+    y16, y8 = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    n, lv = ctypes.c_int64(rows), (_ptr(lo32), _ptr(hi32))
+    runs = {
+        "qmoe": lambda: kernels.matmul(enc, xt),
+        "idx16": lambda: lib.probe_idx16(n, _ptr(start), _ptr(idx), *lv, _ptr(x), _ptr(y16)),
+        "gap8": lambda: lib.probe_gap8(n, _ptr(start8), _ptr(gap8), *lv, _ptr(x), _ptr(y8)),
+    }
+    for f in runs.values():
+        f()
+    want = w @ x[:cols].astype(np.float64)
+    tol = 1e-5 * max(1.0, float((np.abs(w) @ np.abs(x[:cols].astype(np.float64))).max()))
+    for name, got in (("qmoe", runs["qmoe"]().numpy()[0]), ("idx16", y16), ("gap8", y8)):
+        err = float(np.abs(got - want).max())
+        assert err <= tol, f"{name} differs from the float64 reference by {err:.3g} (> {tol:.3g})"
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, f in runs.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    size = {"qmoe": 8 * enc.nbytes / codes.size, "idx16": 16 * len(idx) / codes.size,
+            "gap8": 8 * len(gap8) / codes.size}
+    for k in runs:
+        print(f"{rows}x{cols:<5} {p0:5.3f} | {k:>5} {size[k]:7.3f} {med[k] * 1e6:9.1f} "
+              f"{codes.size / med[k] / 1e9:6.2f} {med['qmoe'] / med[k]:7.2f}x")
 
 
 if __name__ == "__main__":
