@@ -342,6 +342,11 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
         tg_s = steps(args.gen, *context())
         out = {"pp": args.prompt / pp_s, "tg": args.gen / tg_s, "tg_first": args.gen / first_s,
                "load_s": load_s, "warm_s": warm_s}
+        if kind.startswith("qmoe"):  # what the column lists hold after the two generations
+            from qmoe.kernels import lists
+
+            c = lists.cache()
+            out["lists"] = {"matrices": len(c), "mib": c.used / 2**20} if c is not None else None
         if args.profile:
             out["profile"] = profile(model, context, steps, args.gen)
     print(json.dumps(out))
@@ -543,7 +548,8 @@ def main() -> None:
             )
     load_after = os.getloadavg()[0]
     res = {
-        n: {"stats": summarize(runs[n]), "bits": expert_bits(*variants[n]), "path": str(variants[n][1])}
+        n: {"stats": summarize(runs[n]), "bits": expert_bits(*variants[n]), "path": str(variants[n][1]),
+            "runs": runs[n]}
         for n in names
     }
     import torch
