@@ -193,8 +193,9 @@ class CompressedExperts(nn.Module):
 
     def _forward_single(self, x: Tensor, groups: list, out: Tensor, backend: str) -> Tensor:
         """``_forward_grouped`` when every active expert has one token (decoding at batch 1: the k experts of
-        the one token), for families without expert biases: the same kernel calls and arithmetic, with the
-        per-expert torch ops (slices, GLU, gate, scatter) done once for all. A decode step on Qwen3-30B-A3B's
+        the one token), for families without expert biases: the same arithmetic, with the per-expert torch
+        ops (slices, GLU, gate, scatter) done once for all, and the products of ternary experts read from
+        their column lists (``_one_token``). A decode step on Qwen3-30B-A3B's
         shapes spent ~1.7 ms per layer in them (docs/runtime.md, issue 26). Tested against a dense float64
         reference (tests/runtime/test_experts_single.py)."""
         first, second = self.layout.first, self.layout.second
