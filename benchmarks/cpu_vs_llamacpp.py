@@ -16,7 +16,8 @@ llama.cpp's build and Python environment are peers.py's (``benchmarks/peerlib/en
 - qmoe: ``qmoe compress`` ternary (the default) and ``--bits 2``, each on ``--calib-samples`` windows of
   128 tokens, no evaluation pass, and by default ``--method rtn --rate 0``: the default recipe's grid and
   entropy code, every weight rounded to its row's nearest level (QMoE's own rounding) instead of GPTQ with
-  entropy-constrained rounding. Random weights make quality meaningless here; what the runtime pays for is
+  entropy-constrained rounding, and ``--tune none`` (the tuning stage changes values of the norms and the
+  attention, not their cost; it held the whole 128-expert layer for four passes). Random weights make quality meaningless here; what the runtime pays for is
   the stored stream (bits/weight, reported). Why not the full default: on the shared, loaded 2-core machine
   GPTQ did not finish one layer of 128 experts of 2048x768 in 13 minutes, and rate 0.05's price fitting
   (``qmoe.gptq.rate.fit_prices``, 9 whole-layer passes) not in 30 (``--method gptq --rate 0.05`` runs them).
@@ -97,7 +98,7 @@ def run(cmd: list, logfile: Path, nice: int = 0) -> float:
 
 
 def build_qmoe(src: Path, work: Path, bits: str, args: argparse.Namespace) -> Path:
-    out = work / f"qmoe-{bits}-{args.method}-r{args.rate:g}-c{args.calib_samples}"
+    out = work / f"qmoe-{bits}-{args.method}-r{args.rate:g}-c{args.calib_samples}-untuned"
     if not (out / "qmoe_report.json").is_file():
         log(f"qmoe compress --bits {bits} -> {out} ...")
         cmd = [
@@ -116,6 +117,8 @@ def build_qmoe(src: Path, work: Path, bits: str, args: argparse.Namespace) -> Pa
             args.method,
             "--rate",
             args.rate,
+            "--tune",
+            "none",  # tuning changes norm and attention values, not what a token costs
             "--no-eval",
             "--quiet",
         ]
