@@ -67,6 +67,7 @@ def test_single_token_experts_match_the_dense_reference(int2, backend, monkeypat
         (1, rng.choice(E, size=4, replace=False), [0, 0, 0, 0]),
         (3, np.array([5, 1, 6, 2, 0, 7]), [0, 0, 1, 1, 2, 2]),
         (3, np.array([5, 1, 5, 2, 1, 7]), [0, 0, 1, 1, 2, 2]),
+        (1, np.array([3, 3, 1]), [0, 0, 0]),  # one token routed twice to one expert: the general path
     ]
     for tokens, experts, tok in cases:
         x = torch.from_numpy(rng.standard_normal((tokens, D)).astype(np.float32))
@@ -75,4 +76,4 @@ def test_single_token_experts_match_the_dense_reference(int2, backend, monkeypat
         got = m(x, token, expert, weight).double().numpy()
         want = _dense(m, x, token, expert, weight)
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
-    assert len(taken) == 2  # the first two calls took the fast path, the third did not
+    assert len(taken) == 2  # the first two calls took the fast path, the last two did not

@@ -52,6 +52,7 @@ class Lists:
     def __post_init__(self) -> None:
         self.meta = np.array([self.start.ctypes.data, self.gaps.ctypes.data, self.coef.ctypes.data,
                               self.rows, self.cols], dtype=np.int64)
+        self.address = self.meta.ctypes.data  # what a call passes, read once (numpy's ctypes is slow)
 
     @property
     def nbytes(self) -> int:
@@ -166,12 +167,16 @@ def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None
     if out.shape != (len(lists), rows) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 [{len(lists)}, {rows}]")
     calls = np.empty((len(lists), 4), dtype=np.int64)
-    calls[:, 0] = [m.meta.ctypes.data for m in lists]
+    calls[:, 0] = [m.address for m in lists]
     calls[:, 1] = xc.data_ptr() + 4 * cols * np.asarray(which, dtype=np.int64)
     calls[:, 2] = out.data_ptr() + 4 * rows * np.arange(len(lists), dtype=np.int64)
     calls[:, 3] = rows
-    with numba.parallel_chunksize(1):  # dynamic: a core taken by another process does not hold the call up
+    # dynamic scheduling: a core taken by another process does not hold the call up
+    old = numba.set_parallel_chunksize(1)
+    try:
         _compiled()(fn, calls, ROWS_PER_ITEM)
+    finally:
+        numba.set_parallel_chunksize(old)
     return out
 
 

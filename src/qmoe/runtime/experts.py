@@ -170,14 +170,22 @@ class CompressedExperts(nn.Module):
     def _forward_grouped(self, r: Routing, backend: str) -> Tensor:
         # x [T, d] -> out [T, d]; routing: n (token, expert, gate) pairs, t_e tokens for active expert e
         out = torch.zeros_like(r.x)
+        x = r.x.float()  # the kernels compute in float32 whatever the model's dtype
+        if r.x.shape[0] == 1 and r.expert.numel() and not self.bias_names:  # one token: decoding at batch 1
+            order = torch.argsort(r.expert)  # its k experts in ascending order, as group_by_expert gives them
+            experts = r.expert[order].tolist()
+            if len(set(experts)) == len(experts):  # each once (a router may repeat none of them)
+                return self._forward_single(x, experts, [0] * len(experts), r.token[order], r.weight[order],
+                                            out, backend)
         groups = group_by_expert(r)  # [(e, token [t_e], gate [t_e])], ascending e as in transformers
         if not groups:
             return out
         from qmoe.kernels import matmul_experts
 
-        x = r.x.float()  # the kernels compute in float32 whatever the model's dtype
         if len(groups) == r.expert.numel() and not self.bias_names:
-            return self._forward_single(x, groups, out, backend)
+            tok = torch.cat([t for _, t, _ in groups])  # [n]: one token per active expert
+            return self._forward_single(x, [e for e, _, _ in groups], tok.tolist(), tok,
+                                        torch.cat([g for _, _, g in groups]), out, backend)
         first, second = self.layout.first, self.layout.second
         xs = [x[tok] for _, tok, _ in groups]  # [t_e, d] each
         # One grouped call per stage: every active expert's first projection(s), then every second one.
@@ -191,22 +199,21 @@ class CompressedExperts(nn.Module):
             out.index_add_(0, tok, ((ye + self._bias(second, e)) * w[:, None]).to(out.dtype))
         return out
 
-    def _forward_single(self, x: Tensor, groups: list, out: Tensor, backend: str) -> Tensor:
+    def _forward_single(self, x: Tensor, experts: list[int], rows: list[int], tok: Tensor, w: Tensor,
+                        out: Tensor, backend: str) -> Tensor:
         """``_forward_grouped`` when every active expert has one token (decoding at batch 1: the k experts of
         the one token), for families without expert biases: the same arithmetic, with the per-expert torch
         ops (slices, GLU, gate, scatter) done once for all, and the products of ternary experts read from
-        their column lists (``_one_token``). A decode step on Qwen3-30B-A3B's
-        shapes spent ~1.7 ms per layer in them (docs/runtime.md, issue 26). Tested against a dense float64
-        reference (tests/runtime/test_experts_single.py)."""
+        their column lists (``_one_token``). Pair i: expert ``experts[i]`` (ascending), input row
+        ``rows[i]`` of ``x [m, d]``, output row ``tok[i]``, gate ``w[i]``. A decode step on Qwen3-30B-A3B's
+        shapes spent ~1.7 ms per layer in per-expert ops before (docs/runtime.md, issue 26). Tested against
+        a dense float64 reference (tests/runtime/test_experts_single.py)."""
         first, second = self.layout.first, self.layout.second
-        n = len(groups)
-        tok = torch.cat([t for _, t, _ in groups])  # [n]: one token per active expert, ascending expert
-        w = torch.cat([g for _, _, g in groups])  # [n]
-        xs = x[tok]  # [n, d]
-        h = _one_token([self.matrix(p, e) for e, _, _ in groups for p in first], xs,
-                       [i for i in range(n) for _ in first], backend)  # [n*k, I], (expert, projection) order
+        n = len(experts)
+        h = _one_token([self.matrix(p, e) for e in experts for p in first], x,
+                       [r for r in rows for _ in first], backend)  # [n*k, I], (expert, projection) order
         hidden = self.glu(h.view(n, -1))  # [n, k*I] -> [n, I]: row i is torch.cat(h_i, dim=1), as above
-        y = _one_token([self.matrix(second, e) for e, _, _ in groups], hidden, list(range(n)), backend)
+        y = _one_token([self.matrix(second, e) for e in experts], hidden, list(range(n)), backend)  # [n, d]
         # index_add_ adds the rows in index order, i.e. expert by expert ascending, as the general path does
         out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # [T, d]
         return out
