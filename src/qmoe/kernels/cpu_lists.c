@@ -52,8 +52,20 @@ static void walk_scalar(const int8_t *row, int64_t c0, int64_t cols, row_lists *
 }
 
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(QMOE_SCALAR_ONLY)
+#define LISTS_AVX2 1
 #include <immintrin.h>
-__attribute__((target("avx2,bmi"))) static void walk_avx2(const int8_t *row, int64_t cols, row_lists *L) {
+
+/* Whether this CPU runs the AVX2 paths below (the library also loads where it does not). */
+static int avx2_ok(void) {
+    static int ok = -1; /* a benign race: every thread computes the same value */
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx2");
+    }
+    return ok;
+}
+
+__attribute__((target("avx2"))) static void walk_avx2(const int8_t *row, int64_t cols, row_lists *L) {
     int64_t c = 0;
     for (; c + 32 <= cols; c += 32) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(row + c));
@@ -66,19 +78,11 @@ __attribute__((target("avx2,bmi"))) static void walk_avx2(const int8_t *row, int
     }
     walk_scalar(row, c, cols, L);
 }
-static int walk_ok(void) {
-    static int ok = -1; /* a benign race: every thread computes the same value */
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi");
-    }
-    return ok;
-}
 #endif
 
 static void walk(const int8_t *row, int64_t cols, row_lists *L) {
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(QMOE_SCALAR_ONLY)
-    if (walk_ok()) {
+#ifdef LISTS_AVX2
+    if (avx2_ok()) {
         walk_avx2(row, cols, L);
         return;
     }
@@ -125,11 +129,8 @@ static float sum_scalar(const uint8_t *g, int64_t n, const float *x) {
     return s;
 }
 
-#if (defined(__x86_64__) || defined(_M_X64)) && !defined(QMOE_SCALAR_ONLY)
-#define LISTS_AVX2 1
-#include <immintrin.h>
-
-__attribute__((target("avx2,fma"))) static float hsum(__m256 a) {
+#ifdef LISTS_AVX2
+__attribute__((target("avx2"))) static float hsum(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -139,7 +140,7 @@ __attribute__((target("avx2,fma"))) static float hsum(__m256 a) {
 /* Eight gaps per step: widen to int32, turn escapes into 255, prefix-sum within each 128-bit half, carry the
    low half's total into the high half, add the running column; then one gather of x under the mask of the
    lanes that hold a value (an escape lane loads nothing, so no load leaves x). */
-__attribute__((target("avx2,fma"))) static float sum_avx2(const uint8_t *g, int64_t n, const float *x) {
+__attribute__((target("avx2"))) static float sum_avx2(const uint8_t *g, int64_t n, const float *x) {
     __m256 acc = _mm256_setzero_ps();
     __m256i col = _mm256_set1_epi32(-1);
     const __m256i zero = _mm256_setzero_si256(), esc = _mm256_set1_epi32(255), ones = _mm256_set1_epi32(-1);
@@ -160,16 +161,6 @@ __attribute__((target("avx2,fma"))) static float sum_avx2(const uint8_t *g, int6
     return hsum(acc);
 }
 
-int64_t qmoe_lists_cpu_ok(void) {
-    static int ok = -1; /* a benign race: every thread computes the same value */
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    return ok;
-}
-#else
-int64_t qmoe_lists_cpu_ok(void) { return 0; }
 #endif
 
 int64_t qmoe_lists_item(const int64_t *m, const float *x, float *y, int64_t ntok, int64_t unused, int64_t r0,
@@ -179,19 +170,14 @@ int64_t qmoe_lists_item(const int64_t *m, const float *x, float *y, int64_t ntok
     const int64_t *s = (const int64_t *)(intptr_t)m[0];
     const uint8_t *G = (const uint8_t *)(intptr_t)m[1];
     const float *coef = (const float *)(intptr_t)m[2];
+    float (*sum)(const uint8_t *, int64_t, const float *) = sum_scalar;
 #ifdef LISTS_AVX2
-    if (qmoe_lists_cpu_ok()) {
-        for (int64_t r = r0; r < r1; r++) {
-            float sp = sum_avx2(G + s[2 * r], s[2 * r + 1] - s[2 * r], x);
-            float sn = sum_avx2(G + s[2 * r + 1], s[2 * r + 2] - s[2 * r + 1], x);
-            y[r] = coef[2 * r] * sp + coef[2 * r + 1] * sn;
-        }
-        return -1;
-    }
+    if (avx2_ok())
+        sum = sum_avx2;
 #endif
     for (int64_t r = r0; r < r1; r++) {
-        float sp = sum_scalar(G + s[2 * r], s[2 * r + 1] - s[2 * r], x);
-        float sn = sum_scalar(G + s[2 * r + 1], s[2 * r + 2] - s[2 * r + 1], x);
+        float sp = sum(G + s[2 * r], s[2 * r + 1] - s[2 * r], x);
+        float sn = sum(G + s[2 * r + 1], s[2 * r + 2] - s[2 * r + 1], x);
         y[r] = coef[2 * r] * sp + coef[2 * r + 1] * sn;
     }
     return -1;
