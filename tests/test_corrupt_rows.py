@@ -1,9 +1,10 @@
 """Every decoder against the codec's row-status rule on one corpus of corrupt matrices (corrupt_corpus.py).
 
 Decoders: the reference (bit by bit), the numba decoder (codes and weights), the CPU kernels (numba and the
-native C kernel, one token and a batch), the Triton preparation (``piece_index``, numpy only), the Triton
-kernels under ``TRITON_INTERPRET=1`` and ``qmoe decompress``. Each must raise exactly the rule's message
-(matrix and first bad row) or, where the rule finds the matrix sound, compute what the reference computes.
+native C kernel, one token and a batch), the decode step's column lists, the Triton preparation
+(``piece_index``, numpy only), the Triton kernels under ``TRITON_INTERPRET=1`` and ``qmoe decompress``. Each
+must raise exactly the rule's message (matrix and first bad row) or, where the rule finds the matrix sound,
+compute what the reference computes.
 A seeded fuzz (hypothesis) drives the cheap decoders through random mutations of random matrices.
 """
 
@@ -109,6 +110,28 @@ def test_cpu_kernels(mode: str) -> None:
                 _check(label, lambda e, t=tokens: cpu.matmul(e, _x(e, t)), _matmul_close(tokens))
     finally:
         cpu.set_kernel(before)
+
+
+def test_column_lists() -> None:
+    """The decode step's column lists (qmoe.kernels.lists) of every ternary entry: built only where the rule
+    finds the matrix sound, and then holding exactly its codes and computing its product."""
+    if not _native_ok():
+        pytest.skip("the native CPU kernel is unavailable here")
+    import torch
+
+    from qmoe.kernels import lists
+
+    def compare(enc, got) -> None:
+        codes = codec.decode_reference(enc)
+        for r in range(enc.shape[0]):
+            for sign in (1, -1):
+                assert lists.columns(got, r, sign) == np.flatnonzero(codes[r] == sign).tolist()
+        _matmul_close(1)(enc, lists.matvec([got], torch.from_numpy(_x(enc, 1))).numpy())
+
+    ternary = [label for label in LABELS if CORPUS[label].kind == "ternary"]
+    assert ternary
+    for label in ternary:
+        _check(label, lists.build, compare)
 
 
 @pytest.mark.parametrize("pieces", [1, 4])
