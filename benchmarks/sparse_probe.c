@@ -1,12 +1,11 @@
 // Probe for issue 26: how fast could a batch-1 ternary matvec run from a transcoded, index-list form of an
 // expert (decoded once from the entropy-coded stream, then kept), next to qmoe's kernel on the coded stream?
-// Not used by qmoe; benchmarks/sparse_probe.py compiles it, checks it against a float64 reference and times it.
+// Not used by qmoe; benchmarks/sparse_probe.py compiles it, checks it against a float64 reference and times it
+// beside qmoe's own column-list kernel (src/qmoe/kernels/cpu_lists.c, byte gaps), which grew out of this probe.
 //
 // A row r of a ternary matrix with levels lo[r] (code -1) and hi[r] (code +1) is y[r] = hi[r] * sum(x[P_r]) +
-// lo[r] * sum(x[N_r]), P_r and N_r its columns holding +1 and -1. Two layouts of the column lists:
-//   idx16: uint16 columns, each list padded to a multiple of 8 with the column `cols` (x[cols] == 0);
-//   gap8:  uint8 gaps from the previous column (the first from -1), each list padded to a multiple of 8 with
-//          gap 0, which means "advance 255 columns, no value" (so long gaps cost one more byte per 255).
+// lo[r] * sum(x[N_r]), P_r and N_r its columns holding +1 and -1. This file holds the 16-bit layout: uint16
+// columns, each list padded to a multiple of 8 with the column `cols` (x[cols] == 0).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -39,36 +38,6 @@ __attribute__((target("avx2,fma"))) void probe_idx16(int64_t rows, const int64_t
     for (int64_t r = 0; r < rows; r++) {
         float sp = sum16(idx + start[2 * r], start[2 * r + 1] - start[2 * r], x);
         float sn = sum16(idx + start[2 * r + 1], start[2 * r + 2] - start[2 * r + 1], x);
-        y[r] = hi[r] * sp + lo[r] * sn;
-    }
-}
-
-__attribute__((target("avx2,fma"))) static float sum8(const uint8_t *p, int64_t n, const float *x) {
-    __m256 acc = _mm256_setzero_ps();
-    __m256i base = _mm256_set1_epi32(-1);
-    const __m256i zero = _mm256_setzero_si256(), big = _mm256_set1_epi32(255);
-    const __m256i last = _mm256_set1_epi32(7), lo3 = _mm256_set_epi32(3, 3, 3, 3, 0, 0, 0, 0);
-    const __m256i himask = _mm256_set_epi32(-1, -1, -1, -1, 0, 0, 0, 0);
-    for (int64_t i = 0; i < n; i += 8) {
-        __m256i g = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i)));
-        __m256i esc = _mm256_cmpeq_epi32(g, zero);        // gap 0: advance 255, no value
-        __m256i v = _mm256_blendv_epi8(g, big, esc);
-        v = _mm256_add_epi32(v, _mm256_slli_si256(v, 4)); // prefix sums within each 128-bit half
-        v = _mm256_add_epi32(v, _mm256_slli_si256(v, 8));
-        __m256i carry = _mm256_and_si256(_mm256_permutevar8x32_epi32(v, lo3), himask);
-        v = _mm256_add_epi32(_mm256_add_epi32(v, carry), base);
-        base = _mm256_permutevar8x32_epi32(v, last);
-        __m256 m = _mm256_castsi256_ps(_mm256_xor_si256(esc, _mm256_set1_epi32(-1)));
-        acc = _mm256_add_ps(acc, _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, v, m, 4));
-    }
-    return hsum(acc);
-}
-
-__attribute__((target("avx2,fma"))) void probe_gap8(int64_t rows, const int64_t *start, const uint8_t *gaps,
-                                                    const float *lo, const float *hi, const float *x, float *y) {
-    for (int64_t r = 0; r < rows; r++) {
-        float sp = sum8(gaps + start[2 * r], start[2 * r + 1] - start[2 * r], x);
-        float sn = sum8(gaps + start[2 * r + 1], start[2 * r + 2] - start[2 * r + 1], x);
         y[r] = hi[r] * sp + lo[r] * sn;
     }
 }

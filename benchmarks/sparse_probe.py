@@ -7,13 +7,14 @@ dependent table lookups per row (docs/kernels.md, "Measured limits"), ~6 G weigh
 real-shaped Qwen3-30B-A3B model, where llama.cpp's whole IQ1_S token is about twice as fast as qmoe's expert
 kernel alone (docs/runtime.md). A runtime could instead decode each expert once, on its first use, into
 lists of the columns holding +1 and -1 per row, and compute ``y[r] = hi[r] sum(x[P_r]) + lo[r] sum(x[N_r])``
-with AVX2 gathers. This script measures that bound, one thread each, on random ternary matrices of the
-real-shaped model's expert shapes, next to qmoe's kernel on the same matrices in the same process, timed
-interleaved (medians of ``--reps`` calls):
+with AVX2 gathers (qmoe does so now). This script measures that, one thread each, on random ternary
+matrices of the real-shaped model's expert shapes, next to qmoe's stream kernel on the same matrices in the
+same process, timed interleaved (medians of ``--reps`` calls):
 
 - ``qmoe``: ``qmoe.kernels.matmul`` on the coded stream (the native lanes kernel), what runs today;
 - ``idx16``: uint16 column lists (``benchmarks/sparse_probe.c``);
-- ``gap8``: uint8 gaps between columns, decoded by an AVX2 prefix sum (smaller, a few more instructions).
+- ``lists``: qmoe's own column lists (``qmoe.kernels.lists``: uint8 gaps between columns, decoded by an AVX2
+  prefix sum; smaller than idx16, a few more instructions), through its kernel's entry point on all rows.
 
 Every output is checked against the float64 product with the reference-decoded matrix before timing. It
 prints each form's size in bits per weight and its speed as a ratio to qmoe's; it changes nothing in qmoe.
@@ -41,29 +42,17 @@ def _build() -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def _lists(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(start [2 rows + 1], idx16, start8, gap8) for ternary ``codes [rows, cols]`` (see sparse_probe.c)."""
+def _idx16(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start [2 rows + 1], idx16) for ternary ``codes [rows, cols]`` (see sparse_probe.c)."""
     rows, cols = codes.shape
-    idx, start, gaps, start8 = [], [0], [], [0]
+    idx, start = [], [0]
     for r in range(rows):
         for sign in (1, -1):
             c = np.flatnonzero(codes[r] == sign)
             pad = (-len(c)) % 8
             idx.append(np.concatenate([c, np.full(pad, cols)]).astype(np.uint16))
             start.append(start[-1] + len(c) + pad)
-            g, prev = [], -1
-            for col in c.tolist():
-                gap = col - prev
-                while gap > 255:  # escape: advance 255, no value
-                    g.append(0)
-                    gap -= 255
-                g.append(gap)
-                prev = col
-            g += [0] * ((-len(g)) % 8)
-            gaps.append(np.array(g, np.uint8))
-            start8.append(start8[-1] + len(g))
-    return (np.array(start, np.int64), np.concatenate(idx), np.array(start8, np.int64),
-            np.concatenate(gaps))
+    return np.array(start, np.int64), np.concatenate(idx)
 
 
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
@@ -97,6 +86,7 @@ def _measure(lib: ctypes.CDLL, rng: np.random.Generator, rows: int, cols: int, p
 
     from qmoe import codec, kernels
     from qmoe.codec.decode import dequantize
+    from qmoe.kernels import _native, lists
 
     p = [(1 - p0) / 2, p0, (1 - p0) / 2]
     codes = rng.choice([-1, 0, 1], size=(rows, cols), p=p).astype(np.int8)
@@ -104,8 +94,11 @@ def _measure(lib: ctypes.CDLL, rng: np.random.Generator, rows: int, cols: int, p
     hi = (rng.random(rows) + 0.1).astype(np.float16)
     enc = codec.encode_ternary(codes, lo, hi)
     w = dequantize(enc, backend="reference").astype(np.float64)  # [rows, cols]
-    assert np.array_equal(np.sign(w).astype(np.int8), codes)  # the lists below are the stream's own
-    start, idx, start8, gap8 = _lists(codes)
+    assert np.array_equal(np.sign(w).astype(np.int8), codes)  # the 16-bit lists below are the stream's own
+    start, idx = _idx16(codes)
+    listed = lists.build(enc)  # qmoe's column lists, called below through its own kernel's entry point
+    _, qlib = _native.lists()
+    qlib.qmoe_lists_item.argtypes = [ctypes.c_int64] * 7
     x = np.zeros(cols + 1, np.float32)  # x[cols] = 0: the padding column
     x[:cols] = rng.standard_normal(cols)
     lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
@@ -115,13 +108,13 @@ def _measure(lib: ctypes.CDLL, rng: np.random.Generator, rows: int, cols: int, p
     runs = {
         "qmoe": lambda: kernels.matmul(enc, xt),
         "idx16": lambda: lib.probe_idx16(n, _ptr(start), _ptr(idx), *lv, _ptr(x), _ptr(y16)),
-        "gap8": lambda: lib.probe_gap8(n, _ptr(start8), _ptr(gap8), *lv, _ptr(x), _ptr(y8)),
+        "lists": lambda: qlib.qmoe_lists_item(listed.address, x.ctypes.data, y8.ctypes.data, 1, 0, 0, rows),
     }
     for f in runs.values():
         f()
     want = w @ x[:cols].astype(np.float64)
     tol = 1e-5 * max(1.0, float((np.abs(w) @ np.abs(x[:cols].astype(np.float64))).max()))
-    for name, got in (("qmoe", runs["qmoe"]().numpy()[0]), ("idx16", y16), ("gap8", y8)):
+    for name, got in (("qmoe", runs["qmoe"]().numpy()[0]), ("idx16", y16), ("lists", y8)):
         err = float(np.abs(got - want).max())
         assert err <= tol, f"{name} differs from the float64 reference by {err:.3g} (> {tol:.3g})"
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -132,7 +125,7 @@ def _measure(lib: ctypes.CDLL, rng: np.random.Generator, rows: int, cols: int, p
             times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     size = {"qmoe": 8 * enc.nbytes / codes.size, "idx16": 16 * len(idx) / codes.size,
-            "gap8": 8 * len(gap8) / codes.size}
+            "lists": 8 * len(listed.gaps) / codes.size}
     for k in runs:
         print(f"{rows}x{cols:<5} {p0:5.3f} | {k:>5} {size[k]:7.3f} {med[k] * 1e6:9.1f} "
               f"{codes.size / med[k] / 1e9:6.2f} {med['qmoe'] / med[k]:7.2f}x")
