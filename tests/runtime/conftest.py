@@ -94,6 +94,25 @@ def qwen3_compressed(tmp_path_factory: pytest.TempPathFactory, qwen3_dense: Path
     return write_compressed(qwen3_dense, tmp_path_factory.mktemp("qwen3") / "compressed")
 
 
+def sixteen_bit_copy(src: Path, dst: Path, dtype) -> Path:
+    """``src`` with its non-expert tensors stored as ``dtype`` (as published checkpoints store them)."""
+    from qmoe.codec import load_shard, save_shard
+
+    shutil.copytree(src, dst)
+    for shard in sorted(dst.glob("*.safetensors")):
+        got = load_shard(shard)
+        if got.tensors:
+            save_shard(shard, {k: v.to(dtype) for k, v in got.tensors.items()}, got.encoded,
+                       metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def sixteen_bit():
+    """``sixteen_bit(src, dst, dtype)``: a copy of a compressed directory with 16-bit non-expert tensors."""
+    return sixteen_bit_copy
+
+
 @pytest.fixture(scope="session")
 def reference_of():
     """``reference_of(compressed_dir)``: the dense directory holding its dequantized expert weights."""

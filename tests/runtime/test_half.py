@@ -4,28 +4,11 @@ with tied embeddings (Switch); half the non-expert bytes; one-line refusals."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
 
 import qmoe
 from qmoe.errors import ConfigError
-
-
-def _sixteen_bit_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
-    """``src`` with its non-expert tensors stored as ``dtype`` (as published checkpoints store them)."""
-    from qmoe.codec import load_shard, save_shard
-
-    shutil.copytree(src, dst)
-    for shard in sorted(dst.glob("*.safetensors")):
-        got = load_shard(shard)
-        tensors, encoded = got.tensors, got.encoded
-        if tensors:
-            half = {k: v.to(dtype) for k, v in tensors.items()}
-            save_shard(shard, half, encoded, metadata={"format": "pt"})
-    return dst
 
 
 def _logits(model, ids: torch.Tensor, **kw) -> torch.Tensor:
@@ -37,10 +20,10 @@ def _logits(model, ids: torch.Tensor, **kw) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("which", ["qwen3_compressed", "switch_compressed"])
-def test_same_logits_as_the_float32_load(which, dtype, request, tmp_path) -> None:
+def test_same_logits_as_the_float32_load(which, dtype, request, tmp_path, sixteen_bit) -> None:
     from qmoe.runtime.half import HalfEmbedding, HalfLinear
 
-    path = _sixteen_bit_copy(request.getfixturevalue(which), tmp_path / "m", dtype)
+    path = sixteen_bit(request.getfixturevalue(which), tmp_path / "m", dtype)
     half, wide = qmoe.load(path), qmoe.load(path, half_weights=False)
     linears = [m for m in half.modules() if isinstance(m, HalfLinear)]
     assert linears and any(isinstance(m, HalfEmbedding) for m in half.modules())
@@ -61,8 +44,8 @@ def test_same_logits_as_the_float32_load(which, dtype, request, tmp_path) -> Non
     assert kept < 0.6 * full
 
 
-def test_generation_with_cache_matches(qwen3_compressed, tmp_path) -> None:
-    path = _sixteen_bit_copy(qwen3_compressed, tmp_path / "m", torch.bfloat16)
+def test_generation_with_cache_matches(qwen3_compressed, tmp_path, sixteen_bit) -> None:
+    path = sixteen_bit(qwen3_compressed, tmp_path / "m", torch.bfloat16)
     half, wide = qmoe.load(path), qmoe.load(path, half_weights=False)
     ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -74,12 +57,12 @@ def test_generation_with_cache_matches(qwen3_compressed, tmp_path) -> None:
     assert describe(wide).startswith("float32, experts compressed")
 
 
-def test_float32_checkpoints_and_other_dtypes_load_as_before(qwen3_compressed, tmp_path) -> None:
+def test_float32_checkpoints_and_other_dtypes_load_as_before(qwen3_compressed, tmp_path, sixteen_bit) -> None:
     from qmoe.runtime.half import HalfLinear
 
     model = qmoe.load(qwen3_compressed)  # the fixture's checkpoint is float32: nothing to keep
     assert not any(isinstance(m, HalfLinear) for m in model.modules())
-    path = _sixteen_bit_copy(qwen3_compressed, tmp_path / "m", torch.bfloat16)
+    path = sixteen_bit(qwen3_compressed, tmp_path / "m", torch.bfloat16)
     model = qmoe.load(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with pytest.raises(ConfigError, match="half_weights=True cannot apply") as info:

@@ -35,11 +35,12 @@ from qmoe.errors import BackendUnavailable
 SOURCE = Path(__file__).with_name("cpu_lanes.c")
 DENSE16 = Path(__file__).with_name("dense16.c")  # the dense 16-bit kernel, built into the same library
 LISTS = Path(__file__).with_name("cpu_lists.c")  # the column-list kernel (qmoe.kernels.lists), likewise
+DENSE8 = Path(__file__).with_name("dense8.c")  # the int8 dense kernel (qmoe.kernels.dense8), likewise
 
 
 def sources() -> tuple[Path, ...]:
-    """What the one library is compiled from: the lanes, dense 16-bit and column-list kernels."""
-    return (SOURCE, DENSE16, LISTS)
+    """What the one library is compiled from: the lanes, dense 16-bit, column-list and int8 dense kernels."""
+    return (SOURCE, DENSE16, LISTS, DENSE8)
 ABI = 2 * 1000 + 20  # QMOE_NATIVE_ABI * 1000 + NMETA in cpu_lanes.c; NMETA = qmoe.kernels._cpu_numba.NMETA
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-strict-aliasing"]
 COMPILE_TIMEOUT_S = 120
@@ -220,7 +221,7 @@ def load() -> int:
         finally:
             os.close(fd)
         for name in ("qmoe_native_abi", "qmoe_native_cpu_ok", "qmoe_native_item", "qmoe_dense16_item",
-                     "qmoe_lists_item", "qmoe_lists_size", "qmoe_lists_fill"):
+                     "qmoe_dense8_item", "qmoe_lists_item", "qmoe_lists_size", "qmoe_lists_fill"):
             getattr(lib, name).restype = ctypes.c_int64
         for name in ("qmoe_lists_size", "qmoe_lists_fill"):
             getattr(lib, name).argtypes = [ctypes.c_int64] * (4 if name.endswith("size") else 5)
@@ -235,6 +236,7 @@ def load() -> int:
     _state["addr"] = ctypes.cast(lib.qmoe_native_item, ctypes.c_void_p).value
     _state["dense16"] = ctypes.cast(lib.qmoe_dense16_item, ctypes.c_void_p).value
     _state["lists"] = ctypes.cast(lib.qmoe_lists_item, ctypes.c_void_p).value
+    _state["dense8"] = ctypes.cast(lib.qmoe_dense8_item, ctypes.c_void_p).value
     return _state["addr"]  # type: ignore[return-value]
 
 
@@ -243,6 +245,13 @@ def dense16() -> int:
     loaded on first call); BackendUnavailable when the library cannot be."""
     load()
     return _state["dense16"]  # type: ignore[return-value]
+
+
+def dense8() -> int:
+    """The address of ``qmoe_dense8_item`` (dense8.c), from the same library as ``load``'s; BackendUnavailable
+    when the library cannot be loaded."""
+    load()
+    return _state["dense8"]  # type: ignore[return-value]
 
 
 def lists() -> tuple[int, ctypes.CDLL]:

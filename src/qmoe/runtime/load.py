@@ -230,7 +230,7 @@ def check_device_memory(model: Any, device: Any) -> None:
 
 
 def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str | None = None,
-         mapped: bool = True, half_weights: bool | None = None) -> Any:
+         mapped: bool = True, half_weights: bool | None = None, int8_weights: bool = False) -> Any:
     """The compressed model in ``path`` as a transformers model in eval mode (see the module docstring).
 
     ``dtype`` is that of the non-expert weights and activations (default float32: this is what CPUs run
@@ -244,6 +244,9 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
     stores in fp16/bf16 in that type and widen them in registers (``qmoe.runtime.half``: the same results,
     half the memory and bytes per token). Default (None): whenever the checkpoint stores them so and the
     native kernel is available; False: widen them to float32 at load, as before.
+    ``int8_weights``: on the CPU with float32 activations, quantize the non-expert Linear weights (attention,
+    LM head; not routers, embeddings or norms) to int8 with a scale per output row (``qmoe.runtime.int8``):
+    half the bytes a decode step reads of 16-bit weights, at the cost of their rounding (docs/results.md).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -253,6 +256,11 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
 
     path, cfg, _ = check_dir(path)
     auto = AutoModelForSeq2SeqLM if get_adapter(cfg).is_encoder_decoder else AutoModelForCausalLM
+    if int8_weights and (torch.device(device).type != "cpu" or dtype not in (None, torch.float32)):
+        from qmoe.errors import ConfigError
+
+        raise ConfigError(f"int8_weights=True is a CPU path for float32 activations, not device {device!r} "
+                          f"with dtype {dtype}; load with device='cpu' and the default dtype, or without it")
     half = _half_dtype(path, device, dtype, half_weights)
     token = MAPPED.set(mapped)
     try:
@@ -272,6 +280,11 @@ def load(path: str | Path, device: str = "cpu", dtype: Any = None, backend: str 
         from qmoe.runtime.half import narrow
 
         narrow(model, get_adapter(cfg).wide_linears)
+    if int8_weights:
+        from qmoe.runtime.int8 import quantize_linears, routers
+
+        adapter = get_adapter(cfg)
+        quantize_linears(model, adapter.wide_linears, routers(model, adapter.router))
     check_device_memory(model, device)
     model.to(device)
     for m in model.modules():
