@@ -1,7 +1,8 @@
 """Weight-only int8 non-expert Linears (qmoe.runtime.int8, ``qmoe.load(int8_weights=True)``): the model
-computes exactly what the float32 model with its Linear weights replaced by their dequantized int8 values computes
-(prompt through torch, single tokens through the native kernel, cached generation), on a decoder (Qwen3-MoE)
-and an encoder-decoder with a tied head (Switch); routers, embeddings and norms stay; one-line refusals."""
+computes exactly what the float32 model with its Linear weights replaced by their dequantized int8 values
+computes (prompt through torch, single tokens through the native kernel, cached generation), on a decoder
+(Qwen3-MoE) and an encoder-decoder with a tied head (Switch); routers, embeddings and norms stay; one-line
+refusals."""
 
 from __future__ import annotations
 

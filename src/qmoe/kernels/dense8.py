@@ -67,7 +67,8 @@ def matmul8(Q: Tensor, s: Tensor, x: Tensor, native: bool | None = None) -> Tens
     if (Q.dtype != torch.int8 or Q.dim() != 2 or s.dtype != torch.float32 or s.shape != (Q.shape[0],)
             or x.dim() != 2 or x.shape[1] != Q.shape[1]):
         raise ValueError(f"matmul8 takes Q [rows, cols] int8, s [rows] float32 and x [T, cols]; got Q "
-                         f"{Q.dtype}{tuple(Q.shape)}, s {s.dtype}{tuple(s.shape)}, x {x.dtype}{tuple(x.shape)}")
+                         f"{Q.dtype}{tuple(Q.shape)}, s {s.dtype}{tuple(s.shape)}, "
+                         f"x {x.dtype}{tuple(x.shape)}")
     T = x.shape[0]
     if native is None:
         native = T <= SMALL_BATCH and Q.device.type == "cpu" and available()
