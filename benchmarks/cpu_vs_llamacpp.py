@@ -2,7 +2,8 @@
 
     python benchmarks/cpu_vs_llamacpp.py [--layers 6] [--reps 5] [--threads 2] [--json FILE]
         [--llama F16 IQ1_S TQ1_0 IQ2_XXS] [--qmoe ternary 2] [--dense bf16] [--calib-samples 64]
-        [--build-nice 19] [--prepare-only] [--profile] [--qmoe-stream] [--qmoe-fp32] [--qmoe-bf16]
+        [--build-nice 19] [--prepare-only] [--profile] [--qmoe-stream] [--qmoe-int8] [--qmoe-fp32]
+        [--qmoe-bf16]
 
 The model: ``benchmarks/realshape.py``, Qwen3-30B-A3B's layer shapes (hidden 2048, 32/4 heads of 128, 128
 experts of 768, top-8) with ``--layers`` layers, random bf16 weights and tiny-qwen3-moe's 8,192-token
@@ -305,8 +306,11 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
         # bf16 and widened in registers, activations float32 (qmoe.runtime.half); qmoe-fp32: those weights
         # widened to float32 at load (the default before); qmoe-bf16: weights and activations bf16. The
         # experts compute in float32 in all three.
+        # qmoe-int8: the attention and head Linears quantized to int8 at load (qmoe.runtime.int8).
         if kind == "qmoe-bf16":
             model = qmoe.load(path, dtype=torch.bfloat16)
+        elif kind == "qmoe-int8":
+            model = qmoe.load(path, int8_weights=True)
         else:
             model = qmoe.load(path, half_weights=False if kind == "qmoe-fp32" else None)
     else:
@@ -493,6 +497,10 @@ def main() -> None:
         "coded stream (QMOE_EXPERT_LISTS=0, the runtime before column lists)",
     )
     ap.add_argument(
+        "--qmoe-int8", action="store_true", help="also qmoe ternary with its attention and head weights "
+        "quantized to int8 at load (qmoe.load(int8_weights=True))",
+    )
+    ap.add_argument(
         "--qmoe-fp32", action="store_true", help="also qmoe ternary with its non-expert weights widened to "
         "float32 at load (qmoe.load(half_weights=False), the default before qmoe.runtime.half)"
     )
@@ -525,6 +533,9 @@ def main() -> None:
     if args.qmoe_stream and "ternary" in args.qmoe:
         ternary = variants["qmoe default ternary"][1]
         variants["qmoe default ternary, no column lists"] = ("qmoe-stream", ternary)
+    if args.qmoe_int8 and "ternary" in args.qmoe:
+        ternary = variants["qmoe default ternary"][1]
+        variants["qmoe default ternary, int8 non-expert weights"] = ("qmoe-int8", ternary)
     if args.qmoe_fp32 and "ternary" in args.qmoe:
         variants["qmoe default ternary, float32 non-expert weights"] = (
             "qmoe-fp32",

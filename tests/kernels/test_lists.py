@@ -182,3 +182,39 @@ def test_decode_fast_path_uses_the_lists_and_matches_the_stream_kernel(monkeypat
     scale = outs["stream"].abs().max()
     for name in ("lists", "mixed"):
         assert (outs[name] - outs["stream"]).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize(("act", "gated", "nf"), [("silu", True, 1), ("silu", True, 2), ("relu", False, 1)])
+def test_moe_step_is_the_layer_in_float64(act, gated, nf):
+    """One token's experts in one call (fused gate_up as transformers 5 holds them, separate gate and up,
+    a plain activation), against float64 products of the reference decoder's matrices. Experts 1, 4, 6 of
+    8; ``out`` starts non-zero (moe_step adds to it)."""
+    rng = np.random.default_rng(11)
+    E, d, inner = 8, 45, 19  # widths not multiples of 8
+    rows = inner * (2 if gated else 1) // nf  # of each first projection
+    first = [[_ternary(rng, rows, d, 0.7)[1] for _ in range(nf)] for _ in range(E)]
+    second = [_ternary(rng, d, inner, 0.7)[1] for _ in range(E)]
+    built = [[lists.build(m) for m in f] + [lists.build(s)] for f, s in zip(first, second, strict=True)]
+    addr = np.array([[m.address for m in b] for b in built], dtype=np.int64)  # [E, nf + 1]
+    experts = np.array([1, 4, 6], dtype=np.int64)
+    weights = rng.random(3).astype(np.float32)
+    x = torch.randn(d)
+    out = torch.randn(1, d)
+    start = out.clone().double().numpy()[0]
+    lists.moe_step(addr, experts, weights, x, out, inner, act, gated)
+
+    def dense(m):
+        return dequantize(m, backend="reference").astype(np.float64)
+
+    want = start.copy()
+    xd = x.double().numpy()
+    for e, w in zip(experts.tolist(), weights.tolist(), strict=True):
+        h = np.concatenate([dense(m) @ xd for m in first[e]])
+        a = h[:inner]
+        a = a / (1 + np.exp(-a)) if act == "silu" else np.maximum(a, 0)
+        hidden = a * h[inner:] if gated else a
+        want += w * (dense(second[e]) @ hidden)
+    budget = 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(out.double().numpy()[0] - want).max() <= budget
+    with pytest.raises(ValueError, match="moe_step computes \\['relu', 'silu', 'swish'\\], not 'gelu'"):
+        lists.moe_step(addr, experts, weights, x, out, inner, "gelu", gated)

@@ -77,3 +77,35 @@ def test_single_token_experts_match_the_dense_reference(int2, backend, monkeypat
         want = _dense(m, x, token, expert, weight)
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     assert len(taken) == 2  # the first two calls took the fast path, the last two did not
+
+
+@pytest.mark.parametrize("budget", ["", "0.001"])
+def test_the_fused_decode_step_is_the_layer(budget, monkeypatch):
+    """Single-token calls with the experts' activation named (as loaded layers have it) take the fused step
+    (qmoe.kernels.lists.moe_step) once every routed expert has lists; with a budget that lists one matrix
+    only, every call takes the two-stage path (lists for that matrix, the stream kernel for the rest). Both
+    against the dense float64 layer."""
+    from qmoe.kernels import lists
+
+    monkeypatch.setenv("QMOE_EXPERT_LISTS", budget)
+    lists.reset()
+    try:
+        if lists.cache() is None:
+            pytest.skip("no native kernel here")
+        rng = np.random.default_rng(9)
+        m = _layer(rng, False)
+        m.activation, m.backend = "silu", "cpu"
+        steps = []
+        real = lists.moe_step
+        monkeypatch.setattr(lists, "moe_step", lambda *a: steps.append(1) or real(*a))
+        for _ in range(6):
+            x = torch.from_numpy(rng.standard_normal((1, D)).astype(np.float32))
+            expert = torch.from_numpy(rng.choice(E, size=3, replace=False)).long()
+            token, weight = torch.zeros(3, dtype=torch.long), torch.from_numpy(rng.random(3).astype(np.float32))
+            got = m(x, token, expert, weight).double().numpy()
+            want = _dense(m, x, token, expert, weight)
+            assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+        assert len(steps) == (6 if budget == "" else 0)
+        assert len(lists.cache()) == (len(m._step_lists) if budget == "" else 1)
+    finally:
+        lists.reset()

@@ -11,6 +11,10 @@ real-shaped model's expert shapes.
 - ``build(enc)`` -> ``Lists`` (native); ``build_reference(enc)``: the same bytes in plain Python, and
   ``columns(lists)`` reads them back, both for the tests.
 - ``matvec(lists, x, which)``: one parallel call for several (matrix, token) pairs.
+- ``moe_step(...)``: one MoE layer's routed experts for one token in one call: every first projection,
+  the activation, every second projection and the gate-weighted sum (``qmoe.runtime.experts`` uses it
+  for a decode step whose experts all have lists; tested against float64 products of the reference
+  decoder's matrices).
 - ``cache()``: the process's ``ListCache``, which builds a matrix's lists on first use while the bytes it
   holds stay under its budget (``QMOE_EXPERT_LISTS``: MiB, ``0`` or ``off`` to disable; default a quarter
   of the machine's RAM) and otherwise leaves the matrix to the stream kernel, so a model larger than memory
@@ -175,6 +179,81 @@ def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None
     old = numba.set_parallel_chunksize(1)
     try:
         _compiled()(fn, calls, ROWS_PER_ITEM)
+    finally:
+        numba.set_parallel_chunksize(old)
+    return out
+
+
+ACTIVATIONS = {"silu": 1, "swish": 1, "relu": 2}  # the experts' activations moe_step computes, by config name
+_step = None
+
+
+def _compiled_step():  # moe_step's numba driver, compiled on first use (cached on disk by numba)
+    global _step
+    if _step is None:
+        from numba import njit, prange
+
+        from qmoe.kernels._cpu_numba import _call_native
+
+        @njit(cache=True, parallel=True, nogil=True)
+        def step(fn, addr, experts, weights, x, h, g, y, out, act, gated, rpi):  # pragma: no cover - compiled
+            # addr [E, F + 1]: Lists.address of each expert's F first projections and its second one;
+            # experts [k] ascending, weights [k]; x [cols]; h [k, F * R]; g [k, I]; y [k, d]; out [d] (+=)
+            k, nf = experts.shape[0], addr.shape[1] - 1
+            R, inner, d = h.shape[1] // nf, g.shape[1], y.shape[1]
+            n1 = (R + rpi - 1) // rpi
+            for i in prange(k * nf * n1):  # first projections: h[j, p*R : (p+1)*R] = x @ W_{e_j, p}^T
+                jp = i // n1
+                j, p = jp // nf, jp % nf
+                r0 = (i - jp * n1) * rpi
+                _call_native(fn, addr[experts[j], p], np.int64(x.ctypes.data),
+                             np.int64(h.ctypes.data + 4 * (j * h.shape[1] + p * R)), np.int64(1), np.int64(0),
+                             r0, min(r0 + rpi, R))
+            for j in range(k):  # the activation: act(gate) * up over h's two halves, or act(h)
+                for c in range(inner):
+                    a = h[j, c]
+                    a = a / (1.0 + np.exp(-a)) if act == 1 else max(a, 0.0)
+                    g[j, c] = a * h[j, inner + c] if gated else a
+            n2 = (d + rpi - 1) // rpi
+            for i in prange(k * n2):  # second projections: y[j] = g[j] @ W_{e_j, F}^T
+                j = i // n2
+                r0 = (i - j * n2) * rpi
+                _call_native(fn, addr[experts[j], nf], np.int64(g.ctypes.data + 4 * j * inner),
+                             np.int64(y.ctypes.data + 4 * j * d), np.int64(1), np.int64(0), r0, min(r0 + rpi, d))
+            for j in range(k):  # expert by expert in ascending order, as index_add_ adds them
+                for c in range(d):
+                    out[c] += weights[j] * y[j, c]
+
+        _step = step
+    return _step
+
+
+def moe_step(addr: np.ndarray, experts: np.ndarray, weights: np.ndarray, x: Tensor, out: Tensor, inner: int,
+             act: str, gated: bool) -> Tensor:
+    """``out += sum_j weights[j] * second_j(act(first_j(x)))`` for one token ``x [cols]`` and its ``k`` experts
+    ``experts [k]`` (int64, ascending, distinct) with gate weights ``weights [k]`` float32, all in one
+    parallel call. ``addr [E, F + 1]`` int64 holds ``Lists.address`` of every expert's ``F`` first
+    projections (``R`` rows each, fused in that order) and of its second one (``d`` rows); the caller keeps
+    those Lists alive. ``inner``: the second projection's columns (``R`` or, gated, ``F*R/2``); ``act`` a key
+    of ``ACTIVATIONS``; ``out [d]`` float32, contiguous."""
+    import numba
+
+    from qmoe.kernels import _native
+
+    if act not in ACTIVATIONS:
+        raise ValueError(f"moe_step computes {sorted(ACTIVATIONS)}, not {act!r}")
+    fn, _ = _native.lists()
+    k, nf = len(experts), addr.shape[1] - 1
+    rows = inner * (2 if gated else 1) // nf  # of each first projection
+    d = out.shape[-1]
+    h = np.empty((k, nf * rows), dtype=np.float32)
+    g = np.empty((k, inner), dtype=np.float32)
+    y = np.empty((k, d), dtype=np.float32)
+    xs = x.detach().float().contiguous().view(-1)  # [cols], kept alive for the call
+    old = numba.set_parallel_chunksize(1)  # dynamic scheduling, as matvec
+    try:
+        _compiled_step()(fn, addr, experts, weights, xs.numpy(), h, g, y, out.view(-1).numpy(),
+                         ACTIVATIONS[act], gated, ROWS_PER_ITEM)
     finally:
         numba.set_parallel_chunksize(old)
     return out

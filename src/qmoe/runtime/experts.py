@@ -68,6 +68,10 @@ class CompressedExperts(nn.Module):
         self.prepare_count = 0  # how often the experts were packed for a device (tests, diagnostics)
         self.dropped: tuple[int, ...] = ()  # experts with no weights: the router never chooses them
         self.drop_router: Callable[[], None] | None = None  # masks the router (after transformers loads it)
+        # The fused decode step's table (``_fused_step``): [E, F + 1] Lists addresses of each expert's
+        # projections in layout.projections order; 0 not looked up yet, -1 none (the stream kernel's).
+        self._step_table: np.ndarray | None = None
+        self._step_lists: dict[tuple[int, int], Any] = {}  # the Lists behind the table, kept alive here
 
     def drop(self, dropped: tuple[int, ...]) -> None:
         """Experts ``dropped`` have no weights. Each holds an all-zero placeholder of its shape, so that the
@@ -175,6 +179,8 @@ class CompressedExperts(nn.Module):
             order = torch.argsort(r.expert)  # its k experts in ascending order, as group_by_expert gives them
             experts = r.expert[order].tolist()
             if len(set(experts)) == len(experts):  # each once (a router may repeat none of them)
+                if backend == "cpu" and self._fused_step(x, experts, r.weight[order], out):
+                    return out
                 return self._forward_single(x, experts, [0] * len(experts), r.token[order], r.weight[order],
                                             out, backend)
         groups = group_by_expert(r)  # [(e, token [t_e], gate [t_e])], ascending e as in transformers
@@ -217,6 +223,40 @@ class CompressedExperts(nn.Module):
         # index_add_ adds the rows in index order, i.e. expert by expert ascending, as the general path does
         out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))  # [T, d]
         return out
+
+    def _fused_step(self, x: Tensor, experts: list[int], w: Tensor, out: Tensor) -> bool:
+        """One token's experts in one native call (``qmoe.kernels.lists.moe_step``: both stages, the
+        activation and the gate-weighted sum) when every one of them has column lists, the activation is one
+        it computes and the output is float32; False otherwise (the caller then takes ``_forward_single``,
+        which builds lists on first use). The Python and small torch ops around two kernel calls cost a
+        decode step on Qwen3-30B-A3B's shapes ~1.3 ms per layer (docs/runtime.md, issue 26)."""
+        from qmoe.adapters.base import GLU
+        from qmoe.kernels import lists
+
+        glu = self.glu
+        if (out.dtype != torch.float32 or not isinstance(glu, GLU) or self.activation not in lists.ACTIVATIONS
+                or lists.cache() is None):
+            return False
+        if self._step_table is None:
+            self._step_table = np.zeros((self.num_experts, len(self.layout.projections)), dtype=np.int64)
+        table, e = self._step_table, np.asarray(experts, dtype=np.int64)
+        rows = table[e]  # [k, F + 1]
+        if (rows < 0).any():
+            return False
+        if not rows.all():
+            cache = lists.cache()
+            for ex in experts:
+                for i, p in enumerate(self.layout.projections):
+                    if table[ex, i] == 0:
+                        got = cache.get(self.matrix(p, ex))  # builds the lists on first use, within budget
+                        table[ex, i] = -1 if got is None else got.address
+                        if got is not None:
+                            self._step_lists[(ex, i)] = got
+            if (table[e] <= 0).any():
+                return False
+        inner = self.shapes[self.layout.second][1]
+        lists.moe_step(table, e, w.float().contiguous().numpy(), x, out, inner, self.activation, glu.gated)
+        return True
 
     def _bias(self, proj: str, e: int | Tensor) -> Tensor | float:
         """``proj``'s bias for expert ``e`` (``[rows]``), or for each pair's expert ``e [n]`` (``[n, rows]``);
