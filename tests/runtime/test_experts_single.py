@@ -101,7 +101,8 @@ def test_the_fused_decode_step_is_the_layer(budget, monkeypatch):
         for _ in range(6):
             x = torch.from_numpy(rng.standard_normal((1, D)).astype(np.float32))
             expert = torch.from_numpy(rng.choice(E, size=3, replace=False)).long()
-            token, weight = torch.zeros(3, dtype=torch.long), torch.from_numpy(rng.random(3).astype(np.float32))
+            token = torch.zeros(3, dtype=torch.long)
+            weight = torch.from_numpy(rng.random(3).astype(np.float32))
             got = m(x, token, expert, weight).double().numpy()
             want = _dense(m, x, token, expert, weight)
             assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())

@@ -219,7 +219,8 @@ def _compiled_step():  # moe_step's numba driver, compiled on first use (cached 
                 j = i // n2
                 r0 = (i - j * n2) * rpi
                 _call_native(fn, addr[experts[j], nf], np.int64(g.ctypes.data + 4 * j * inner),
-                             np.int64(y.ctypes.data + 4 * j * d), np.int64(1), np.int64(0), r0, min(r0 + rpi, d))
+                             np.int64(y.ctypes.data + 4 * j * d), np.int64(1), np.int64(0), r0,
+                             min(r0 + rpi, d))
             for j in range(k):  # expert by expert in ascending order, as index_add_ adds them
                 for c in range(d):
                     out[c] += weights[j] * y[j, c]
@@ -230,8 +231,8 @@ def _compiled_step():  # moe_step's numba driver, compiled on first use (cached 
 
 def moe_step(addr: np.ndarray, experts: np.ndarray, weights: np.ndarray, x: Tensor, out: Tensor, inner: int,
              act: str, gated: bool) -> Tensor:
-    """``out += sum_j weights[j] * second_j(act(first_j(x)))`` for one token ``x [cols]`` and its ``k`` experts
-    ``experts [k]`` (int64, ascending, distinct) with gate weights ``weights [k]`` float32, all in one
+    """``out += sum_j weights[j] * second_j(act(first_j(x)))`` for one token ``x [cols]`` and its ``k``
+    experts ``experts [k]`` (int64, ascending, distinct) with gate weights ``weights [k]`` float32, all in one
     parallel call. ``addr [E, F + 1]`` int64 holds ``Lists.address`` of every expert's ``F`` first
     projections (``R`` rows each, fused in that order) and of its second one (``d`` rows); the caller keeps
     those Lists alive. ``inner``: the second projection's columns (``R`` or, gated, ``F*R/2``); ``act`` a key
