@@ -112,16 +112,18 @@ def unigram_baseline(tokenizer: Any, objective: str, arrays: tuple, train_split:
 
 def evaluate(source: Any, split: str | None = "validation", data: str | None = None,
              samples: int | None = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, batch_size: int = 32,
-             progress: bool = False, device: Any = "cpu", backend: str | None = None) -> EvalResult:
+             progress: bool = False, device: Any = "cpu", backend: str | None = None,
+             int8_weights: bool = False) -> EvalResult:
     """Loss of ``source`` (built-in name, model directory, or a loaded (model, tokenizer) pair), computed
-    on ``device`` (compressed experts with kernel ``backend``, default by device)."""
+    on ``device`` (compressed experts with kernel ``backend``, default by device; ``int8_weights``: see
+    ``qmoe.sources.load_model``)."""
     from qmoe.sources import load_model
 
     name, texts = eval_texts(split, data)  # cheap input checks before the model is loaded
     if isinstance(source, tuple):
         model, tokenizer = source
     else:
-        model, tokenizer, _ = load_model(source, device=device, backend=backend)
+        model, tokenizer, _ = load_model(source, device=device, backend=backend, int8_weights=int8_weights)
     objective, arrays = eval_samples(model, tokenizer, texts, samples, seed)
     loss, tokens = model_loss(model, arrays, batch_size, progress)
     if not math.isfinite(loss):

@@ -90,12 +90,13 @@ def is_compressed(cfg: dict[str, Any]) -> bool:
 
 
 def load_model(source: str | Path, dtype: Any = None, device: Any = "cpu",
-               backend: str | None = None) -> tuple[Any, Any, Path]:
+               backend: str | None = None, int8_weights: bool = False) -> tuple[Any, Any, Path]:
     """(model, tokenizer, dir) for a built-in name, a dense HF directory or a qmoe-compressed directory.
 
     Dense models load in float32 (CPU paths stay in fp32; this machine has no native bf16). ``device``: where
     the whole model lives (for a compressed one, its encoded experts too); ``backend``: the kernel backend of
-    compressed experts (default by device, see ``qmoe.runtime.load``).
+    compressed experts (default by device, see ``qmoe.runtime.load``); ``int8_weights``: a compressed model's
+    attention and head quantized to int8 at load (``qmoe.runtime.int8``; ConfigError for a dense source).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -118,7 +119,13 @@ def load_model(source: str | Path, dtype: Any = None, device: Any = "cpu",
     if is_compressed(cfg):
         from qmoe.runtime.load import load
 
-        return load(path, device=str(resolve_device(device)), backend=backend), tokenizer, path
+        model = load(path, device=str(resolve_device(device)), backend=backend, int8_weights=int8_weights)
+        return model, tokenizer, path
+    if int8_weights:
+        from qmoe.errors import ConfigError
+
+        raise ConfigError(f"--int8-weights quantizes the attention and head of a qmoe-compressed model; "
+                          f"{source} is a dense model (drop --int8-weights, or pass a compressed directory)")
     config = AutoConfig.from_pretrained(str(path))
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:

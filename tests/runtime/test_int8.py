@@ -6,6 +6,8 @@ refusals."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,37 @@ def test_refused_where_it_cannot_apply(qwen3_compressed) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="not device 'cuda'"):
         qmoe.load(qwen3_compressed, device="cuda", int8_weights=True)
+
+
+def test_cli_flag_quantizes_the_compressed_model_only(qwen3_compressed, reference_of, capsys) -> None:
+    """``qmoe eval --int8-weights`` scores the int8 load (its loss is the library's, and not the default
+    one); ``qmoe generate --int8-weights --compare`` quantizes the compressed side only; a dense source is
+    refused in one line."""
+    import json
+
+    from qmoe.cli import main
+    from qmoe.evaluation import evaluate
+
+    assert main(["eval", str(qwen3_compressed), "--samples", "8", "--json", "--int8-weights"]) == 0
+    got = json.loads(capsys.readouterr().out)["loss"]
+    want = evaluate((qmoe.load(qwen3_compressed, int8_weights=True), _tokenizer(qwen3_compressed)), samples=8)
+    default = evaluate(str(qwen3_compressed), samples=8)
+    assert got == pytest.approx(want.loss, abs=1e-6) and got != pytest.approx(default.loss, abs=1e-6)
+    dense = reference_of(qwen3_compressed)
+    argv = ["generate", str(qwen3_compressed), "--prompt", "In the beginning", "--max-new-tokens", "2",
+            "--repeats", "1", "--compare", str(dense), "--int8-weights"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"  {dense}: " in err and "[dense float32]" in err
+    assert re.search(rf"^  {re.escape(str(qwen3_compressed))}: .*\[int8 attention and head, float32, experts "
+                     "compressed", err, re.MULTILINE), err
+    assert main(["eval", str(dense), "--samples", "8", "--int8-weights"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--int8-weights quantizes the attention and head of a qmoe-compressed model" in err
+    assert "is a dense model" in err and "\n" not in err
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--backend`` for the commands that run a model (``eval``, ``generate``)."""
+    """``--device``, ``--backend`` and ``--int8-weights`` for the commands that run a model (``eval``,
+    ``generate``)."""
     p.add_argument(
         "--device",
         default="cpu",
@@ -19,4 +20,10 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         choices=["cpu", "triton", "reference"],
         help="kernel backend of compressed experts (default: triton on CUDA, cpu otherwise; "
         "triton on the CPU needs TRITON_INTERPRET=1, for tests)",
+    )
+    p.add_argument(
+        "--int8-weights",
+        action="store_true",
+        help="CPU: quantize a compressed model's attention and head weights to int8 at load (a scale per "
+        "row): half the bytes a generated token reads, at a measured loss cost (docs/results.md)",
     )

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     res = evaluate(args.source, split=None if args.data else args.split or "validation", data=args.data,
                    samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                   progress=sys.stderr.isatty() or not args.json, device=args.device, backend=args.backend)
+                   progress=sys.stderr.isatty() or not args.json, device=args.device, backend=args.backend,
+                   int8_weights=args.int8_weights)
     if args.json:
         print(json.dumps({"source": str(args.source), **res.to_dict()}))
     else:
@@ -99,7 +100,7 @@ def run_harness(args: argparse.Namespace) -> int:
         include_path=tuple(args.include_path), options=parse_args_string(args.lm_eval_args, "--lm-eval-args"),
         model_args=parse_args_string(args.model_args, "--model-args"))
     res = run_harness(args.source, config, reference=args.reference, compare_reference=not args.no_reference,
-                      device=args.device, backend=args.backend)
+                      device=args.device, backend=args.backend, int8_weights=args.int8_weights)
     if args.json:
         print(json.dumps(res.to_dict()))
         return 0

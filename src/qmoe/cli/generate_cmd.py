@@ -60,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
             raise SourceError(f"--compare needs a qmoe-compressed SOURCE; {args.source} is dense (pass the "
                               "compressed directory, e.g. qmoe generate tiny-switch-qmoe --compare)")
         names.insert(0, _dense_source(path, args.compare))
-    loaded = [load_model(name, device=args.device, backend=args.backend)[:2] for name in names]
+    # --int8-weights: the compressed model's (the last one), never the dense one it is compared with
+    loaded = [load_model(name, device=args.device, backend=args.backend,
+                         int8_weights=args.int8_weights and i == len(names) - 1)[:2]
+              for i, name in enumerate(names)]
 
     def call(model, tokenizer):  # noqa: ANN001, ANN202 - a closure per model
         # exact: every call (and every model) generates the same number of tokens, so their times compare.

@@ -166,11 +166,11 @@ def evaluate_model(model: Any, tokenizer: Any, config: HarnessConfig, task_manag
 
 
 def evaluate_source(source: str | Path, config: HarnessConfig, device: Any = "cpu",
-                    backend: str | None = None, task_manager: Any = None) -> dict:
+                    backend: str | None = None, task_manager: Any = None, int8_weights: bool = False) -> dict:
     """Load ``source`` (built-in, dense or compressed directory) and score it; frees the model after."""
     from qmoe.sources import load_model
 
-    model, tokenizer, _ = load_model(source, device=device, backend=backend)
+    model, tokenizer, _ = load_model(source, device=device, backend=backend, int8_weights=int8_weights)
     try:
         return evaluate_model(model, tokenizer, config, task_manager)
     finally:
@@ -201,11 +201,12 @@ class HarnessResult:
 
 def run_harness(source: str | Path, config: HarnessConfig, reference: str | Path | None = None,
                 compare_reference: bool = True, device: Any = "cpu",
-                backend: str | None = None) -> HarnessResult:
+                backend: str | None = None, int8_weights: bool = False) -> HarnessResult:
     """Score ``source`` with the harness; a compressed source also its dense reference, paired.
 
     ``reference``: the dense model (default: the source recorded in the compressed directory's report);
-    ``compare_reference=False`` scores a compressed source alone. The task ``qmoe_bible_next``
+    ``compare_reference=False`` scores a compressed source alone; ``int8_weights`` applies to the
+    compressed model only (``qmoe.sources.load_model``). The task ``qmoe_bible_next``
     (``qmoe.harness.bible_task``) is written to a temporary folder and needs no ``include_path``.
     """
     import tempfile
@@ -232,11 +233,11 @@ def run_harness(source: str | Path, config: HarnessConfig, reference: str | Path
             config = dataclasses.replace(config, include_path=(tmp, *config.include_path))
         tm = task_manager_for(config)  # unknown tasks fail here, before a model is loaded
         if reference is None:
-            res = evaluate_source(path, config, device, backend, tm)
+            res = evaluate_source(path, config, device, backend, tm, int8_weights)
             rows = single_rows(res, "compressed" if compressed else "dense")
             return HarnessResult(str(source), None, compressed, tuple(rows), 0, harness_version())
         dense = evaluate_source(reference, config, device, backend, tm)
-        other = evaluate_source(path, config, device, backend, tm)
+        other = evaluate_source(path, config, device, backend, tm, int8_weights)
     requests = check_identical_requests(dense, other)
     rows = tuple(compare(dense, other))
     return HarnessResult(str(source), reference, True, rows, requests, harness_version())

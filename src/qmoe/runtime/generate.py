@@ -110,7 +110,10 @@ def describe(model: Any) -> str:
 
         kernel = f"cpu ({cpu.kernel()})"
     from qmoe.runtime.half import HalfLinear
+    from qmoe.runtime.int8 import Int8Linear
 
     if any(isinstance(m, HalfLinear) for m in model.modules()):  # qmoe.runtime.half: widened in registers
         dtype = f"{dtype} weights on float32 activations"
+    if any(isinstance(m, Int8Linear) for m in model.modules()):  # qmoe.runtime.int8
+        dtype = f"int8 attention and head, {dtype}"
     return f"{dtype}, experts compressed, {kernel} kernel on float32 activations"
