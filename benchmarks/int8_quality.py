@@ -1,4 +1,5 @@
-"""What int8 non-expert weights (``qmoe.load(..., int8_weights=True)``) cost in loss, paired on identical tokens.
+"""What int8 non-expert weights (``qmoe.load(..., int8_weights=True)``) cost in loss, paired on identical
+tokens.
 
     python benchmarks/int8_quality.py DIR [DIR ...] [--splits validation test pydoc] [--samples 256]
         [--json FILE]
@@ -59,7 +60,8 @@ def main() -> None:
         ds = [r["delta"] for r in rs]
         mean = statistics.fmean(ds)
         sd = statistics.stdev(ds) if len(ds) > 1 else 0.0
-        h = math.sqrt(statistics.fmean(r["ci95"] ** 2 for r in rs) / len(rs) + (1.96 * sd / math.sqrt(len(rs))) ** 2)
+        h_samples = statistics.fmean(r["ci95"] ** 2 for r in rs) / len(rs)
+        h = math.sqrt(h_samples + (1.96 * sd / math.sqrt(len(rs))) ** 2)
         pooled[split] = {"delta": mean, "ci95": h, "n": len(rs)}
         print(f"| {split} | {len(rs)} | {statistics.fmean(r['loss_default'] for r in rs):.4f} | "
               f"{mean:+.5f} +- {h:.5f} |")
