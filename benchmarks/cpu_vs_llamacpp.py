@@ -18,9 +18,9 @@ llama.cpp's build and Python environment are peers.py's (``benchmarks/peerlib/en
   128 tokens, no evaluation pass, and by default ``--method rtn --rate 0``: the default recipe's grid and
   entropy code, every weight rounded to its row's nearest level (QMoE's own rounding) instead of GPTQ with
   entropy-constrained rounding, and ``--tune none`` (the tuning stage changes values of the norms and the
-  attention, not their cost; it held the whole 128-expert layer for four passes). Random weights make quality meaningless here; what the runtime pays for is
-  the stored stream (bits/weight, reported). Why not the full default: on the shared, loaded 2-core machine
-  GPTQ did not finish one layer of 128 experts of 2048x768 in 13 minutes, and rate 0.05's price fitting
+  attention, not their cost; it held the whole 128-expert layer for four passes). Random weights make
+  quality meaningless here; what the runtime pays for is the stored stream (bits/weight, reported). Why
+  not the full default: on the shared, loaded 2-core machine GPTQ did not finish one layer of 128 experts of 2048x768 in 13 minutes, and rate 0.05's price fitting
   (``qmoe.gptq.rate.fit_prices``, 9 whole-layer passes) not in 30 (``--method gptq --rate 0.05`` runs them).
 
 What is measured, the same way for every tool, at batch 1 on ``--threads`` threads, each measurement in a
@@ -39,8 +39,9 @@ fresh process, tools interleaved (every repetition runs every tool once, in a ro
 - peak RSS: the process's ``ru_maxrss`` from ``os.wait4`` (load and warm-up included; the mapped weight
   pages a process touched count, as they do for llama.cpp's mmap).
 
-The table reports medians over ``--reps`` with the min-max spread. ``--profile`` also profiles qmoe's
-decode step (cProfile and per-module wall time over G tokens) for docs/runtime.md.
+The table reports medians over ``--reps`` with the min-max spread. ``--profile`` also profiles the decode
+step of qmoe ternary and, with ``--qmoe-int8``, of its int8 variant (cProfile and per-module wall time
+over G tokens) for docs/runtime.md.
 """
 
 from __future__ import annotations
@@ -426,6 +427,7 @@ def summarize(runs: list[dict]) -> dict:
 
 def table(res: dict, meta: dict) -> str:
     ref = res.get("llama.cpp IQ1_S")
+    dense = res.get("transformers dense bf16")
     lines = [
         f"`{meta['command']}`; {meta['machine']}; model {meta['model']}; median [min, max] of {meta['reps']} "
         f"interleaved repetitions, each a fresh process; load average {meta['load_before']} before, "
@@ -433,8 +435,8 @@ def table(res: dict, meta: dict) -> str:
         "",
         f"| tool | variant | expert bits/w | generation tok/s (tg{meta['gen']} @ d{meta['prompt']}) | "
         f"first generation of the process, tok/s | prompt tok/s (pp{meta['prompt']} @ d{meta['prompt']}) | "
-        "peak RSS MiB | tg vs IQ1_S | pp vs IQ1_S |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MiB | tg vs IQ1_S | pp vs IQ1_S | tg vs dense bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         tool, variant = name.split(" ", 1)
@@ -446,10 +448,14 @@ def table(res: dict, meta: dict) -> str:
         rel = [
             f"{r['stats'][k]['median'] / ref['stats'][k]['median']:.2f}x" if ref else "" for k in ("tg", "pp")
         ]
+        if dense:
+            rel.append(f"{r['stats']['tg']['median'] / dense['stats']['tg']['median']:.2f}x")
+        else:
+            rel.append("")
         bits = f"{r['bits']:.3f}" if r.get("bits") else ""
         lines.append(
             f"| {tool} | {variant} | {bits} | {cells[0]} | {cells[1]} | {cells[2]} | {rss:.0f} | {rel[0]} | "
-            f"{rel[1]} |"
+            f"{rel[1]} | {rel[2]} |"
         )
     return "\n".join(lines)
 
@@ -588,15 +594,21 @@ def main() -> None:
     }
     text = table(res, meta)
     print(text)
-    prof = None
-    if args.profile:
-        prof = measure_worker("qmoe", variants[names[0]][1], args, profile=True)["profile"]
-        print(f"\nqmoe decode profile ({names[0]}): {prof['ms_per_token']:.1f} ms/token")
-        for k, v in prof["modules_ms_per_token"].items():
-            print(f"  {v:7.2f} ms  {k}")
-        print(prof["cprofile"])
+    profiles = {}
+    if args.profile:  # each qmoe ternary variant with the column lists (the default and int8 attention)
+        for n in names:
+            kind, path = variants[n]
+            if kind not in ("qmoe", "qmoe-int8") or "ternary" not in n:
+                continue
+            prof = profiles[n] = measure_worker(kind, path, args, profile=True)["profile"]
+            print(f"\nqmoe decode profile ({n}): {prof['ms_per_token']:.1f} ms/token")
+            for k, v in prof["modules_ms_per_token"].items():
+                print(f"  {v:7.2f} ms  {k}")
+            print(prof["cprofile"])
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "results": res, "profile": prof}, indent=1) + "\n")
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": res, "profiles": profiles}, indent=1) + "\n")
+        tmp.replace(args.json)
 
 
 if __name__ == "__main__":
