@@ -20,8 +20,9 @@ llama.cpp's build and Python environment are peers.py's (``benchmarks/peerlib/en
   entropy-constrained rounding, and ``--tune none`` (the tuning stage changes values of the norms and the
   attention, not their cost; it held the whole 128-expert layer for four passes). Random weights make
   quality meaningless here; what the runtime pays for is the stored stream (bits/weight, reported). Why
-  not the full default: on the shared, loaded 2-core machine GPTQ did not finish one layer of 128 experts of 2048x768 in 13 minutes, and rate 0.05's price fitting
-  (``qmoe.gptq.rate.fit_prices``, 9 whole-layer passes) not in 30 (``--method gptq --rate 0.05`` runs them).
+  not the full default: on the shared, loaded 2-core machine GPTQ did not finish one layer of 128 experts
+  of 2048x768 in 13 minutes, and rate 0.05's price fitting (``qmoe.gptq.rate.fit_prices``, 9 whole-layer
+  passes) not in 30 (``--method gptq --rate 0.05`` runs them).
 
 What is measured, the same way for every tool, at batch 1 on ``--threads`` threads, each measurement in a
 fresh process, tools interleaved (every repetition runs every tool once, in a rotated order):
