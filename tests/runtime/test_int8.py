@@ -47,7 +47,15 @@ def test_computes_the_dequantized_model(which, request, tmp_path, sixteen_bit) -
     path = sixteen_bit(request.getfixturevalue(which), tmp_path / "m", torch.bfloat16)
     model = qmoe.load(path, int8_weights=True)
     names = {n for n, m in model.named_modules() if isinstance(m, Int8Linear)}
-    assert any(n.endswith("q_proj") or n.endswith(".q") for n in names) and any("o" in n for n in names)
+    kinds = {n.rsplit(".", 1)[-1] for n in names}  # every attention projection and the head, in every layer
+    cfg = model.config
+    if which == "switch_compressed":
+        assert {"q", "k", "v", "o", "lm_head"} <= kinds
+        blocks = cfg.num_layers + cfg.num_decoder_layers  # encoder and decoder self-attention
+        assert sum(n.endswith("SelfAttention.q") for n in names) == blocks
+    else:
+        assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"}
+        assert sum(n.endswith("q_proj") for n in names) == cfg.num_hidden_layers
     assert not any("router" in n or n.endswith("mlp.gate") for n in names)  # routers keep their weights
     linears = [n for n, m in model.named_modules() if type(m) is not Int8Linear and isinstance(m, nn.Linear)]
     if which == "switch_compressed":  # the routers' classifiers, and the dense FF's "wo" (wide_linears)
