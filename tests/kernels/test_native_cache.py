@@ -87,8 +87,12 @@ def _build_tiny(cache: Path) -> Path:
     return path
 
 
+# Each case compiles the whole library (~5 s): one in the fast tier, the other three in the slow tier.
+SLOW_ATTACKS = [pytest.param(a, marks=pytest.mark.slow) for a in ("no sidecar", "symlink", "sidecar symlink")]
+
+
 @needs_cc
-@pytest.mark.parametrize("attack", ["tampered bytes", "no sidecar", "symlink", "sidecar symlink"])
+@pytest.mark.parametrize("attack", ["tampered bytes", *SLOW_ATTACKS])
 def test_a_library_that_fails_a_check_is_rebuilt(cache, tmp_path, attack: str) -> None:
     path = _build_tiny(cache)
     side = path.with_name(path.name + ".sha256")

@@ -31,7 +31,9 @@ assert "qmoe" not in sys.modules, "plain transformers imported qmoe"
 """
 
 
-@pytest.mark.parametrize("fixture", ["switch_compressed", "qwen3_compressed"])
+# switch (13 s) in the slow tier, which CI runs too; the decoder stays in the fast tier
+@pytest.mark.parametrize("fixture", [pytest.param("switch_compressed", marks=pytest.mark.slow),
+                                     "qwen3_compressed"])
 def test_decompressed_checkpoint_matches_the_compressed_model(fixture, request, tmp_path: Path):
     compressed = request.getfixturevalue(fixture)
     out = tmp_path / "dense"
