@@ -26,12 +26,14 @@ from torch.nn import functional as F
 class Int8Linear(nn.Linear):
     """``nn.Linear`` with its weight ``[out, in]`` held as int8 ``qweight`` and per-row float32 ``scale``."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, shared: Int8Linear | None = None) -> None:
+        """``linear`` quantized, or holding ``shared``'s int8 weight and scales (a tied weight), with
+        ``linear``'s own bias either way."""
         nn.Module.__init__(self)
         from qmoe.kernels.dense8 import quantize
 
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, s = quantize(linear.weight.detach().cpu())
+        q, s = quantize(linear.weight.detach().cpu()) if shared is None else (shared.qweight, shared.scale)
         self.register_buffer("qweight", q)  # [out, in] int8
         self.register_buffer("scale", s)  # [out] float32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(),
@@ -83,17 +85,9 @@ def quantize_linears(model: nn.Module, wide: tuple[str, ...] = (), keep: set[int
             if type(child) not in (nn.Linear, HalfLinear) or name in wide or id(child) in keep:
                 continue
             key = id(child.weight)
+            new = Int8Linear(child, done.get(key))  # a tied weight: one int8 copy, shared
             if key not in done:
-                done[key] = Int8Linear(child)
-                held += done[key].qweight.numel() + 4 * done[key].scale.numel()
-                new = done[key]
-            else:  # a tied weight: one int8 copy, this module's own bias
-                new = Int8Linear.__new__(Int8Linear)
-                nn.Module.__init__(new)
-                new.in_features, new.out_features = child.in_features, child.out_features
-                new.register_buffer("qweight", done[key].qweight)
-                new.register_buffer("scale", done[key].scale)
-                new.bias = None if child.bias is None else nn.Parameter(child.bias.detach().float(),
-                                                                        requires_grad=False)
+                done[key] = new
+                held += new.qweight.numel() + 4 * new.scale.numel()
             setattr(parent, name, new)
     return held
