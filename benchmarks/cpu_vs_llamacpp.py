@@ -3,7 +3,7 @@
     python benchmarks/cpu_vs_llamacpp.py [--layers 6] [--reps 5] [--threads 2] [--json FILE]
         [--llama F16 IQ1_S TQ1_0 IQ2_XXS] [--qmoe ternary 2] [--dense bf16] [--calib-samples 64]
         [--build-nice 19] [--prepare-only] [--profile] [--qmoe-stream] [--qmoe-int8] [--qmoe-fp32]
-        [--qmoe-bf16]
+        [--qmoe-bf16] [--worker-env readme|current]
 
 The model: ``benchmarks/realshape.py``, Qwen3-30B-A3B's layer shapes (hidden 2048, 32/4 heads of 128, 128
 experts of 768, top-8) with ``--layers`` layers, random bf16 weights and tiny-qwen3-moe's 8,192-token
@@ -38,7 +38,14 @@ fresh process, tools interleaved (every repetition runs every tool once, in a ro
   ``qmoe.kernels.lists``), the second, over the same tokens, the steady state that a longer generation
   reaches and that llama-bench measures after its warm-up: the table's generation column;
 - peak RSS: the process's ``ru_maxrss`` from ``os.wait4`` (load and warm-up included; the mapped weight
-  pages a process touched count, as they do for llama.cpp's mmap).
+  pages a process touched count, as they do for llama.cpp's mmap). The workers run in the environment the
+  README's install command makes (``pip install -e . torch==2.13.0``, built once under the cache as
+  ``venv-readme``; ``--worker-env current`` uses this interpreter instead): a development environment
+  holds the test extra's triton, which ``torch._dynamo`` imports whenever it is installed (transformers
+  imports torch._dynamo), 71 MiB of a CPU process that a user's install does not have. The prompt's token
+  ids are made here, not in the worker, so that the corpus a worker would read to make them is not part
+  of its memory (llama-bench makes its tokens without text too). The table's "runtime" column is the
+  resident memory of a worker that imports everything and loads no model: what is not the model.
 
 The table reports medians over ``--reps`` with the min-max spread. ``--profile`` also profiles the decode
 step of qmoe ternary and, with ``--qmoe-int8``, of its int8 variant (cProfile and per-module wall time
@@ -256,11 +263,13 @@ def measure_llama(bench: Path, gguf: Path, args: argparse.Namespace) -> dict:
 
 def measure_worker(kind: str, path: Path, args: argparse.Namespace, profile: bool = False) -> dict:
     cmd = [
-        sys.executable,
+        str(args.worker_python),
         __file__,
         "--worker",
         kind,
         str(path),
+        "--ids",
+        str(args.ids),
         "--threads",
         str(args.threads),
         "--prompt",
@@ -286,7 +295,42 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
         ids += tokenizer(doc)["input_ids"]
         if len(ids) >= 2 * n:
             return ids[: 2 * n]
-    raise SystemExit("the validation split holds fewer than {2 * n} tokens")
+    raise SystemExit(f"the validation split holds fewer than {2 * n} tokens")
+
+
+def write_ids(src: Path, work: Path, n: int) -> Path:
+    """The workers' token ids (``prompt_ids`` with the model's tokenizer) in ``work``, written once."""
+    out = work / f"prompt-ids-{n}.json"
+    if not out.is_file():
+        from transformers import AutoTokenizer
+
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(prompt_ids(AutoTokenizer.from_pretrained(src), n)))
+        tmp.replace(out)
+    return out
+
+
+def readme_python(cache: Path) -> Path:
+    """The interpreter of an environment made by the README's install command (``pip install -e .
+    torch==2.13.0``: no test extra, no triton), built once under ``cache``."""
+    venv = cache / "venv-readme"
+    repo = HERE.parent
+    envs._step(cache, "readme-venv", lambda lg: envs._venv(venv, ["-e", str(repo)], lg))
+    return venv / "bin" / "python"
+
+
+def runtime_rss(kind: str, args: argparse.Namespace) -> int:
+    """Peak RSS of a worker's interpreter that imports what a run imports and loads no model."""
+    code = (
+        "import numba, torch, transformers, transformers.masking_utils\n"
+        "from transformers import AutoTokenizer, DynamicCache\n"
+        + ("import qmoe, qmoe.runtime.load, qmoe.kernels.lists\n" if kind.startswith("qmoe") else "")
+    )
+    p = subprocess.Popen([str(args.worker_python), "-c", code])
+    rss = wait_rss(p)
+    if p.returncode:
+        raise SystemExit(f"{args.worker_python} could not import the runtime (exit {p.returncode})")
+    return rss
 
 
 def worker(kind: str, path: str, args: argparse.Namespace) -> None:
@@ -294,7 +338,7 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
     Prints one JSON line."""
     import numba
     import torch
-    from transformers import AutoTokenizer, DynamicCache
+    from transformers import DynamicCache
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
@@ -320,8 +364,9 @@ def worker(kind: str, path: str, args: argparse.Namespace) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype={"bf16": torch.bfloat16}[kind]).eval()
     load_s = time.perf_counter() - t0
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor([prompt_ids(tok, args.prompt)])  # [1, 2P]
+    ids = torch.tensor([json.loads(Path(args.ids).read_text())])  # [1, 2P], made by the parent
+    if ids.shape != (1, 2 * args.prompt):
+        raise SystemExit(f"{args.ids} holds {ids.shape[1]} token ids, not {2 * args.prompt}")
     ctx, prompt = ids[:, : args.prompt], ids[:, args.prompt :]
 
     def forward(x, cache):  # x [1, t] -> logits of the last position [1, V]
@@ -436,8 +481,8 @@ def table(res: dict, meta: dict) -> str:
         "",
         f"| tool | variant | expert bits/w | generation tok/s (tg{meta['gen']} @ d{meta['prompt']}) | "
         f"first generation of the process, tok/s | prompt tok/s (pp{meta['prompt']} @ d{meta['prompt']}) | "
-        "peak RSS MiB | tg vs IQ1_S | pp vs IQ1_S | tg vs dense bf16 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MiB | of which runtime MiB | tg vs IQ1_S | pp vs IQ1_S | tg vs dense bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         tool, variant = name.split(" ", 1)
@@ -454,9 +499,10 @@ def table(res: dict, meta: dict) -> str:
         else:
             rel.append("")
         bits = f"{r['bits']:.3f}" if r.get("bits") else ""
+        runtime = f"{r['runtime_rss'] / 2**20:.0f}" if r.get("runtime_rss") else ""
         lines.append(
-            f"| {tool} | {variant} | {bits} | {cells[0]} | {cells[1]} | {cells[2]} | {rss:.0f} | {rel[0]} | "
-            f"{rel[1]} | {rel[2]} |"
+            f"| {tool} | {variant} | {bits} | {cells[0]} | {cells[1]} | {cells[2]} | {rss:.0f} | {runtime} | "
+            f"{rel[0]} | {rel[1]} | {rel[2]} |"
         )
     return "\n".join(lines)
 
@@ -514,7 +560,14 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true", help="build everything, measure nothing")
     ap.add_argument("--profile", action="store_true", help="also profile qmoe's decode step (stderr)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--worker-env",
+        choices=("readme", "current"),
+        default="readme",
+        help="where qmoe and dense workers run: the README's install (built once) or this interpreter",
+    )
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--ids", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker[0], args.worker[1], args)
@@ -550,10 +603,14 @@ def main() -> None:
         )
     for dt in args.dense:
         variants[f"transformers dense {dt}"] = (dt, src)
+    args.ids = write_ids(src, work, args.prompt)
+    args.worker_python = Path(sys.executable) if args.worker_env == "current" else readme_python(src.parent)
     prepare_s = time.perf_counter() - t0
     log(f"prepared in {prepare_s:.0f} s")
     if args.prepare_only:
         return
+    kinds = {kind for kind, _ in variants.values() if kind != "llama.cpp"}
+    runtime = {k: min(runtime_rss(k, args) for _ in range(2)) for k in sorted(kinds)}
     names = list(variants)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     load_before = os.getloadavg()[0]
@@ -570,7 +627,7 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     res = {
         n: {"stats": summarize(runs[n]), "bits": expert_bits(*variants[n]), "path": str(variants[n][1]),
-            "runs": runs[n]}
+            "runtime_rss": runtime.get(variants[n][0]), "runs": runs[n]}
         for n in names
     }
     import torch
@@ -592,6 +649,7 @@ def main() -> None:
         "prepare_seconds": prepare_s,
         "torch": torch.__version__,
         "llama.cpp": envs.LLAMA_CPP_PYTHON,
+        "worker_python": str(args.worker_python),
     }
     text = table(res, meta)
     print(text)

@@ -57,6 +57,23 @@ def test_large_batches_take_torch_and_match() -> None:
     assert matmul16(W, x[:0]).shape == (0, 48)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 4 * 96 * 5, 4 * 96 * 48, 1 << 30])
+def test_widened_linear_in_row_blocks_matches_reference(block_bytes) -> None:
+    # blocks of 1 row, of 5 (48 rows: a short last block), exactly all rows, and one block for everything;
+    # with a per-row scale (the int8 path) and with a 3-D input
+    g = torch.Generator().manual_seed(block_bytes % 1000)
+    W = (torch.randn(48, 96, generator=g) * 0.1).to(torch.bfloat16)
+    x = torch.randn(2, 11, 96, generator=g)
+    y = dense16.widened_linear(x, W, block_bytes=block_bytes)
+    assert y.shape == (2, 11, 48)
+    _close(y.reshape(22, 48), W, x.reshape(22, 96))
+    s = torch.rand(48, generator=g) + 0.5
+    ys = dense16.widened_linear(x.reshape(22, 96), W, s, block_bytes=block_bytes)
+    ref = reference(W, x.reshape(22, 96)) * s
+    bound = (x.reshape(22, 96).double().abs() @ W.double().abs().T).float() * s
+    assert float(((ys - ref).abs() / bound.clamp_min(1e-30)).max()) < 1e-5
+
+
 def test_bad_inputs_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="fp16/bf16"):
         matmul16(torch.zeros(4, 8), torch.zeros(1, 8))

@@ -9,8 +9,11 @@ activations and sums, so the result equals ``x @ W.float().T`` up to the order o
 
 - ``matmul16(W, x)``: tokens ``T <= SMALL_BATCH`` go through the native kernel (dense16.c, built into the
   same library as the lanes kernel by qmoe.kernels._native), row blocks spread over numba's threads; larger
-  batches (a prompt) go through torch's float32 GEMM on a widened copy of W, which is compute-bound there
-  and fastest; without the native kernel every call does.
+  batches (a prompt) go through torch's float32 GEMM on widened copies of W, which is compute-bound there
+  and fastest; without the native kernel every call does. ``widened_linear`` widens ``WIDEN_BYTES`` of rows
+  at a time, so a prompt never holds a float32 copy of a whole matrix: a 4096x2048 projection would need
+  32 MiB, which glibc then keeps in the heap after the call (its mmap threshold rises to the freed size),
+  and peak memory is what a CPU user runs out of.
 - ``reference(W, x)`` is the slow, obviously correct definition the tests hold it to.
 """
 
@@ -22,14 +25,32 @@ from torch import Tensor
 
 SMALL_BATCH = 8  # up to this many tokens per call: the native kernel (it re-reads each row from L1 per token)
 ROWS_PER_ITEM = 64  # rows per work item: 2 x 2048 x 64 B = 256 KiB of a 2048-wide fp16 row block
+WIDEN_BYTES = 4 << 20  # float32 bytes of W widened at a time for torch's GEMM (a prompt)
 KINDS = {torch.float16: 0, torch.bfloat16: 1}
-
-_driver = None
-
 
 def reference(W: Tensor, x: Tensor) -> Tensor:
     """``x [T, cols] float32`` times ``W [rows, cols]`` (16-bit) transposed, in float64, as float32."""
     return (x.double() @ W.double().T).float()
+
+
+def widened_linear(x: Tensor, W: Tensor, scale: Tensor | None = None,
+                   block_bytes: int = WIDEN_BYTES) -> Tensor:
+    """``x [T, cols] @ W [rows, cols]^T`` (times ``scale [rows]`` when given) in float32 through torch's
+    GEMM, ``W`` (any dtype) widened to float32 a block of rows (about ``block_bytes``) at a time:
+    ``[T, rows]``.
+    Every output element is one dot product either way; only the peak memory differs from
+    ``F.linear(x, W.float())``."""
+    x = x.float()
+    rows, cols = W.shape
+    step = max(1, block_bytes // (4 * max(cols, 1)))
+    if step >= rows:  # one block: no copy into the output
+        y = torch.nn.functional.linear(x, W.float())
+        return y * scale if scale is not None else y
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32, device=x.device)
+    for r0 in range(0, rows, step):
+        blk = torch.nn.functional.linear(x, W[r0:r0 + step].float())  # [T, <=step]
+        y[..., r0:r0 + step] = blk * scale[r0:r0 + step] if scale is not None else blk
+    return y
 
 
 def available() -> bool:
@@ -44,24 +65,10 @@ def available() -> bool:
     return True
 
 
-def _compiled():  # the numba driver, compiled on first use (cached on disk by numba)
-    global _driver
-    if _driver is None:
-        from numba import njit, prange
+def _compiled():  # the numba driver (qmoe.kernels._drivers, cached on disk by numba)
+    from qmoe.kernels._drivers import dense_rows
 
-        from qmoe.kernels._cpu_numba import _call_native
-
-        @njit(cache=True, parallel=True, nogil=True)
-        def drive(fn, meta, x, y, ntok, rows, rpi):  # pragma: no cover - compiled
-            items = (rows + rpi - 1) // rpi
-            for i in prange(items):
-                r0 = i * rpi
-                r1 = min(r0 + rpi, rows)
-                _call_native(fn, np.int64(meta.ctypes.data), np.int64(x.ctypes.data), np.int64(y.ctypes.data),
-                             ntok, np.int64(0), r0, r1)
-
-        _driver = drive
-    return _driver
+    return dense_rows
 
 
 def matmul16(W: Tensor, x: Tensor, native: bool | None = None) -> Tensor:
@@ -76,7 +83,7 @@ def matmul16(W: Tensor, x: Tensor, native: bool | None = None) -> Tensor:
     if native is None:
         native = T <= SMALL_BATCH and W.device.type == "cpu" and available()
     if not native or T == 0:
-        return torch.nn.functional.linear(x.float(), W.float())
+        return widened_linear(x, W)
     from qmoe.kernels import _native
 
     W = W.contiguous()

@@ -10,7 +10,8 @@ half a step (``absmax(row) / 254``) per weight.
   ``s = absmax(row) / 127`` and ``Q = round(W / s)`` (an all-zero row: ``s = 0``, ``Q = 0``);
 - ``matmul8(Q, s, x)``: tokens ``T <= SMALL_BATCH`` through the native kernel (dense8.c, in the library of
   qmoe.kernels._native; row blocks spread over numba's threads by dense16's driver); larger batches (a
-  prompt) through torch's float32 GEMM on a widened copy of Q, which is compute-bound there;
+  prompt) through torch's float32 GEMM on widened blocks of Q (``dense16.widened_linear``), which is
+  compute-bound there;
 - ``reference(Q, s, x)``: the slow, obviously correct definition the tests hold both to.
 """
 
@@ -72,10 +73,11 @@ def matmul8(Q: Tensor, s: Tensor, x: Tensor, native: bool | None = None) -> Tens
     T = x.shape[0]
     if native is None:
         native = T <= SMALL_BATCH and Q.device.type == "cpu" and available()
+    from qmoe.kernels.dense16 import _compiled, widened_linear
+
     if not native or T == 0:
-        return torch.nn.functional.linear(x.float(), Q.float()) * s
+        return widened_linear(x, Q, s)
     from qmoe.kernels import _native
-    from qmoe.kernels.dense16 import _compiled
 
     Q, s = Q.contiguous(), s.contiguous()
     xs = x.detach().float().contiguous()

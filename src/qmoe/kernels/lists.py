@@ -39,7 +39,6 @@ from torch import Tensor
 from qmoe.codec import EncodedMatrix
 
 ROWS_PER_ITEM = 128  # rows per work item: ~26 KB of gaps for a 2048-wide row block at 90% zeros
-_driver = None
 
 
 @dataclass(eq=False)
@@ -120,29 +119,10 @@ def columns(lists: Lists, r: int, sign: int) -> list[int]:
     return out
 
 
-def _compiled():  # the numba driver, compiled on first use (cached on disk by numba)
-    global _driver
-    if _driver is None:
-        from numba import njit, prange
+def _compiled():  # the numba driver (qmoe.kernels._drivers, cached on disk by numba)
+    from qmoe.kernels._drivers import list_rows
 
-        from qmoe.kernels._cpu_numba import _call_native
-
-        @njit(cache=True, parallel=True, nogil=True)
-        def drive(fn, calls, rpi):  # pragma: no cover - compiled
-            # calls [n, 4] int64: meta address, x address, y address, rows
-            n = calls.shape[0]
-            first = np.empty(n + 1, dtype=np.int64)
-            first[0] = 0
-            for c in range(n):
-                first[c + 1] = first[c] + (calls[c, 3] + rpi - 1) // rpi
-            for i in prange(first[n]):
-                c = np.searchsorted(first, i, side="right") - 1
-                r0 = (i - first[c]) * rpi
-                r1 = min(r0 + rpi, calls[c, 3])
-                _call_native(fn, calls[c, 0], calls[c, 1], calls[c, 2], np.int64(1), np.int64(0), r0, r1)
-
-        _driver = drive
-    return _driver
+    return list_rows
 
 
 def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None,
@@ -185,48 +165,12 @@ def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None
 
 
 ACTIVATIONS = {"silu": 1, "swish": 1, "relu": 2}  # the experts' activations moe_step computes, by config name
-_step = None
 
 
-def _compiled_step():  # moe_step's numba driver, compiled on first use (cached on disk by numba)
-    global _step
-    if _step is None:
-        from numba import njit, prange
+def _compiled_step():  # moe_step's numba driver (qmoe.kernels._drivers, cached on disk by numba)
+    from qmoe.kernels._drivers import moe_step as step
 
-        from qmoe.kernels._cpu_numba import _call_native
-
-        @njit(cache=True, parallel=True, nogil=True)
-        def step(fn, addr, experts, weights, x, h, g, y, out, act, gated, rpi):  # pragma: no cover - compiled
-            # addr [E, F + 1]: Lists.address of each expert's F first projections and its second one;
-            # experts [k] ascending, weights [k]; x [cols]; h [k, F * R]; g [k, I]; y [k, d]; out [d] (+=)
-            k, nf = experts.shape[0], addr.shape[1] - 1
-            R, inner, d = h.shape[1] // nf, g.shape[1], y.shape[1]
-            n1 = (R + rpi - 1) // rpi
-            for i in prange(k * nf * n1):  # first projections: h[j, p*R : (p+1)*R] = x @ W_{e_j, p}^T
-                jp = i // n1
-                j, p = jp // nf, jp % nf
-                r0 = (i - jp * n1) * rpi
-                _call_native(fn, addr[experts[j], p], np.int64(x.ctypes.data),
-                             np.int64(h.ctypes.data + 4 * (j * h.shape[1] + p * R)), np.int64(1), np.int64(0),
-                             r0, min(r0 + rpi, R))
-            for j in range(k):  # the activation: act(gate) * up over h's two halves, or act(h)
-                for c in range(inner):
-                    a = h[j, c]
-                    a = a / (1.0 + np.exp(-a)) if act == 1 else max(a, 0.0)
-                    g[j, c] = a * h[j, inner + c] if gated else a
-            n2 = (d + rpi - 1) // rpi
-            for i in prange(k * n2):  # second projections: y[j] = g[j] @ W_{e_j, F}^T
-                j = i // n2
-                r0 = (i - j * n2) * rpi
-                _call_native(fn, addr[experts[j], nf], np.int64(g.ctypes.data + 4 * j * inner),
-                             np.int64(y.ctypes.data + 4 * j * d), np.int64(1), np.int64(0), r0,
-                             min(r0 + rpi, d))
-            for j in range(k):  # expert by expert in ascending order, as index_add_ adds them
-                for c in range(d):
-                    out[c] += weights[j] * y[j, c]
-
-        _step = step
-    return _step
+    return step
 
 
 def moe_step(addr: np.ndarray, experts: np.ndarray, weights: np.ndarray, x: Tensor, out: Tensor, inner: int,
