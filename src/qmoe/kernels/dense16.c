@@ -5,7 +5,7 @@
    reads; computing in the 16-bit type rounds the activations. This kernel reads the 16-bit weights and widens
    them in registers (exact: every fp16 and bf16 value is a float32 value), so the result is that of the
    float32 model up to the order of the sums, at half the bytes. It is for a few tokens per call (decoding);
-   qmoe.kernels.dense16 sends larger batches to torch's GEMM on a widened copy instead.
+   qmoe.kernels.dense16 sends larger batches to torch's GEMM on widened blocks of rows instead.
 
    Built into the same library as cpu_lanes.c (qmoe/kernels/_native.py) and called once per work item (a
    block of rows) from the numba driver qmoe.kernels.dense16, with the lanes kernel's calling convention:

@@ -7,7 +7,8 @@ head, and their float32 reads were 40% of a decode step. When the checkpoint sto
 read them for ones that widen in registers:
 
 - ``HalfLinear`` (an ``nn.Linear``): ``y = x W^T + b`` with ``W`` 16-bit, ``x``, ``b`` and ``y`` float32,
-  through ``qmoe.kernels.dense16`` (native for a few tokens, torch's GEMM on a widened copy for a prompt);
+  through ``qmoe.kernels.dense16`` (native for a few tokens, torch's GEMM on widened blocks of rows for a
+  prompt);
 - ``HalfEmbedding`` (an ``nn.Embedding``): the rows of a 16-bit table, returned as float32;
 - every other floating tensor (norms, routers, biases, buffers) becomes float32, as before.
 
