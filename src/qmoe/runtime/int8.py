@@ -10,6 +10,8 @@ It changes the model, unlike the 16-bit path (``qmoe.runtime.half``), which comp
 computes: every weight moves by at most half its row's step, ``absmax(row) / 254``. Routers and the other
 Linears an adapter names in ``wide_linears`` stay as they are (a routing decision flips on small changes),
 as do embeddings (a lookup reads one row per token) and norms. docs/results.md has the measured loss.
+Each 16-bit weight's pages are given back to the kernel once it is quantized (``qmoe.runtime.pages``), so
+the load's peak memory is the int8 weights plus one 16-bit matrix, not both sets.
 
 ``Int8Linear`` (an ``nn.Linear``): ``y = (x Q^T) * s + b``, ``Q [out, in]`` int8 and ``s [out]`` float32
 buffers, float32 activations; any other input (a dtype, a device, autograd) computes with the dequantized
@@ -77,6 +79,7 @@ def quantize_linears(model: nn.Module, wide: tuple[str, ...] = (), keep: set[int
     shared by several Linears (tied) is quantized once and the modules share the buffers. Returns the bytes
     the int8 weights and their scales hold."""
     from qmoe.runtime.half import HalfLinear
+    from qmoe.runtime.pages import release
 
     done: dict[int, Int8Linear] = {}
     held = 0
@@ -89,5 +92,8 @@ def quantize_linears(model: nn.Module, wide: tuple[str, ...] = (), keep: set[int
             if key not in done:
                 done[key] = new
                 held += new.qweight.numel() + 4 * new.scale.numel()
+                # the 16-bit pages just read (mapped from the shard) are not read again: out of the
+                # resident set now, not when the whole shard's mapping goes (qmoe.runtime.pages)
+                release(child.weight.detach())
             setattr(parent, name, new)
     return held
