@@ -44,8 +44,9 @@ fresh process, tools interleaved (every repetition runs every tool once, in a ro
   holds the test extra's triton, which ``torch._dynamo`` imports whenever it is installed (transformers
   imports torch._dynamo), 71 MiB of a CPU process that a user's install does not have. The prompt's token
   ids are made here, not in the worker, so that the corpus a worker would read to make them is not part
-  of its memory (llama-bench makes its tokens without text too). The table's "runtime" column is the
-  resident memory of a worker that imports everything and loads no model: what is not the model.
+  of its memory (llama-bench makes its tokens without text too). The table's "imports" column is the
+  peak resident memory of the worker's interpreter importing what a run imports (torch, numba,
+  transformers and its masking code, qmoe's runtime), before any model or kernel is loaded.
 
 The table reports medians over ``--reps`` with the min-max spread. ``--profile`` also profiles the decode
 step of qmoe ternary and, with ``--qmoe-int8``, of its int8 variant (cProfile and per-module wall time
@@ -320,7 +321,7 @@ def readme_python(cache: Path) -> Path:
 
 
 def runtime_rss(kind: str, args: argparse.Namespace) -> int:
-    """Peak RSS of a worker's interpreter that imports what a run imports and loads no model."""
+    """Peak RSS of a worker's interpreter that imports what a run imports, before any model or kernel."""
     code = (
         "import numba, torch, transformers, transformers.masking_utils\n"
         "from transformers import AutoTokenizer, DynamicCache\n"
@@ -481,7 +482,7 @@ def table(res: dict, meta: dict) -> str:
         "",
         f"| tool | variant | expert bits/w | generation tok/s (tg{meta['gen']} @ d{meta['prompt']}) | "
         f"first generation of the process, tok/s | prompt tok/s (pp{meta['prompt']} @ d{meta['prompt']}) | "
-        "peak RSS MiB | of which runtime MiB | tg vs IQ1_S | pp vs IQ1_S | tg vs dense bf16 |",
+        "peak RSS MiB | of which imports MiB | tg vs IQ1_S | pp vs IQ1_S | tg vs dense bf16 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
