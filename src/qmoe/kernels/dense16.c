@@ -102,6 +102,11 @@ AVX2F16 static void item_avx2(const uint16_t *W, int64_t cols, int bf16, const f
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             int64_t c = 0;
             for (; c < c32; c += 32) {
+                if (t == 0 && r + 4 <= r1) { /* the next pair of rows, a cache line each per step: with it
+                                                  two cores read ~20 GB/s of 4 KiB bf16 rows, ~13 without */
+                    _mm_prefetch((const char *)(wa + 2 * cols + c), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wb + 2 * cols + c), _MM_HINT_T0);
+                }
                 __m256 x0 = _mm256_loadu_ps(xt + c), x1 = _mm256_loadu_ps(xt + c + 8);
                 __m256 x2 = _mm256_loadu_ps(xt + c + 16), x3 = _mm256_loadu_ps(xt + c + 24);
                 a0 = _mm256_fmadd_ps(load8(wa + c, bf16), x0, a0);
