@@ -11,9 +11,8 @@ activations and sums, so the result equals ``x @ W.float().T`` up to the order o
   same library as the lanes kernel by qmoe.kernels._native), row blocks spread over numba's threads; larger
   batches (a prompt) go through torch's float32 GEMM on widened copies of W, which is compute-bound there
   and fastest; without the native kernel every call does. ``widened_linear`` widens ``WIDEN_BYTES`` of rows
-  at a time, so a prompt never holds a float32 copy of a whole matrix: a 4096x2048 projection would need
-  32 MiB, which glibc then keeps in the heap after the call (its mmap threshold rises to the freed size),
-  and peak memory is what a CPU user runs out of.
+  at a time, so a prompt's extra memory is one block, not a float32 copy of the whole matrix (32 MiB for a
+  4096x2048 projection).
 - ``reference(W, x)`` is the slow, obviously correct definition the tests hold it to.
 """
 
@@ -27,6 +26,7 @@ SMALL_BATCH = 8  # up to this many tokens per call: the native kernel (it re-rea
 ROWS_PER_ITEM = 64  # rows per work item: 2 x 2048 x 64 B = 256 KiB of a 2048-wide fp16 row block
 WIDEN_BYTES = 4 << 20  # float32 bytes of W widened at a time for torch's GEMM (a prompt)
 KINDS = {torch.float16: 0, torch.bfloat16: 1}
+
 
 def reference(W: Tensor, x: Tensor) -> Tensor:
     """``x [T, cols] float32`` times ``W [rows, cols]`` (16-bit) transposed, in float64, as float32."""
