@@ -3,9 +3,9 @@
 Imported lazily (by qmoe.kernels.dense16, dense8 and lists on their first native call), never by
 ``import qmoe``. They live at module level, not inside the function that first imports numba: numba caches a
 module-level ``cache=True`` function on disk once per machine, but a function defined inside another one
-missed the cache in every process. Each process then compiled them again (seconds of a generation's start,
-and tens of MiB of LLVM in its resident memory) and added a file to ``__pycache__`` (76 of them for the
-dense driver on the development machine before this module).
+missed the cache in every process. Each process then compiled them again (the real-shaped benchmark's
+warm-up took 7.5 s before and 3.8 s after, docs/kernels.md) and added a file to ``__pycache__`` (76 of them
+for the dense driver on the development machine before this module).
 
 Every native kernel has the signature ``int64 fn(meta*, x*, out*, ntok, tp, r0, r1)`` and is called through
 ``qmoe.kernels._cpu_numba._call_native`` with raw addresses, so these functions compile once for all shapes.

@@ -65,12 +65,6 @@ def available() -> bool:
     return True
 
 
-def _compiled():  # the numba driver (qmoe.kernels._drivers, cached on disk by numba)
-    from qmoe.kernels._drivers import dense_rows
-
-    return dense_rows
-
-
 def matmul16(W: Tensor, x: Tensor, native: bool | None = None) -> Tensor:
     """``x [T, cols] float32 @ W [rows, cols]^T`` for a 16-bit ``W`` on the CPU: ``[T, rows]`` float32.
 
@@ -85,6 +79,7 @@ def matmul16(W: Tensor, x: Tensor, native: bool | None = None) -> Tensor:
     if not native or T == 0:
         return widened_linear(x, W)
     from qmoe.kernels import _native
+    from qmoe.kernels._drivers import dense_rows  # numba, imported on the first native call
 
     W = W.contiguous()
     xs = x.detach().float().contiguous()
@@ -92,5 +87,5 @@ def matmul16(W: Tensor, x: Tensor, native: bool | None = None) -> Tensor:
     y = torch.empty(T, rows, dtype=torch.float32)
     # W's 16-bit words as the kernel reads them; the tensors stay alive for the call
     meta = np.array([W.data_ptr(), rows, cols, KINDS[W.dtype]], dtype=np.int64)
-    _compiled()(_native.dense16(), meta, xs.numpy(), y.numpy(), T, rows, ROWS_PER_ITEM)
+    dense_rows(_native.dense16(), meta, xs.numpy(), y.numpy(), T, rows, ROWS_PER_ITEM)
     return y

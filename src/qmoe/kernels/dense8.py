@@ -73,16 +73,17 @@ def matmul8(Q: Tensor, s: Tensor, x: Tensor, native: bool | None = None) -> Tens
     T = x.shape[0]
     if native is None:
         native = T <= SMALL_BATCH and Q.device.type == "cpu" and available()
-    from qmoe.kernels.dense16 import _compiled, widened_linear
+    from qmoe.kernels.dense16 import widened_linear
 
     if not native or T == 0:
         return widened_linear(x, Q, s)
     from qmoe.kernels import _native
+    from qmoe.kernels._drivers import dense_rows  # dense16's driver: the same row blocks
 
     Q, s = Q.contiguous(), s.contiguous()
     xs = x.detach().float().contiguous()
     rows, cols = Q.shape
     y = torch.empty(T, rows, dtype=torch.float32)
     meta = np.array([Q.data_ptr(), rows, cols, s.data_ptr()], dtype=np.int64)  # the tensors outlive the call
-    _compiled()(_native.dense8(), meta, xs.numpy(), y.numpy(), T, rows, ROWS_PER_ITEM)
+    dense_rows(_native.dense8(), meta, xs.numpy(), y.numpy(), T, rows, ROWS_PER_ITEM)
     return y

@@ -119,12 +119,6 @@ def columns(lists: Lists, r: int, sign: int) -> list[int]:
     return out
 
 
-def _compiled():  # the numba driver (qmoe.kernels._drivers, cached on disk by numba)
-    from qmoe.kernels._drivers import list_rows
-
-    return list_rows
-
-
 def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None,
            out: Tensor | None = None) -> Tensor:
     """``out[i] = x[which[i]] @ W_i^T`` for one token per matrix, in one parallel call: ``x [m, cols]``
@@ -133,6 +127,7 @@ def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None
     import numba
 
     from qmoe.kernels import _native
+    from qmoe.kernels._drivers import list_rows  # numba's driver, cached on disk
 
     which = list(range(len(lists))) if which is None else list(which)
     if len(lists) != len(which):
@@ -158,19 +153,13 @@ def matvec(lists: Sequence[Lists], x: Tensor, which: Sequence[int] | None = None
     # dynamic scheduling: a core taken by another process does not hold the call up
     old = numba.set_parallel_chunksize(1)
     try:
-        _compiled()(fn, calls, ROWS_PER_ITEM)
+        list_rows(fn, calls, ROWS_PER_ITEM)
     finally:
         numba.set_parallel_chunksize(old)
     return out
 
 
 ACTIVATIONS = {"silu": 1, "swish": 1, "relu": 2}  # the experts' activations moe_step computes, by config name
-
-
-def _compiled_step():  # moe_step's numba driver (qmoe.kernels._drivers, cached on disk by numba)
-    from qmoe.kernels._drivers import moe_step as step
-
-    return step
 
 
 def moe_step(addr: np.ndarray, experts: np.ndarray, weights: np.ndarray, x: Tensor, out: Tensor, inner: int,
@@ -184,6 +173,7 @@ def moe_step(addr: np.ndarray, experts: np.ndarray, weights: np.ndarray, x: Tens
     import numba
 
     from qmoe.kernels import _native
+    from qmoe.kernels._drivers import moe_step as step  # numba's driver, cached on disk
 
     if act not in ACTIVATIONS:
         raise ValueError(f"moe_step computes {sorted(ACTIVATIONS)}, not {act!r}")
@@ -197,7 +187,7 @@ def moe_step(addr: np.ndarray, experts: np.ndarray, weights: np.ndarray, x: Tens
     xs = x.detach().float().contiguous().view(-1)  # [cols], kept alive for the call
     old = numba.set_parallel_chunksize(1)  # dynamic scheduling, as matvec
     try:
-        _compiled_step()(fn, addr, experts, weights, xs.numpy(), h, g, y, out.view(-1).numpy(),
+        step(fn, addr, experts, weights, xs.numpy(), h, g, y, out.view(-1).numpy(),
                          ACTIVATIONS[act], gated, ROWS_PER_ITEM)
     finally:
         numba.set_parallel_chunksize(old)
